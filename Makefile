@@ -1,0 +1,24 @@
+# `make demo` and `make test` are the two commands of the README; both create .venv when it is missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEMO_DIR ?= runs/demo
+
+.PHONY: setup demo test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: setup
+	$(PY) -m trainer.demo --workdir=$(DEMO_DIR)
+
+test: setup
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) runs *.egg-info

@@ -1,0 +1,1 @@
+"""Export of trained classifiers as SavedModels that TF Serving serves from raw image bytes."""

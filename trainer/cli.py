@@ -1,0 +1,33 @@
+"""What the training command does with a parsed config: list layers, or train; user mistakes end in one line."""
+
+import os
+import sys
+
+from absl import logging
+
+from trainer import backbones, train
+from trainer.config import Config
+from trainer.errors import UserInputError
+
+
+def run(config: Config, workdir: str | None, list_layers: bool) -> None:
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+  try:
+    if list_layers:
+      _list_layers(config)
+      return
+    if not workdir:
+      raise UserInputError("Pass --workdir=FOLDER: where the run keeps its checkpoints, logs, export and report.")
+    metrics = train.train_and_evaluate(config, workdir)
+    logging.info("Done: val_accuracy %.4f; model exported to %s", metrics["val_accuracy"] or float("nan"),
+                 metrics["export_path"])
+  except UserInputError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _list_layers(config: Config) -> None:
+  config = train.resolve(config)
+  base = backbones.build(config.model.backbone, config.model.weights, config.data.image_size, config.model.alpha,
+                         weights_fallback=True)
+  print(backbones.describe_layers(base, config.model.unfreeze_from))

@@ -1,0 +1,120 @@
+"""The one typed configuration that flows from the command line to every part of a run.
+
+Each section owns one responsibility (data, model, training, runtime, export). Field names are unique across
+sections so that each field is also a command-line flag of the same name (see `trainer.flags`). The help text of
+every flag is the `help` metadata of its field.
+"""
+
+import dataclasses
+import hashlib
+import json
+from typing import Any
+
+
+def _field(default: Any, help: str) -> Any:  # noqa: A002 - mirrors absl's keyword
+  return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  data_dir: str = _field("", "Folder of images: train/ + val/ (or validation/) with one sub-folder per class, "
+                         "or class folders directly (split by --validation_split).")
+  csv: str = _field("", "CSV file of path,label rows (paths relative to the CSV); split by --validation_split.")
+  tfds: str = _field("", "TensorFlow Datasets name, e.g. tf_flowers (prepared under --tfds_data_dir).")
+  tfds_data_dir: str = _field("", "Where TFDS finds (or downloads) prepared datasets.")
+  validation_split: float = _field(0.2, "Fraction of each class held out for validation when the source has no "
+                                   "validation split (stratified, seeded).")
+  image_size: int = _field(0, "Square input size in pixels; 0 means the backbone's default.")
+  batch_size: int = _field(32, "Global batch size (summed over all replicas).")
+  seed: int = _field(42, "Seed for the split, shuffling, augmentation and head initialisation.")
+  strict_data: bool = _field(False, "Fail on undecodable image files instead of skipping them with a warning.")
+  deterministic: bool = _field(False, "Bit-identical epochs for a fixed seed (slower input pipeline).")
+  cache_dir: str = _field("", "File cache for decoded images when they do not fit in memory; '' = in memory.")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  backbone: str = _field("mobilenet_v2", "Backbone name (see --list_layers and trainer/backbones.py).")
+  weights: str = _field("imagenet", "imagenet | none | PATH to a local Keras .h5 weights file (no top).")
+  weights_fallback: bool = _field(False, "If ImageNet weights cannot be downloaded, say so and use random init "
+                                  "instead of failing (used by the offline demo).")
+  alpha: float = _field(1.0, "Width multiplier of mobilenet / mobilenet_v2.")
+  head_units: int = _field(128, "Units of the hidden Dense layer of the head; 0 for a linear head.")
+  dropout: float = _field(0.2, "Dropout rate before the classifier layer.")
+  unfreeze_from: str = _field("", "Name of the backbone layer where fine-tuning starts (this layer and every "
+                              "layer above it train); '' means the backbone's last block.")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  frozen_epochs: int = _field(10, "Epochs with the backbone frozen (only the head trains); 0 skips the phase.")
+  finetune_epochs: int = _field(4, "Epochs with the top of the backbone unfrozen; 0 skips the phase.")
+  frozen_lr: float = _field(1e-3, "Adam learning rate of the frozen phase.")
+  finetune_lr: float = _field(1e-5, "Adam learning rate of the fine-tune phase.")
+  augment: str = _field("light", "Augmentation preset: none | light | classic | strong.")
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeConfig:
+  strategy: str = _field("default", "tf.distribute strategy: default | one_device | mirrored | multi_worker | tpu.")
+  tpu: str = _field("", "TPU address for --strategy=tpu ('' = the local TPU or the one in TPU_NAME).")
+  mixed_precision: str = _field("auto", "auto | float16 | bfloat16 | float32 (auto: float32 on CPU).")
+  verbosity: int = _field(0, "absl's --verbosity: -1 warnings only; 0 a progress bar and one line per epoch; "
+                          "1 debug logs.")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+  model_name: str = _field("classifier", "Name of the model in the TF Serving layout export/<model_name>/<version>/.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+  train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+  runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
+  export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, values: dict) -> "Config":
+    return cls(**{name: section(**values.get(name, {})) for name, section in SECTIONS.items()})
+
+  def replace(self, **flat_values) -> "Config":
+    """Returns a copy with fields changed by their (section-unique) names."""
+    changed = {}
+    for section in dataclasses.fields(self):
+      current = getattr(self, section.name)
+      own = {k: v for k, v in flat_values.items() if k in {f.name for f in dataclasses.fields(current)}}
+      changed[section.name] = dataclasses.replace(current, **own)
+    unknown = set(flat_values) - {field.name for _, field in section_fields()}
+    if unknown:
+      raise KeyError(f"Unknown config fields: {sorted(unknown)}")
+    return Config(**changed)
+
+  def identity_hash(self) -> str:
+    """Hash of the settings that make two runs the same run (not epochs, verbosity or where files go)."""
+    values = self.to_dict()
+    for section, name in _NOT_IDENTITY:
+      values[section].pop(name, None)
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Changing these in an existing workdir continues the same run (more epochs, quieter logs).
+_NOT_IDENTITY = (("train", "frozen_epochs"), ("train", "finetune_epochs"), ("runtime", "verbosity"),
+                 ("runtime", "strategy"), ("runtime", "tpu"), ("data", "cache_dir"),
+                 ("model", "weights_fallback"))
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "runtime": RuntimeConfig,
+            "export": ExportConfig}
+
+
+def section_fields():
+  """Yields (section_name, dataclasses.Field) for every configurable field."""
+  for name, section in SECTIONS.items():
+    for field in dataclasses.fields(section):
+      yield name, field

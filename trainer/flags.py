@@ -1,0 +1,34 @@
+"""Command-line flags, one per config field (same name), and the Config they produce."""
+
+import typing
+
+from absl import flags
+
+from trainer.config import Config, section_fields
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("workdir", None, "Folder of the run: config, checkpoints, TensorBoard logs, export, report.")
+flags.DEFINE_bool("list_layers", False, "Print every backbone layer (index, name, type, parameters), mark the "
+                  "default unfreeze point, and exit.")
+
+_DEFINE = {str: flags.DEFINE_string, int: flags.DEFINE_integer, float: flags.DEFINE_float, bool: flags.DEFINE_bool}
+
+
+def _define_config_flags() -> None:
+  defaults = Config()
+  hints = {}
+  for section, field in section_fields():
+    if field.name in FLAGS:  # --verbosity is absl's own logging flag; the config records its value.
+      continue
+    section_type = type(getattr(defaults, section))
+    hints.setdefault(section_type, typing.get_type_hints(section_type))
+    _DEFINE[hints[section_type][field.name]](field.name, getattr(getattr(defaults, section), field.name),
+                                             field.metadata["help"])
+
+
+_define_config_flags()
+
+
+def config_from_flags() -> Config:
+  return Config().replace(**{field.name: FLAGS[field.name].value for _, field in section_fields()})
