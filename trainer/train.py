@@ -15,7 +15,7 @@ import tensorflow as tf
 from absl import logging
 
 from export import saved_model
-from trainer import augment, backbones, data, distribute, workdir as workdir_lib
+from trainer import augment, backbones, data, distribute, reporting, workdir as workdir_lib
 from trainer import model as model_lib
 from trainer.config import Config
 
@@ -80,7 +80,11 @@ class Trainer:
   def _eval_step(self, images, labels):
     def replica_step(images, labels):
       probabilities = self.model(images, training=False)
-      return _sums(keras.losses.sparse_categorical_crossentropy(labels, probabilities), probabilities, labels)
+      # Confusion counts add up over replicas and batches like the sums, so they reduce the same way.
+      confusion = tf.math.confusion_matrix(labels, tf.argmax(probabilities, axis=-1),
+                                           num_classes=probabilities.shape[-1], dtype=tf.float32)
+      sums = _sums(keras.losses.sparse_categorical_crossentropy(labels, probabilities), probabilities, labels)
+      return (*sums, confusion)
     return self._reduce(self.strategy.run(replica_step, args=(images, labels)))
 
   def _reduce(self, per_replica):
@@ -92,11 +96,17 @@ class Trainer:
     step = self._train_step if training else self._eval_step
     bar = keras.utils.Progbar(steps, verbose=1 if progress else 0,
                               stateful_metrics=["loss", "accuracy"], unit_name="step")
-    totals = np.zeros(3)
+    totals, confusion = np.zeros(3), 0
     for index, (images, labels) in enumerate(self.strategy.experimental_distribute_dataset(batches)):
-      totals += [float(v) for v in step(images, labels)]
+      loss, correct, count, *eval_only = step(images, labels)
+      totals += [float(loss), float(correct), float(count)]
+      if eval_only:
+        confusion = confusion + eval_only[0].numpy()
       bar.update(index + 1, [("loss", totals[0] / totals[2]), ("accuracy", totals[1] / totals[2])])
-    return {"loss": totals[0] / totals[2], "accuracy": totals[1] / totals[2], "examples": int(totals[2])}
+    metrics = {"loss": totals[0] / totals[2], "accuracy": totals[1] / totals[2], "examples": int(totals[2])}
+    if not training:
+      metrics["confusion_matrix"] = np.asarray(confusion, np.int64)
+    return metrics
 
 
 def _sums(per_example_loss, probabilities, labels):
@@ -132,12 +142,20 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
   val_batches = data.batches(val_images, batch_size)
   progress = config.runtime.verbosity >= 0
   total_epochs = config.train.frozen_epochs + config.train.finetune_epochs
-  writers = {name: tf.summary.create_file_writer(os.path.join(run.tensorboard, name)) for name in ("train", "validation")}
+  chief = distribute.is_chief(strategy)
+  tensorboard = reporting.TensorBoardLog(run.tensorboard if chief else None, files.classes)
+  tensorboard.log_run(config, {"precision": keras.mixed_precision.dtype_policy().name,
+                               "num_replicas": strategy.num_replicas_in_sync, "classes": list(files.classes)})
+  if int(trainer.epoch) == 0:
+    tensorboard.log_training_images(*_first_augmented_batch(config, train_images))
 
+  val_metrics = None
   for epoch in range(int(trainer.epoch), total_epochs):
     phase = phase_of_epoch(epoch, config)
     if phase != getattr(trainer, "phase", None) or trainer._train_step is None:
       trainer.set_phase(phase)
+    if epoch in (0, config.train.frozen_epochs):
+      tensorboard.log_phase_start(epoch + 1, phase, config)
     if progress:
       print(f"Epoch {epoch + 1}/{total_epochs} ({phase} phase)", flush=True)
     start = time.perf_counter()
@@ -153,7 +171,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
               "images_per_sec": train_metrics["examples"] / train_seconds,
               "learning_rate": float(trainer.optimizers[phase].learning_rate)}
     history.append(record)
-    _log_epoch(writers, record)
+    tensorboard.log_epoch(record, val_metrics["confusion_matrix"])
     trainer.epoch.assign(epoch + 1)
     manager.save(checkpoint_number=epoch + 1)
     run.save_history(history)
@@ -166,18 +184,22 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
   logging.info("Exported the SavedModel to %s", export_path)
   metrics = summarize(history, config, list(files.classes), export_path)
   run.save_metrics(metrics)
+  tensorboard.close()
+  if chief:
+    # A run resumed after its last epoch has not validated in this process; the report needs the final model's.
+    val_metrics = val_metrics or trainer.run_epoch(val_batches, training=False, steps=val_steps, progress=False)
+    reporting.write_reports(run.report, history, val_metrics["confusion_matrix"], files.classes)
   return metrics
 
 
-def _log_epoch(writers, record) -> None:
-  with writers["train"].as_default(step=record["epoch"]):
-    for name in ("loss", "accuracy", "learning_rate", "images_per_sec"):
-      tf.summary.scalar(f"epoch_{name}", record[name])
-  with writers["validation"].as_default(step=record["epoch"]):
-    tf.summary.scalar("epoch_loss", record["val_loss"])
-    tf.summary.scalar("epoch_accuracy", record["val_accuracy"])
-  for writer in writers.values():
-    writer.flush()
+def _first_augmented_batch(config: Config, train_images: tf.data.Dataset, count: int = 16):
+  """The first images of the first epoch through a new augmenter of the run's preset and seed: what the model
+  sees, without drawing from the random state of the trainer's own augmenter."""
+  images, labels = next(iter(data.batches(train_images, count, shuffle_seed=config.data.seed)))
+  augmenter = augment.build(config.train.augment, config.data.seed)
+  if augmenter is not None:
+    images = augmenter(images, training=True)
+  return np.asarray(images), labels.numpy()
 
 
 def summarize(history: list[dict], config: Config, classes: list[str], export_path: str) -> dict:
