@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= runs/demo
+DEMO_WEIGHTS ?= imagenet
 
 .PHONY: setup demo test clean
 
@@ -15,7 +16,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 demo: setup
-	$(PY) -m trainer.demo --workdir=$(DEMO_DIR)
+	$(PY) -m trainer.demo --workdir=$(DEMO_DIR) --weights=$(DEMO_WEIGHTS)
 
 test: setup
 	$(PY) -m pytest

@@ -82,7 +82,8 @@ def build(name: str, weights: str, image_size: int, alpha: float = 1.0,
     if not weights_fallback:
       raise UserInputError(message) from None
     from absl import logging
-    logging.warning("No ImageNet weights for %s (offline?): training from random init.", name)
+    logging.warning("No ImageNet weights for %s (download failed: offline?): using random init, so expect "
+                    "near-chance accuracy; pass --weights=PATH to a local .h5 for real transfer learning.", name)
     return spec.constructor(weights=None, **kwargs)
 
 

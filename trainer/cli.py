@@ -1,6 +1,6 @@
 """What the training command does with a parsed config: list layers, or train; user mistakes end in one line."""
 
-import os
+import logging as std_logging
 import sys
 
 from absl import logging
@@ -11,7 +11,7 @@ from trainer.errors import UserInputError
 
 
 def run(config: Config, workdir: str | None, list_layers: bool) -> None:
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+  logging.get_absl_handler().addFilter(_hide_library_info)
   try:
     if list_layers:
       _list_layers(config)
@@ -31,3 +31,9 @@ def _list_layers(config: Config) -> None:
   base = backbones.build(config.model.backbone, config.model.weights, config.data.image_size, config.model.alpha,
                          weights_fallback=True)
   print(backbones.describe_layers(base, config.model.unfreeze_from))
+
+
+def _hide_library_info(record: std_logging.LogRecord) -> bool:
+  """TensorFlow's and Keras' own INFO lines (saver timings, asset paths) are noise in a training log."""
+  from_library = any(part in record.pathname for part in ("/tensorflow/", "/keras/", "/tf_keras/"))
+  return record.levelno >= std_logging.WARNING or not from_library
