@@ -37,16 +37,22 @@ def build_classifier(config: ModelConfig, num_classes: int, image_size: int, see
   x = BackbonePreprocessing(config.backbone, name="preprocess")(inputs)
   x = base(x, training=False)
   x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
-  if config.head_units:
-    x = keras.layers.Dense(config.head_units, activation="relu", name="head_dense",
-                           kernel_initializer=keras.initializers.GlorotUniform(seed))(x)
-  x = keras.layers.Dropout(config.dropout, seed=seed, name="head_dropout")(x)
-  x = keras.layers.Dense(num_classes, name="logits", kernel_initializer=keras.initializers.GlorotUniform(seed + 1))(x)
-  # Float32 even under a mixed policy: a float16 softmax loses small probabilities.
-  outputs = keras.layers.Activation("softmax", dtype="float32", name="probabilities")(x)
+  outputs = classification_head(x, config.head_units, config.dropout, num_classes, seed)
   model = keras.Model(inputs, outputs, name=f"{config.backbone}_classifier")
   set_phase(model, FROZEN, unfreeze_from="")
   return model
+
+
+def classification_head(features, head_units: int, dropout: float, num_classes: int, seed: int):
+  """Pooled features -> Dense(head_units, relu) -> Dropout -> Dense(num_classes) -> float32 softmax."""
+  x = features
+  if head_units:
+    x = keras.layers.Dense(head_units, activation="relu", name="head_dense",
+                           kernel_initializer=keras.initializers.GlorotUniform(seed))(x)
+  x = keras.layers.Dropout(dropout, seed=seed, name="head_dropout")(x)
+  x = keras.layers.Dense(num_classes, name="logits", kernel_initializer=keras.initializers.GlorotUniform(seed + 1))(x)
+  # Float32 even under a mixed policy: a float16 softmax loses small probabilities.
+  return keras.layers.Activation("softmax", dtype="float32", name="probabilities")(x)
 
 
 def backbone_of(model: keras.Model) -> keras.Model:
