@@ -1,18 +1,61 @@
 """A trained classifier as a SavedModel in TF Serving's layout, with image decoding and labels inside the graph.
 
-`serving_default` takes `image_bytes` (tf.string [None]: JPEG, PNG, GIF, BMP or WebP of any size) and returns
-`probabilities` (float32 [None, C]), `class_ids` (int32 [None]) and `classes` (the label strings).
+WORKDIR/export/<model_name>/<version>/ holds:
+- the SavedModel. `serving_default` takes `image_bytes` (tf.string [None]: JPEG, PNG, GIF, BMP or WebP, any size,
+  gray and RGBA become RGB); `serving_image_tensor` takes `images` (uint8 [None, None, None, 3], any size). Both
+  return `probabilities` (float32 [None, C]), `class_ids` (int32 [None]), `classes` (the label strings),
+  `top_k_classes` and `top_k_scores` ([None, k]).
+- `assets/labels.txt`, one class name per line: the graph reads its labels from it.
+- `assets.extra/tf_serving_warmup_requests`: real requests (validation images) that TF Serving replays at load.
+- `export_metadata.json`: versions, classes, image size, the training config's hash and the parity check.
+- `model.tflite` with `--tflite`.
+
 Built with keras.export.ExportArchive: a hand-made tf.Module around a Keras 3 model reloads but fails in
-`saved_model_cli run` (measured here).
+`saved_model_cli run` (measured here). The export is written beside its version folder, loaded back and compared
+with the in-memory model on validation files before it is renamed into place, so a model server watching the
+model folder never sees a half-written or unchecked version.
 """
 
+import datetime
+import importlib.metadata
+import json
 import os
+import platform
 import shutil
+import tempfile
+from typing import Sequence
 
 import keras
+import numpy as np
 import tensorflow as tf
+from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
 from trainer import images
+from trainer.config import Config
+from trainer.errors import UserInputError
+
+SERVING_DEFAULT = "serving_default"
+IMAGE_TENSOR_SIGNATURE = "serving_image_tensor"
+LABELS_FILE = "labels.txt"
+METADATA_FILE = "export_metadata.json"
+TFLITE_FILE = "model.tflite"
+WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
+TFLITE_QUANTIZATIONS = ("float16", "dynamic_range")
+
+# Export fails above this difference between the reloaded SavedModel and the in-memory model.
+PARITY_TOLERANCE = 1e-3
+# Enough validation files to catch a wrong graph; few enough that exporting stays quick on large datasets.
+PARITY_FILES = 64
+_PARITY_BATCH = 16
+_WARMUP_BATCH = 8
+
+# Leading bytes of the formats tf.io.decode_image reads (WebP: "RIFF", 4 bytes of size, then "WEBP").
+_SIGNATURES = ((0, b"\xff\xd8\xff"), (0, b"\x89PNG\r\n\x1a\n"), (0, b"GIF8"), (0, b"BM"))
+_WEBP = ((0, b"RIFF"), (8, b"WEBP"))
+
+
+class ExportParityError(RuntimeError):
+  """The reloaded SavedModel does not compute what the in-memory model computes."""
 
 
 def next_version(model_dir: str) -> int:
@@ -23,33 +66,191 @@ def next_version(model_dir: str) -> int:
   return max(versions, default=0) + 1
 
 
-def export_saved_model(model: keras.Model, classes: list[str], image_size: int, export_root: str,
-                       model_name: str, version: int | None = None) -> str:
-  """Writes export_root/model_name/version/ and returns that path; an existing version is never overwritten."""
-  model_dir = os.path.join(export_root, model_name)
+def export_saved_model(model: keras.Model, classes: Sequence[str], config: Config, export_root: str,
+                       parity_paths: Sequence[str], version: int | None = None, source: str = "") -> str:
+  """Writes export_root/<model_name>/<version>/ after checking it against `model`; returns that path.
+
+  parity_paths: validation image files (see `trainer.data.sample_files`); the first PARITY_FILES are fed as bytes
+  to the reloaded SavedModel and, decoded, to `model`, and make the warmup requests. source: where the weights
+  came from (a checkpoint).
+  Raises ExportParityError (leaving the checked copy in a hidden `.partial-<version>` folder) when they differ
+  by more than PARITY_TOLERANCE.
+  """
+  export = config.export
+  if export.tflite_quantization not in TFLITE_QUANTIZATIONS:
+    raise UserInputError(f"--tflite_quantization={export.tflite_quantization}: choose one of "
+                         f"{', '.join(TFLITE_QUANTIZATIONS)}.")
+  if export.top_k < 1:
+    raise UserInputError(f"--top_k={export.top_k}: must be at least 1.")
+  if not parity_paths:
+    raise UserInputError("The export is checked on validation images, and there are none: give the data source "
+                         "a validation split (--validation_split, or a val/ folder).")
+  model_dir = os.path.join(export_root, export.model_name)
   version = next_version(model_dir) if version is None else version
   path = os.path.join(model_dir, str(version))
   if os.path.exists(path):
-    raise FileExistsError(f"{path} exists; TF Serving versions are immutable. Choose another --version.")
-  labels = tf.constant(list(classes), dtype=tf.string)
+    raise UserInputError(f"{path} exists and TF Serving versions are immutable: choose another --version, or "
+                         "leave it out to take the next free one.")
+  image_size = config.data.image_size
+  samples = [_read(path) for path in parity_paths[:PARITY_FILES]]
+
+  partial = os.path.join(model_dir, f".partial-{version}")
+  shutil.rmtree(partial, ignore_errors=True)
+  with tempfile.TemporaryDirectory() as scratch:
+    labels_path = os.path.join(scratch, LABELS_FILE)
+    with open(labels_path, "w", encoding="utf-8") as f:
+      f.write("".join(f"{name}\n" for name in classes))
+    archive = _archive(model, labels_path, image_size, min(export.top_k, len(classes)))
+    archive.write_out(partial, verbose=False)
+
+  parity = {"files": len(samples), "tolerance": PARITY_TOLERANCE,
+            "max_abs_diff": check_parity(tf.saved_model.load(partial), model, samples, image_size)}
+  worst = max(parity["max_abs_diff"].values())
+  if worst > PARITY_TOLERANCE:
+    raise ExportParityError(
+        f"The exported SavedModel differs from the trained model by up to {worst:.3g} in probability on "
+        f"{len(samples)} validation images (tolerance {PARITY_TOLERANCE}): {parity['max_abs_diff']}. The "
+        f"unchecked export is left in {partial} for inspection.")
+  write_warmup_requests(os.path.join(partial, WARMUP_FILE), export.model_name, samples[:_WARMUP_BATCH],
+                        image_size)
+  metadata = {"model_name": export.model_name, "version": version,
+              "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "source": source, "classes": list(classes), "image_size": image_size,
+              "top_k": min(export.top_k, len(classes)), "backbone": config.model.backbone,
+              "config_identity": config.identity_hash(), "config": config.to_dict(), "versions": _versions(),
+              "parity": parity}
+  if export.tflite:
+    metadata["tflite"] = write_tflite(model, image_size, export.tflite_quantization,
+                                      os.path.join(partial, TFLITE_FILE), samples)
+  with open(os.path.join(partial, METADATA_FILE), "w", encoding="utf-8") as f:
+    json.dump(metadata, f, indent=2, ensure_ascii=False)
+  os.replace(partial, path)
+  return path
+
+
+def _archive(model: keras.Model, labels_path: str, image_size: int, top_k: int) -> keras.export.ExportArchive:
+  # The labels come from the labels.txt asset, so the served names and the shipped file cannot disagree.
+  labels = tf.lookup.StaticHashTable(
+      tf.lookup.TextFileInitializer(labels_path, tf.int64, tf.lookup.TextFileIndex.LINE_NUMBER,
+                                    tf.string, tf.lookup.TextFileIndex.WHOLE_LINE), default_value="")
 
   def predict(images_0_255):
     probabilities = tf.cast(model(images_0_255, training=False), tf.float32)
     class_ids = tf.argmax(probabilities, axis=-1, output_type=tf.int32)
-    return {"probabilities": probabilities, "class_ids": class_ids, "classes": tf.gather(labels, class_ids)}
+    top_k_scores, top_k_ids = tf.math.top_k(probabilities, k=top_k)
+    return {"probabilities": probabilities, "class_ids": class_ids,
+            "classes": labels.lookup(tf.cast(class_ids, tf.int64)),
+            "top_k_classes": labels.lookup(tf.cast(top_k_ids, tf.int64)), "top_k_scores": top_k_scores}
 
   def serve_image_bytes(image_bytes):
-    decoded = tf.map_fn(lambda one: images.decode_and_resize(one, image_size), image_bytes,
+    decoded = tf.map_fn(lambda indexed: _checked_decode_and_resize(*indexed, image_size),
+                        (tf.range(tf.size(image_bytes)), image_bytes),
                         fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32))
     return predict(decoded)
 
+  def serve_image_tensor(images_uint8):
+    return predict(images.resize(images_uint8, image_size))
+
   archive = keras.export.ExportArchive()
   archive.track(model)
-  archive.add_endpoint("serving_default", serve_image_bytes,
+  archive.track(labels)
+  archive.add_endpoint(SERVING_DEFAULT, serve_image_bytes,
                        input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
-  # Written beside the final folder and renamed, so a model server watching model_dir never loads half a model.
-  partial = os.path.join(model_dir, f".partial-{version}")
-  shutil.rmtree(partial, ignore_errors=True)
-  archive.write_out(partial, verbose=False)
-  os.replace(partial, path)
-  return path
+  archive.add_endpoint(IMAGE_TENSOR_SIGNATURE, serve_image_tensor,
+                       input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
+  return archive
+
+
+def _checked_decode_and_resize(index: tf.Tensor, image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
+  """Decodes one image of a batch; bytes of no supported format fail with an error naming their position."""
+  head = tf.strings.substr(tf.strings.join([image_bytes, b"\0" * 12]), 0, 12)
+
+  def starts(offset, magic):
+    return tf.equal(tf.strings.substr(head, offset, len(magic)), magic)
+
+  known = tf.reduce_any([starts(*signature) for signature in _SIGNATURES] +
+                        [tf.logical_and(starts(*_WEBP[0]), starts(*_WEBP[1]))])
+  message = tf.strings.format("image_bytes[{}] ({} bytes) is not a JPEG, PNG, GIF, BMP or WebP image",
+                              (index, tf.strings.length(image_bytes)))
+  with tf.control_dependencies([tf.debugging.Assert(known, [message])]):
+    return images.decode_and_resize(tf.identity(image_bytes), image_size)
+
+
+def check_parity(loaded, model: keras.Model, samples: Sequence[bytes], image_size: int) -> dict[str, float]:
+  """Max absolute probability difference of each signature of `loaded` against `model` on the same images."""
+  differences = {SERVING_DEFAULT: 0.0, IMAGE_TENSOR_SIGNATURE: 0.0}
+  serve_bytes, serve_tensor = loaded.signatures[SERVING_DEFAULT], loaded.signatures[IMAGE_TENSOR_SIGNATURE]
+  for start in range(0, len(samples), _PARITY_BATCH):
+    batch = samples[start:start + _PARITY_BATCH]
+    decoded = [images.decode(b) for b in batch]
+    expected = model(tf.stack([images.resize(image, image_size) for image in decoded]), training=False).numpy()
+    served = serve_bytes(image_bytes=tf.constant(batch))["probabilities"].numpy()
+    differences[SERVING_DEFAULT] = max(differences[SERVING_DEFAULT], float(np.max(np.abs(served - expected))))
+    for image, reference in zip(decoded, expected):  # One call per image: each may have its own size.
+      served = serve_tensor(images=image[tf.newaxis])["probabilities"].numpy()[0]
+      differences[IMAGE_TENSOR_SIGNATURE] = max(differences[IMAGE_TENSOR_SIGNATURE],
+                                                float(np.max(np.abs(served - reference))))
+  return differences
+
+
+def write_warmup_requests(path: str, model_name: str, samples: Sequence[bytes], image_size: int) -> None:
+  """PredictionLog records TF Serving replays at load: each signature, at batch 1 and a larger batch."""
+  tensor_image = images.decode(samples[0])[tf.newaxis]
+  requests = [(SERVING_DEFAULT, "image_bytes", np.array(samples[:1], dtype=object)),
+              (SERVING_DEFAULT, "image_bytes", np.array(samples, dtype=object)),
+              (IMAGE_TENSOR_SIGNATURE, "images", tensor_image.numpy())]
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with tf.io.TFRecordWriter(path) as writer:
+    for signature, input_name, value in requests:
+      request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(name=model_name,
+                                                                          signature_name=signature))
+      request.inputs[input_name].CopyFrom(tf.make_tensor_proto(value))
+      log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
+      writer.write(log.SerializeToString())
+
+
+def write_tflite(model: keras.Model, image_size: int, quantization: str, path: str,
+                 samples: Sequence[bytes]) -> dict:
+  """model.tflite: float32 [1, S, S, 3] pixels in 0..255 (decoded and resized by the caller) -> probabilities.
+
+  Returns its description and parity against `model` (recorded, not enforced: quantization changes the numbers).
+  """
+  forward = tf.function(lambda pixels: model(pixels, training=False),
+                        input_signature=[tf.TensorSpec([1, image_size, image_size, 3], tf.float32, name="images")])
+  converter = tf.lite.TFLiteConverter.from_concrete_functions([forward.get_concrete_function()], model)
+  converter.optimizations = [tf.lite.Optimize.DEFAULT]
+  if quantization == "float16":
+    converter.target_spec.supported_types = [tf.float16]
+  with open(path, "wb") as f:
+    f.write(converter.convert())
+  interpreter = tf.lite.Interpreter(model_path=path)
+  interpreter.allocate_tensors()
+  input_index = interpreter.get_input_details()[0]["index"]
+  output_index = interpreter.get_output_details()[0]["index"]
+  worst, agree = 0.0, 0
+  for image_bytes in samples:
+    pixels = images.decode_and_resize(image_bytes, image_size)[tf.newaxis]
+    interpreter.set_tensor(input_index, pixels.numpy())
+    interpreter.invoke()
+    served = interpreter.get_tensor(output_index)[0]
+    expected = model(pixels, training=False).numpy()[0]
+    worst = max(worst, float(np.max(np.abs(served - expected))))
+    agree += int(np.argmax(served) == np.argmax(expected))
+  return {"file": TFLITE_FILE, "quantization": quantization, "bytes": os.path.getsize(path),
+          "input": f"float32 [1, {image_size}, {image_size}, 3], RGB in 0..255, resized bilinear",
+          "output": "float32 [1, C] probabilities, classes in the order of assets/labels.txt",
+          "parity": {"files": len(samples), "max_abs_diff": worst, "top1_agreement": agree / len(samples)}}
+
+
+def _read(path: str) -> bytes:
+  with tf.io.gfile.GFile(path, "rb") as f:
+    return f.read()
+
+
+def _versions() -> dict:
+  try:
+    package = importlib.metadata.version("transfer-trainer")
+  except importlib.metadata.PackageNotFoundError:
+    package = None
+  return {"transfer_trainer": package, "tensorflow": tf.__version__, "keras": keras.__version__,
+          "python": platform.python_version()}

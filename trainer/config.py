@@ -66,6 +66,10 @@ class RuntimeConfig:
 @dataclasses.dataclass(frozen=True)
 class ExportConfig:
   model_name: str = _field("classifier", "Name of the model in the TF Serving layout export/<model_name>/<version>/.")
+  top_k: int = _field(5, "How many best classes the serving signatures return (top_k_classes, top_k_scores; at most "
+                      "the number of classes); also the k of evaluation's top-k accuracy.")
+  tflite: bool = _field(False, "Also write model.tflite next to the SavedModel (and record its parity).")
+  tflite_quantization: str = _field("float16", "Quantization of model.tflite: float16 | dynamic_range.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +110,8 @@ class Config:
 # Changing these in an existing workdir continues the same run (more epochs, quieter logs).
 _NOT_IDENTITY = (("train", "frozen_epochs"), ("train", "finetune_epochs"), ("runtime", "verbosity"),
                  ("runtime", "strategy"), ("runtime", "tpu"), ("data", "cache_dir"),
-                 ("model", "weights_fallback"))
+                 ("model", "weights_fallback"), ("export", "top_k"), ("export", "tflite"),
+                 ("export", "tflite_quantization"))
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "runtime": RuntimeConfig,
