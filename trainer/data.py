@@ -1,124 +1,166 @@
-"""Input: labelled image files found on disk, and the tf.data pipelines that feed them to training.
+"""Input: any source (folders, CSV, TFDS) as checked, decoded, cached tf.data pipelines for training.
 
-Data never imports the model: it yields float32 images in 0..255 at the model's input size; preprocessing for the
-backbone and augmentation happen inside the model graph and the train step.
+`load` is the one entry point. For train and val it gives an unbatched tf.data.Dataset of (float32 image
+[S, S, 3] in 0..255, int32 label), decoded and resized once in parallel and then cached (in memory when it fits,
+else a file cache), plus the labels; file sources also keep their paths. Before that, every file is checked
+(`trainer.data_checks`): undecodable files are skipped with one warning (or refused with --strict_data) and the
+same image in train and val is reported.
+
+Data never imports the model: preprocessing for the backbone and augmentation happen inside the model graph and
+the train step.
 """
 
 import collections
 import dataclasses
+import hashlib
 import os
-import random
+from typing import Sequence
 
 import tensorflow as tf
+from absl import logging
 
-from trainer import images
+from trainer import data_checks, images, sources
 from trainer.config import DataConfig
 from trainer.errors import UserInputError
 
+# Decoded images may take this share of the machine's memory before they are cached in a file instead.
+_MEMORY_SHARE = 0.25
+
 
 @dataclasses.dataclass(frozen=True)
-class Split:
-  paths: tuple[str, ...]
+class Examples:
+  """One split: its decoded images (unbatched (float32 [S, S, 3], int32)), labels, and paths (file sources)."""
+  images: tf.data.Dataset
   labels: tuple[int, ...]
+  paths: tuple[str, ...] | None = None
 
   def __len__(self) -> int:
-    return len(self.paths)
+    return len(self.labels)
 
 
 @dataclasses.dataclass(frozen=True)
-class LabelledFiles:
-  """Every usable image of a source, split into train and validation, with class names indexed by label."""
+class InputData:
   classes: tuple[str, ...]
-  train: Split
-  val: Split
+  train: Examples
+  val: Examples
+  skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # unusable file -> why
 
 
-def discover(config: DataConfig) -> LabelledFiles:
-  """Finds the labelled images named by the data flags, or raises UserInputError saying what is wrong."""
-  if not config.data_dir:
-    raise UserInputError("No data given: pass --data_dir=FOLDER (class sub-folders, or train/ and val/).")
-  root = config.data_dir
-  if not os.path.isdir(root):
-    raise UserInputError(f"--data_dir={root}: no such folder.")
-  train_dir = os.path.join(root, "train")
-  val_dir = next((os.path.join(root, name) for name in ("val", "validation")
-                  if os.path.isdir(os.path.join(root, name))), None)
-  if os.path.isdir(train_dir) and val_dir:
-    classes, train = _class_folders(train_dir)
-    val_classes, val = _class_folders(val_dir)
-    if val_classes != classes:
-      raise UserInputError(
-          f"The class folders of {train_dir} and {val_dir} differ: only in train: "
-          f"{sorted(set(classes) - set(val_classes)) or 'none'}, only in validation: "
-          f"{sorted(set(val_classes) - set(classes)) or 'none'}. Give both the same class sub-folders.")
-    return LabelledFiles(tuple(classes), _as_split(train, classes), _as_split(val, classes))
-  classes, files = _class_folders(root)
-  train, val = stratified_split(files, config.validation_split, config.seed, where=f"--data_dir={root}")
-  return LabelledFiles(tuple(classes), _as_split(train, classes), _as_split(val, classes))
+def load(config: DataConfig, image_size: int, cache_root: str = "") -> InputData:
+  """The checked, decoded and cached train and val data named by the data flags.
+
+  cache_root: where decoded images go when they do not fit in memory and --cache_dir is not set.
+  """
+  if sources.chosen(config) == "tfds":
+    splits = sources.tfds_splits(config)
+    identity = f"tfds:{config.tfds}:{config.validation_split}:{config.seed}"
+
+    def tfds_examples(dataset, labels, split):
+      decoded = dataset.map(lambda image, label: (images.resize(_rgb(image), image_size), tf.cast(label, tf.int32)),
+                            num_parallel_calls=tf.data.AUTOTUNE)
+      return Examples(_cache(decoded, len(labels), image_size, config.cache_dir, cache_root,
+                             f"{identity}:{split}:{len(labels)}"), labels)
+
+    return InputData(splits.classes, tfds_examples(splits.train, splits.train_labels, "train"),
+                     tfds_examples(splits.val, splits.val_labels, "val"))
+
+  files, skipped = usable_files(config)
+
+  def file_examples(split):
+    identity = "\n".join(f"{path}\t{label}" for path, label in zip(split.paths, split.labels))
+    return Examples(_cache(decoded_images(split, image_size), len(split), image_size, config.cache_dir, cache_root,
+                           identity), split.labels, split.paths)
+
+  return InputData(files.classes, file_examples(files.train), file_examples(files.val), skipped)
 
 
-def is_image_file(name: str) -> bool:
-  # Hidden files include macOS' .DS_Store and the ._* resource forks copied beside every photo.
-  return not name.startswith(".") and name.lower().endswith(images.IMAGE_EXTENSIONS)
+def usable_files(config: DataConfig) -> tuple[sources.LabelledFiles, dict[str, str]]:
+  """The files of a file source without the unusable ones (and the unusable ones with the reason)."""
+  files = sources.find_files(config)
+  scan = data_checks.scan(files.train.paths + files.val.paths, config.max_image_pixels)
+  data_checks.report_unreadable(scan.unreadable, config.strict_data)
+  train, val = _without(files.train, scan.unreadable), _without(files.val, scan.unreadable)
+  empty = [name for name, count in zip(files.classes, class_counts(train.labels, len(files.classes))) if not count]
+  if empty:
+    raise UserInputError(f"Class(es) {empty} have no usable training images left after skipping "
+                         f"{len(scan.unreadable)} unusable file(s). Add readable images of those classes.")
+  data_checks.warn_leakage(data_checks.leaked(train.paths, val.paths, scan.digests))
+  return sources.LabelledFiles(files.classes, train, val), scan.unreadable
 
 
-def _class_folders(folder: str) -> tuple[list[str], dict[str, list[str]]]:
-  """Class names (sorted) and the image paths of each class folder directly below `folder`."""
-  classes = sorted(d for d in os.listdir(folder)
-                   if not d.startswith(".") and os.path.isdir(os.path.join(folder, d)))
-  if len(classes) < 2:
-    raise UserInputError(
-        f"{folder} has {len(classes)} class folder(s) {classes}; a classifier needs at least two. Put each "
-        "class's images in a sub-folder named after the class (or train/ and val/ folders that hold them).")
-  files = {}
-  for name in classes:
-    class_dir = os.path.join(folder, name)
-    files[name] = sorted(os.path.join(class_dir, f) for f in os.listdir(class_dir)
-                         if is_image_file(f) and os.path.isfile(os.path.join(class_dir, f)))
-    if not files[name]:
-      raise UserInputError(f"Class folder {class_dir} holds no images ({', '.join(images.IMAGE_EXTENSIONS)}). "
-                           "Add images or remove the folder.")
-  return classes, files
+def _without(split: sources.Split, unusable: dict[str, str]) -> sources.Split:
+  keep = [(path, label) for path, label in zip(split.paths, split.labels) if path not in unusable]
+  return sources.Split(tuple(p for p, _ in keep), tuple(label for _, label in keep))
 
 
-def stratified_split(files: dict[str, list[str]], fraction: float, seed: int,
-                     where: str) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
-  """Holds out `fraction` of each class (at least one file) for validation, the same for the same seed."""
-  if not 0.0 < fraction < 1.0:
-    raise UserInputError(f"{where} has no validation folder, so --validation_split must be between 0 and 1 "
-                         f"(got {fraction}).")
-  rng = random.Random(seed)
-  train, val = {}, {}
-  for name, paths in files.items():
-    if len(paths) < 2:
-      raise UserInputError(f"{where}: class '{name}' has {len(paths)} image; at least 2 are needed to hold one "
-                           "out for validation.")
-    shuffled = list(paths)
-    rng.shuffle(shuffled)
-    n_val = min(len(paths) - 1, max(1, round(len(paths) * fraction)))
-    val[name], train[name] = sorted(shuffled[:n_val]), sorted(shuffled[n_val:])
-  return train, val
+def _rgb(image: tf.Tensor) -> tf.Tensor:
+  """uint8 [H, W, 1|3|4] -> [H, W, 3], as `images.decode` does for files."""
+  channels = image.shape[-1]
+  if channels == 1:
+    return tf.image.grayscale_to_rgb(image)
+  return image[..., :3]
 
 
-def _as_split(files: dict[str, list[str]], classes: list[str]) -> Split:
-  pairs = [(path, classes.index(name)) for name in classes for path in files.get(name, [])]
-  return Split(tuple(p for p, _ in pairs), tuple(label for _, label in pairs))
-
-
-def class_counts(split: Split, num_classes: int) -> list[int]:
-  counts = collections.Counter(split.labels)
+def class_counts(labels: Sequence[int], num_classes: int) -> list[int]:
+  counts = collections.Counter(labels)
   return [counts.get(label, 0) for label in range(num_classes)]
 
 
-def decoded_images(split: Split, image_size: int, cache_dir: str = "") -> tf.data.Dataset:
-  """(image float32 [S, S, 3] in 0..255, label int32) for every file, in order, decoded once and cached."""
+CLASS_WEIGHTS = ("", "balanced")
+
+
+def class_weights(choice: str, labels: Sequence[int], num_classes: int) -> list[float] | None:
+  """--class_weight: None for '' (every example weighs the same); for balanced, n / (classes * count) per class,
+  so that every class weighs the same in the loss in total (scikit-learn's "balanced")."""
+  if choice not in CLASS_WEIGHTS:
+    raise UserInputError(f"--class_weight={choice} is not known. Choose balanced, or leave it empty.")
+  if not choice:
+    return None
+  counts = class_counts(labels, num_classes)
+  return [len(labels) / (num_classes * count) if count else 0.0 for count in counts]
+
+
+def sample_files(examples: Examples, folder: str, count: int) -> tuple[str, ...]:
+  """Up to `count` images of a split as files: the source's own files, or lossless PNGs of its decoded images
+  written to `folder` (TFDS has no files). The export is checked on them."""
+  if examples.paths is not None:
+    return examples.paths[:count]
+  os.makedirs(folder, exist_ok=True)
+  paths = []
+  for index, (image, _) in enumerate(examples.images.take(count)):
+    paths.append(os.path.join(folder, f"{index}.png"))
+    tf.io.write_file(paths[-1], tf.io.encode_png(tf.cast(tf.round(image), tf.uint8)))
+  return tuple(paths)
+
+
+def decoded_images(split: sources.Split, image_size: int) -> tf.data.Dataset:
+  """(image float32 [S, S, 3] in 0..255, label int32) for every file, in order, read and decoded in parallel."""
   dataset = tf.data.Dataset.from_tensor_slices((list(split.paths), tf.constant(split.labels, tf.int32)))
-  dataset = dataset.map(lambda path, label: (images.decode_and_resize(tf.io.read_file(path), image_size), label),
-                        num_parallel_calls=tf.data.AUTOTUNE)
-  if cache_dir:
-    os.makedirs(cache_dir, exist_ok=True)
-    return dataset.cache(os.path.join(cache_dir, f"images_{image_size}"))
-  return dataset.cache()
+  return dataset.map(lambda path, label: (images.decode_and_resize(tf.io.read_file(path), image_size), label),
+                     num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _cache(dataset: tf.data.Dataset, count: int, image_size: int, cache_dir: str, cache_root: str,
+           identity: str) -> tf.data.Dataset:
+  """Caches decoded images in memory when they fit, else in a file named after what it holds.
+
+  The file name carries a hash of the examples and the image size: tf.data reads an existing cache file whatever
+  it holds, so a changed dataset must never find the old file.
+  """
+  folder = cache_dir or (cache_root if count * image_size * image_size * 3 * 4 > _memory_budget() else "")
+  if not folder:
+    return dataset.cache()
+  os.makedirs(folder, exist_ok=True)
+  digest = hashlib.sha256(f"{image_size}\n{identity}".encode()).hexdigest()[:16]
+  logging.info("Caching %d decoded images in %s.", count, folder)
+  return dataset.cache(os.path.join(folder, f"images_{image_size}_{digest}"))
+
+
+def _memory_budget() -> int:
+  try:
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * _MEMORY_SHARE)
+  except (ValueError, OSError, AttributeError):  # No sysconf (Windows): assume a modest machine.
+    return 2 << 30
 
 
 def batches(decoded: tf.data.Dataset, batch_size: int, shuffle_seed: int | None = None,

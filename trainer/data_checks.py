@@ -1,0 +1,101 @@
+"""Checks of every image file before training starts: can it be decoded, and is it in both train and val.
+
+Every file is read once, in parallel threads (TensorFlow's decoders release the GIL): its header is checked for
+absurd sizes (decompression bombs) before anything is decoded, then it is decoded by the same `images.decode` that
+training and serving use, so a file that passes here decodes in the pipeline too. Its content hash finds the same
+image in train and validation (data leakage) whatever the file names.
+"""
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import io
+import os
+import re
+from typing import Sequence
+
+import tensorflow as tf
+from absl import logging
+from PIL import Image
+
+from trainer import images
+from trainer.errors import UserInputError
+
+# How many skipped files a warning names (all of them go into the run's report).
+_LISTED = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanResult:
+  unreadable: dict[str, str]  # path -> why it cannot be used
+  digests: dict[str, str]  # path -> sha256 of its bytes, for every readable file
+
+
+def check_file(path: str, max_pixels: int) -> tuple[str | None, str | None]:
+  """(why the file cannot be used or None, sha256 of its bytes or None)."""
+  try:
+    with open(path, "rb") as f:
+      content = f.read()
+  except OSError as e:
+    return f"cannot be read ({e.strerror})", None
+  if not content:
+    return "empty file", None
+  try:
+    # Reads the header only: the pixel count is known before anything is decoded.
+    with Image.open(io.BytesIO(content)) as header:
+      width, height = header.size
+  except Exception:  # Anything PIL cannot identify is left to TensorFlow's decoder, the authority below.
+    width = height = 0
+  if width * height > max_pixels:
+    return f"{width}x{height} pixels exceeds --max_image_pixels={max_pixels}", None
+  try:
+    images.decode(tf.constant(content))
+  except tf.errors.InvalidArgumentError as e:
+    return f"cannot be decoded ({_decoder_message(e)})", None
+  return None, hashlib.sha256(content).hexdigest()
+
+
+def _decoder_message(error: tf.errors.OpError) -> str:
+  """The decoder's own words, without TensorFlow's function and op decorations."""
+  message = re.sub(r"\{\{.*?\}\}|\[Op:.*", "", error.message.splitlines()[0])
+  return message.strip().rstrip(".")
+
+
+def scan(paths: Sequence[str], max_pixels: int, workers: int | None = None) -> ScanResult:
+  """Checks every file in parallel."""
+  workers = workers or min(32, 2 * (os.cpu_count() or 1))
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    results = list(pool.map(lambda path: check_file(path, max_pixels), paths))
+  unreadable = {path: problem for path, (problem, _) in zip(paths, results) if problem}
+  digests = {path: digest for path, (_, digest) in zip(paths, results) if digest}
+  return ScanResult(unreadable, digests)
+
+
+def report_unreadable(unreadable: dict[str, str], strict: bool) -> None:
+  """--strict_data: an error listing every unusable file; otherwise one warning with the count and a few paths."""
+  if not unreadable:
+    return
+  lines = [f"{path}: {why}" for path, why in sorted(unreadable.items())]
+  if strict:
+    raise UserInputError(f"{len(lines)} image file(s) cannot be used (--strict_data): {'; '.join(lines)}. Fix or "
+                         "remove them, or drop --strict_data to skip them.")
+  more = f"; and {len(lines) - _LISTED} more" if len(lines) > _LISTED else ""
+  logging.warning("Skipping %d image file(s) that cannot be used (all listed in report/metrics.json): %s%s",
+                  len(lines), "; ".join(lines[:_LISTED]), more)
+
+
+def leaked(train_paths: Sequence[str], val_paths: Sequence[str], digests: dict[str, str]) -> list[tuple[str, str]]:
+  """(train path, val path) pairs whose files have the same content."""
+  train_by_digest = {}
+  for path in train_paths:
+    if path in digests:
+      train_by_digest.setdefault(digests[path], path)
+  return [(train_by_digest[digests[path]], path) for path in val_paths
+          if path in digests and digests[path] in train_by_digest]
+
+
+def warn_leakage(pairs: list[tuple[str, str]]) -> None:
+  if pairs:
+    logging.warning("Data leakage: %d validation image(s) are also in the training data (same content), e.g. %s. "
+                    "Validation accuracy overstates accuracy on new images; remove them from one side.",
+                    len(pairs), "; ".join(f"{val} = {train}" for train, val in pairs[:3]))
