@@ -170,7 +170,7 @@ def _checked_decode_and_resize(index: tf.Tensor, image_bytes: tf.Tensor, image_s
 
   known = tf.reduce_any([starts(*signature) for signature in _SIGNATURES] +
                         [tf.logical_and(starts(*_WEBP[0]), starts(*_WEBP[1]))])
-  message = tf.strings.format("image_bytes[{}] ({} bytes) is not a JPEG, PNG, GIF, BMP or WebP image",
+  message = tf.strings.format("image_bytes[{}] is not a JPEG, PNG, GIF, BMP or WebP image ({} bytes)",
                               (index, tf.strings.length(image_bytes)))
   with tf.control_dependencies([tf.debugging.Assert(known, [message])]):
     return images.decode_and_resize(tf.identity(image_bytes), image_size)

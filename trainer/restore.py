@@ -12,6 +12,10 @@ from trainer import workdir as workdir_lib
 from trainer.config import Config
 from trainer.errors import UserInputError
 
+# One of the first three names the data source; giving one replaces the run's source.
+_SOURCES = ("data_dir", "csv", "tfds")
+DATA_SOURCE_FIELDS = _SOURCES + ("tfds_data_dir",)
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainedModel:
@@ -21,10 +25,18 @@ class TrainedModel:
   checkpoint: str
 
 
-def restore(workdir: str) -> TrainedModel:
-  """Rebuilds the run's classifier (without downloading weights: the checkpoint holds all of them)."""
+def restore(workdir: str, overrides: dict | None = None) -> TrainedModel:
+  """Rebuilds the run's classifier (without downloading weights: the checkpoint holds all of them).
+
+  overrides: config fields changed from config.json's (export settings, the data source, the batch size); a
+  data source given here replaces the run's one.
+  """
   run = workdir_lib.RunDir(workdir)
   config = run.load_config()
+  overrides = dict(overrides or {})
+  if any(name in overrides for name in _SOURCES):
+    overrides = {**{name: "" for name in _SOURCES}, **overrides}
+  config = config.replace(**overrides)
   with open(run.config_file, encoding="utf-8") as f:
     classes = tuple(json.load(f).get("run", {}).get("classes", ()))
   checkpoint = tf.train.latest_checkpoint(run.checkpoints)

@@ -1,0 +1,61 @@
+"""python -m export.main --workdir=DIR [--version=N] [--top_k=K] [--tflite]: export a trained run again.
+
+The model is rebuilt from the workdir's config.json and its latest checkpoint, and exported by the same function
+training ends with, checked on the run's validation files. Export settings (--model_name, --top_k, --tflite,
+--tflite_quantization) and the data source (--data_dir, --csv, --tfds, --tfds_data_dir: where the validation
+files are now) may be given again; everything else comes from config.json.
+"""
+
+import os
+import sys
+
+from absl import app, flags
+
+from export import saved_model
+from trainer import data, restore
+from trainer import flags as trainer_flags
+from trainer import workdir as workdir_lib
+from trainer.config import ExportConfig
+from trainer.errors import UserInputError
+
+flags.DEFINE_integer("version", None, "Version folder to write (never overwritten); default: one more than the "
+                     "highest existing version.")
+
+_OVERRIDABLE = tuple(ExportConfig.__dataclass_fields__) + restore.DATA_SOURCE_FIELDS
+
+
+def export_run(workdir: str, overrides: dict | None = None, version: int | None = None) -> str:
+  """Exports the latest checkpoint of `workdir` with config.json's settings changed by `overrides` (see
+  `trainer.restore.restore`); returns the version folder."""
+  trained = restore.restore(workdir, overrides)
+  config = trained.config
+  inputs = data.load(config.data, config.data.image_size, os.path.join(workdir, "cache"))
+  if tuple(inputs.classes) != trained.classes:
+    raise UserInputError(f"The data source now has the classes {list(inputs.classes)}, but the run was trained "
+                         f"on {list(trained.classes)}. Pass the run's data with --data_dir (or --csv, --tfds).")
+  samples = data.sample_files(inputs.val, os.path.join(workdir, "cache", "samples"), saved_model.PARITY_FILES)
+  return saved_model.export_saved_model(trained.model, trained.classes, config, workdir_lib.RunDir(workdir).export,
+                                        samples, version=version, source=trained.checkpoint)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+  given = trainer_flags.FLAGS
+  try:
+    if not given.workdir:
+      raise UserInputError("Pass --workdir=FOLDER: the workdir of a trained run.")
+    overrides = {name: given[name].value for name in _OVERRIDABLE if given[name].present}
+    print(export_run(given.workdir, overrides, given.version))
+  except UserInputError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run_script():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run_script()

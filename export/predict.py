@@ -1,0 +1,45 @@
+"""python -m export.predict --model=EXPORT_DIR PATH... [--top_k=3] [--format=table|json|csv]
+
+Prints the top-k labels and scores of every image file given, or found below the folders given. Unreadable files
+are reported (in the output, with the reason) and the rest still classified; the exit code is then 1.
+"""
+
+import os
+import sys
+
+from absl import app, flags
+
+from export import classify
+from trainer.errors import UserInputError
+
+flags.DEFINE_string("model", None, "Export folder of one version: WORKDIR/export/<model_name>/<version>.")
+flags.DEFINE_integer("top_k", 3, "How many best labels to print per image.")
+flags.DEFINE_enum("format", "table", classify.FORMATS, "Output format.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+  try:
+    if not FLAGS.model:
+      raise UserInputError("Pass --model=WORKDIR/export/<model_name>/<version>.")
+    paths = classify.image_paths(argv[1:])
+    if not paths:
+      raise UserInputError("Give image files or folders to classify after the flags.")
+    if FLAGS.top_k < 1:
+      raise UserInputError(f"--top_k={FLAGS.top_k}: must be at least 1.")
+    predictions = classify.Classifier(FLAGS.model).classify(paths, FLAGS.top_k)
+  except UserInputError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  sys.stdout.write(classify.format_predictions(predictions, FLAGS.format))
+  if any(p.error for p in predictions):
+    sys.exit(1)
+
+
+def run_script():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run_script()
