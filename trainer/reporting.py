@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from tensorboard.plugins.hparams import api as hp
 
 from trainer.config import Config
@@ -215,8 +216,9 @@ def curves_figure(history: Sequence[dict]) -> Figure:
       axes.axvline(min(finetune_epochs) - 0.5, color="gray", linestyle="--", label="start fine-tuning")
     axes.set_ylabel(label)
     axes.set_title(f"Training and validation {metric}")
-    axes.legend(loc="lower right" if metric == "accuracy" else "upper right")
+    axes.legend(loc="best")
     axes.grid(alpha=0.3)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
   axes.set_xlabel("epoch")
   return figure
 
