@@ -5,7 +5,7 @@ import sys
 
 from absl import logging
 
-from trainer import backbones, train
+from trainer import backbones, train, tuning
 from trainer.config import Config
 from trainer.errors import UserInputError
 
@@ -18,6 +18,11 @@ def run(config: Config, workdir: str | None, list_layers: bool) -> None:
       return
     if not workdir:
       raise UserInputError("Pass --workdir=FOLDER: where the run keeps its checkpoints, logs, export and report.")
+    if config.tune.tune:
+      config = train.resolve(config)
+      config = config.replace(**tuning.search(config, workdir, tuning.strategy_for_search(config)))
+      if config.tune.tune_only:
+        return
     metrics = train.train_and_evaluate(config, workdir)
     logging.info("Done: val_accuracy %.4f; model exported to %s", metrics["val_accuracy"] or float("nan"),
                  metrics["export_path"])

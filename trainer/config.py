@@ -29,7 +29,10 @@ class DataConfig:
   seed: int = _field(42, "Seed for the split, shuffling, augmentation and head initialisation.")
   strict_data: bool = _field(False, "Fail on undecodable image files instead of skipping them with a warning.")
   deterministic: bool = _field(False, "Bit-identical epochs for a fixed seed (slower input pipeline).")
-  cache_dir: str = _field("", "File cache for decoded images when they do not fit in memory; '' = in memory.")
+  cache_dir: str = _field("", "Folder for a file cache of the decoded images; '' = in memory when they fit in a "
+                         "quarter of RAM, else WORKDIR/cache.")
+  max_image_pixels: int = _field(89_478_485, "Image files with more pixels (width x height, read from the header) "
+                                 "are skipped like undecodable ones (PIL's decompression-bomb limit).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +54,28 @@ class TrainConfig:
   finetune_epochs: int = _field(4, "Epochs with the top of the backbone unfrozen; 0 skips the phase.")
   frozen_lr: float = _field(1e-3, "Adam learning rate of the frozen phase.")
   finetune_lr: float = _field(1e-5, "Adam learning rate of the fine-tune phase.")
+  lr_base_batch_size: int = _field(0, "Global batch size --frozen_lr and --finetune_lr were chosen for: with "
+                                   "another --batch_size both scale linearly (Goyal et al. 2017); 0 uses them "
+                                   "as given.")
   augment: str = _field("light", "Augmentation preset: none | light | classic | strong.")
+  flip: str = _field("", "Overrides the preset's random flip: horizontal | vertical | horizontal_and_vertical | "
+                     "none.")
+  rotation: float = _field(-1.0, "Overrides the preset's maximum random rotation, in degrees (-1: the preset's).")
+  shift: float = _field(-1.0, "Overrides the preset's maximum random width and height shift, as a fraction of the "
+                        "size (-1: the preset's).")
+  shear: float = _field(-1.0, "Overrides the preset's maximum random shear factor (-1: the preset's).")
+  zoom: float = _field(-1.0, "Overrides the preset's maximum random zoom, as a fraction (-1: the preset's).")
+  brightness: float = _field(-1.0, "Overrides the preset's maximum random brightness change, as a fraction of the "
+                             "value range (-1: the preset's).")
+  contrast: float = _field(-1.0, "Overrides the preset's maximum random contrast factor (-1: the preset's).")
+  rand_augment: float = _field(-1.0, "Overrides the preset's RandAugment strength, 0..1; 0 turns it off (-1: the "
+                               "preset's).")
+  class_weight: str = _field("", "'' (every example weighs the same) | balanced (weights n / (classes * count) "
+                             "from the training counts, recorded in config.json).")
+  cache_features: bool = _field(False, "Frozen phase on cached features: the frozen backbone's pooled features are "
+                                "computed once and only the head trains on them (much faster epochs).")
+  feature_views: int = _field(1, "With --cache_features and augmentation: augmented views computed per image; "
+                              "frozen epoch e trains on view e mod K.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,12 +97,24 @@ class ExportConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TuneConfig:
+  tune: bool = _field(False, "Search head_units, frozen_lr and dropout with KerasTuner before training, on cached "
+                      "backbone features, then train with the best values.")
+  tuner: str = _field("hyperband", "KerasTuner search algorithm: hyperband | random | bayesian (needs scipy).")
+  max_trials: int = _field(20, "Trials of the random and bayesian searches (hyperband sizes itself from "
+                           "--tune_epochs).")
+  tune_epochs: int = _field(20, "Epochs of one trial (hyperband: the most any trial gets).")
+  tune_only: bool = _field(False, "Stop after the search (best values in WORKDIR/tuning/best_hparams.json).")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
   train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
   runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
   export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
+  tune: TuneConfig = dataclasses.field(default_factory=TuneConfig)
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -111,11 +147,13 @@ class Config:
 _NOT_IDENTITY = (("train", "frozen_epochs"), ("train", "finetune_epochs"), ("runtime", "verbosity"),
                  ("runtime", "strategy"), ("runtime", "tpu"), ("data", "cache_dir"),
                  ("model", "weights_fallback"), ("export", "top_k"), ("export", "tflite"),
-                 ("export", "tflite_quantization"))
+                 ("export", "tflite_quantization"),
+                 ("tune", "tune"), ("tune", "tuner"), ("tune", "max_trials"), ("tune", "tune_epochs"),
+                 ("tune", "tune_only"))
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "runtime": RuntimeConfig,
-            "export": ExportConfig}
+            "export": ExportConfig, "tune": TuneConfig}
 
 
 def section_fields():
