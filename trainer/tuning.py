@@ -54,13 +54,17 @@ class HeadHyperModel:
     return head
 
 
-def search(config: Config, workdir: str, strategy: tf.distribute.Strategy | None = None) -> dict:
-  """Runs (or resumes) the search and returns the best values by Config field name; writes best_hparams.json."""
+def search(config: Config, workdir: str, strategy: tf.distribute.Strategy | None = None,
+           splits: "FeatureSplits | None" = None) -> dict:
+  """Runs (or resumes) the search and returns the best values by Config field name; writes best_hparams.json.
+
+  splits: features already computed by `cached_features` (else computed here).
+  """
   import keras_tuner  # Imported here: only --tune pays for it.
   _check_tuner(config.tune.tuner)
   tuning_dir = os.path.join(workdir, "tuning")
   _claim_search_space(tuning_dir, config)
-  splits = cached_features(config, os.path.join(workdir, "cache"))
+  splits = splits or cached_features(config, os.path.join(workdir, "cache"))
   hypermodel = HeadHyperModel(splits.train_features.shape[1], splits.num_classes, config.data.seed)
   tuner = _make_tuner(keras_tuner, config, hypermodel, tuning_dir, strategy)
   tensorboard = keras.callbacks.TensorBoard(os.path.join(workdir, "tensorboard", "tuning"))

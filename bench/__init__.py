@@ -1,0 +1,1 @@
+"""Benchmarks run by hand; results and commands in BUILD_NOTES.md."""
