@@ -1,0 +1,211 @@
+"""Sources (folders, CSV, TFDS), their user errors, the decoded-image cache, shuffling and class weights."""
+
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import CLASS_COLORS, write_image
+from trainer import data
+from trainer.config import Config
+from trainer.errors import UserInputError
+
+SIZE = 16
+
+
+def _load(tmp_path, **values):
+  return data.load(Config().replace(**values).data, SIZE, str(tmp_path / "cache"))
+
+
+def _labelled(examples: data.Examples, classes) -> dict[str, str]:
+  return {os.path.basename(path): classes[label] for path, label in zip(examples.paths, examples.labels)}
+
+
+def _mean_colour_class(image) -> int:
+  """Index in CLASS_COLORS of the colour nearest to the image's mean colour."""
+  mean = np.asarray(image).reshape(-1, 3).mean(axis=0)
+  return int(np.argmin([np.abs(mean - np.array(c)).sum() for c in CLASS_COLORS.values()]))
+
+
+def test_class_folders_yield_every_file_once_with_its_label(color_folder, tmp_path):
+  inputs = _load(tmp_path, data_dir=str(color_folder), validation_split=0.5)
+  assert inputs.classes == ("blue", "green", "red")
+  every = {**_labelled(inputs.train, inputs.classes), **_labelled(inputs.val, inputs.classes)}
+  assert len(inputs.train) + len(inputs.val) == len(every) == 18
+  assert all(name.startswith(label) for name, label in every.items())
+  for image, label in inputs.train.images:
+    assert image.shape == (SIZE, SIZE, 3) and image.dtype == tf.float32
+    assert list(CLASS_COLORS)[_mean_colour_class(image)] == inputs.classes[int(label)]
+
+
+def test_train_and_val_folders_keep_their_split(tmp_path):
+  for split, count in (("train", 3), ("validation", 2)):
+    for name, color in CLASS_COLORS.items():
+      for i in range(count):
+        write_image(tmp_path / "d" / split / name / f"{name}_{i}.png", color, fmt="PNG")
+  inputs = _load(tmp_path, data_dir=str(tmp_path / "d"))
+  assert (len(inputs.train), len(inputs.val)) == (9, 6)
+  assert all("/validation/" in path for path in inputs.val.paths)
+
+
+def test_csv_rows_with_spaces_unicode_and_a_header_yield_their_labels(tmp_path):
+  rows = ["path,label"]
+  for name, color in CLASS_COLORS.items():
+    label = f"{name} clé"
+    for i in range(3):
+      write_image(tmp_path / "photos dir" / f"{name} ü {i}.jpg", color)
+      rows.append(f"photos dir/{name} ü {i}.jpg,{label}")
+  (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+  inputs = _load(tmp_path, csv=str(tmp_path / "labels.csv"), validation_split=0.34)
+  assert inputs.classes == ("blue clé", "green clé", "red clé")
+  assert (len(inputs.train), len(inputs.val)) == (6, 3)
+  for examples in (inputs.train, inputs.val):
+    for name, label in _labelled(examples, inputs.classes).items():
+      assert label.startswith(name.split(" ")[0])
+    for (image, label), path in zip(examples.images, examples.paths):
+      assert list(CLASS_COLORS)[_mean_colour_class(image)] == inputs.classes[int(label)].split(" ")[0], path
+
+
+@pytest.mark.parametrize("rows, message", [
+    (["a.jpg,cat", "missing.jpg,dog"], "do not exist"),
+    (["a.jpg,cat", "b.jpg,"], "line 2"),
+    (["a.jpg,cat", "b.jpg,cat"], "at least two"),
+    (["a.jpg,cat", "a.jpg,dog"], "labelled both"),
+])
+def test_csv_mistakes_are_named(tmp_path, rows, message):
+  for name in ("a.jpg", "b.jpg"):
+    write_image(tmp_path / name, (100, 100, 100))
+  (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+  with pytest.raises(UserInputError, match=message):
+    _load(tmp_path, csv=str(tmp_path / "labels.csv"))
+
+
+def test_folder_mistakes_are_named(color_folder, tmp_path):
+  with pytest.raises(UserInputError, match="no such folder"):
+    _load(tmp_path, data_dir=str(tmp_path / "nowhere"))
+  with pytest.raises(UserInputError, match="Pass only one data source"):
+    _load(tmp_path, data_dir=str(color_folder), csv="x.csv")
+  (color_folder / "empty").mkdir()
+  with pytest.raises(UserInputError, match=r"empty holds no images"):
+    _load(tmp_path, data_dir=str(color_folder))
+  with pytest.raises(UserInputError, match=r"1 class\(es\) \['only'\]"):
+    write_image(tmp_path / "single" / "only" / "a.jpg", (1, 2, 3))
+    _load(tmp_path, data_dir=str(tmp_path / "single"))
+
+
+def test_train_and_val_class_folders_must_match(tmp_path):
+  for split, names in (("train", ("cat", "dog")), ("val", ("cat", "bird"))):
+    for name in names:
+      write_image(tmp_path / "d" / split / name / "a.jpg", (9, 9, 9))
+  with pytest.raises(UserInputError, match=r"only in train: \['dog'\], only in validation: \['bird'\]"):
+    _load(tmp_path, data_dir=str(tmp_path / "d"))
+
+
+def test_hidden_files_and_folders_are_ignored(color_folder, tmp_path):
+  (color_folder / "red" / ".DS_Store").write_bytes(b"\0\1 not an image")
+  (color_folder / "red" / "._red_0.jpg").write_bytes(b"resource fork")
+  (color_folder / ".thumbnails").mkdir()
+  write_image(color_folder / ".thumbnails" / "x.jpg", (0, 0, 0))
+  inputs = _load(tmp_path, data_dir=str(color_folder))
+  assert inputs.classes == ("blue", "green", "red")
+  assert not inputs.skipped
+  assert not any(os.path.basename(p).startswith(".") for p in inputs.train.paths + inputs.val.paths)
+
+
+class _TinyColors:
+  """A TFDS dataset built locally (tfds downloads fail offline): 12 solid images, 'dark' and 'light'."""
+
+  @staticmethod
+  def build(data_dir, with_validation: bool):
+    import tensorflow_datasets as tfds
+
+    class TinyColors(tfds.core.GeneratorBasedBuilder):
+      VERSION = tfds.core.Version("1.0.0")
+      name = "tiny_colors_val" if with_validation else "tiny_colors"
+
+      def _info(self):
+        features = tfds.features.FeaturesDict({"image": tfds.features.Image(shape=(None, None, 3)),
+                                               "label": tfds.features.ClassLabel(names=["dark", "light"])})
+        return tfds.core.DatasetInfo(builder=self, features=features, supervised_keys=("image", "label"))
+
+      def _split_generators(self, dl_manager):
+        splits = {"train": self._generate_examples(12)}
+        if with_validation:
+          splits["validation"] = self._generate_examples(4)
+        return splits
+
+      def _generate_examples(self, count):
+        for i in range(count):
+          yield i, {"image": np.full((20, 24, 3), 30 + 200 * (i % 2), np.uint8), "label": i % 2}
+
+    TinyColors(data_dir=str(data_dir)).download_and_prepare()
+    return TinyColors.name
+
+
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory):
+  root = tmp_path_factory.mktemp("tfds")
+  return root, _TinyColors.build(root, with_validation=False), _TinyColors.build(root, with_validation=True)
+
+
+def _assert_brightness_matches_label(examples):
+  seen = 0
+  for image, label in examples.images:
+    assert (float(tf.reduce_mean(image)) > 128) == (int(label) == 1)
+    seen += 1
+  assert seen == len(examples)
+
+
+def test_tfds_carves_a_stratified_validation_split(tfds_dir, tmp_path):
+  root, carved, _ = tfds_dir
+  inputs = _load(tmp_path, tfds=carved, tfds_data_dir=str(root), validation_split=0.2)
+  assert inputs.classes == ("dark", "light")
+  assert (len(inputs.train), len(inputs.val)) == (10, 2)
+  assert sorted(inputs.val.labels) == [0, 1] and inputs.train.paths is None
+  _assert_brightness_matches_label(inputs.train)
+  _assert_brightness_matches_label(inputs.val)
+  # The export is checked on files; TFDS has none, so validation images are written as PNGs.
+  samples = data.sample_files(inputs.val, str(tmp_path / "samples"), 8)
+  assert len(samples) == 2 and all(os.path.getsize(path) for path in samples)
+
+
+def test_tfds_uses_its_own_validation_split(tfds_dir, tmp_path):
+  root, _, with_val = tfds_dir
+  inputs = _load(tmp_path, tfds=with_val, tfds_data_dir=str(root))
+  assert (len(inputs.train), len(inputs.val)) == (12, 4)
+  _assert_brightness_matches_label(inputs.val)
+
+
+def test_tfds_not_prepared_says_how_to_prepare(tfds_dir, tmp_path):
+  root, carved, _ = tfds_dir
+  with pytest.raises(UserInputError, match="tfds build"):
+    _load(tmp_path, tfds=carved, tfds_data_dir=str(tmp_path / "empty"))
+
+
+def test_file_cache_is_named_after_its_content(color_folder, tmp_path):
+  cache = tmp_path / "file_cache"
+  first = _load(tmp_path, data_dir=str(color_folder), cache_dir=str(cache))
+  list(first.train.images)
+  (color_folder / "red" / "red_0.jpg").unlink()
+  second = _load(tmp_path, data_dir=str(color_folder), cache_dir=str(cache))
+  assert len(list(second.train.images)) == len(second.train)
+  assert len({name.split(".")[0] for name in os.listdir(cache) if name.startswith("images_")}) == 2
+
+
+def test_deterministic_epochs_are_bit_identical_and_seeds_reorder(color_folder, tmp_path):
+  def epoch(seed):
+    inputs = _load(tmp_path, data_dir=str(color_folder))
+    batches = data.batches(inputs.train.images, 4, shuffle_seed=seed, deterministic=True)
+    return np.concatenate([images.numpy() for images, _ in batches])
+
+  first, again, other = epoch(7), epoch(7), epoch(8)
+  assert np.array_equal(first, again)
+  assert not np.array_equal(first, other)
+
+
+def test_balanced_class_weights():
+  assert data.class_weights("", [0, 0, 0, 1], 2) is None
+  assert data.class_weights("balanced", [0, 0, 0, 1], 2) == [4 / 6, 2.0]
+  with pytest.raises(UserInputError, match="--class_weight"):
+    data.class_weights("inverse", [0, 1], 2)
