@@ -1,0 +1,73 @@
+"""The predict command classifies files and folders, reports unreadable files and still classifies the rest."""
+
+import csv
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+import tensorflow as tf
+
+import trained_run
+from conftest import write_image
+from export import classify
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory, mobilenet_025_weights):
+  return trained_run.workdir(tmp_path_factory, mobilenet_025_weights) / "export" / "classifier" / "1"
+
+
+@pytest.fixture
+def photos(tmp_path):
+  folder = tmp_path / "photos"
+  write_image(folder / "a.jpg", (220, 40, 40))
+  write_image(folder / "nested" / "b.png", (40, 200, 60), mode="L")
+  (folder / "notes.txt").write_text("not an image, and not named like one")
+  (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+  (folder / "fake.gif").write_text("hello")
+  return folder
+
+
+def test_bad_files_are_reported_and_the_others_classified_as_the_model_does(export_dir, photos):
+  paths = classify.image_paths([str(photos), str(photos / "missing.jpg")])
+  assert sorted(p.rsplit("/", 1)[-1] for p in paths) == ["a.jpg", "b.png", "broken.jpg", "fake.gif", "missing.jpg"]
+
+  predictions = {p.path.rsplit("/", 1)[-1]: p for p in classify.Classifier(str(export_dir)).classify(paths, top_k=2)}
+
+  assert "JPEG" in predictions["broken.jpg"].error
+  assert "not a JPEG, PNG, GIF, BMP or WebP image" in predictions["fake.gif"].error
+  assert predictions["missing.jpg"].error
+  serve = tf.saved_model.load(str(export_dir)).signatures["serving_default"]
+  for name in ("a.jpg", "b.png"):
+    expected = serve(image_bytes=tf.constant([(photos.rglob(name).__next__()).read_bytes()]))
+    top = predictions[name].top
+    assert not predictions[name].error and len(top) == 2
+    assert top[0][0] == expected["classes"].numpy()[0].decode()
+    assert top[0][1] == pytest.approx(float(expected["probabilities"].numpy().max()), abs=1e-6)
+    assert top[0][1] >= top[1][1]
+
+
+def test_csv_and_json_formats_hold_every_file():
+  predictions = [classify.Prediction("x, y.jpg", (("red", 0.75), ("blue", 0.25))),
+                 classify.Prediction("bad.jpg", error="the file is not a JPEG")]
+
+  rows = list(csv.DictReader(io.StringIO(classify.format_predictions(predictions, "csv"))))
+  parsed = json.loads(classify.format_predictions(predictions, "json"))
+
+  assert [(r["path"], r["label_1"], float(r["score_1"] or 0), r["error"]) for r in rows] == [
+      ("x, y.jpg", "red", 0.75, ""), ("bad.jpg", "", 0.0, "the file is not a JPEG")]
+  assert parsed[0]["predictions"][1] == {"label": "blue", "score": 0.25}
+  assert parsed[1]["error"] == "the file is not a JPEG"
+
+
+def test_command_prints_json_and_exits_1_when_a_file_failed(export_dir, photos):
+  result = subprocess.run([sys.executable, "-m", "export.predict", f"--model={export_dir}", "--format=json",
+                           "--top_k=1", str(photos / "a.jpg"), str(photos / "fake.gif")],
+                          capture_output=True, text=True)
+
+  assert result.returncode == 1, result.stderr
+  parsed = json.loads(result.stdout)
+  assert [len(p["predictions"]) for p in parsed] == [1, 0]
+  assert parsed[1]["error"]
