@@ -183,19 +183,22 @@ def confusion_matrix_figure(confusion: np.ndarray, classes: Sequence[str], title
   confusion = np.asarray(confusion)
   rows = confusion.sum(axis=1, keepdims=True)
   shares = np.divide(confusion, rows, out=np.zeros(confusion.shape), where=rows > 0)
-  size = min(4 + 0.45 * len(classes), 30)
+  annotated = len(classes) <= _MAX_ANNOTATED_CLASSES
+  # Cells big enough for a count, or (many classes) just for a small class name on each axis.
+  size = 4 + 0.45 * len(classes) if annotated else min(4 + 0.16 * len(classes), 24)
   figure = Figure(figsize=(size + 1.5, size), dpi=80, layout="constrained")
   axes = figure.add_subplot()
   image = axes.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
   figure.colorbar(image, ax=axes, label="share of the true class")
   ticks = np.arange(len(classes))
-  axes.set_xticks(ticks, labels=classes, rotation=45 if len(classes) > 4 else 0, ha="right" if len(classes) > 4
-                  else "center")
-  axes.set_yticks(ticks, labels=classes)
+  font_size = 10 if annotated else 6
+  axes.set_xticks(ticks, labels=classes, fontsize=font_size, rotation=45 if len(classes) > 4 else 0,
+                  ha="right" if len(classes) > 4 else "center")
+  axes.set_yticks(ticks, labels=classes, fontsize=font_size)
   axes.set_xlabel("predicted")
   axes.set_ylabel("true")
   axes.set_title(title)
-  if len(classes) <= _MAX_ANNOTATED_CLASSES:
+  if annotated:
     for (row, column), count in np.ndenumerate(confusion):
       axes.text(column, row, str(int(count)), ha="center", va="center",
                 color="white" if shares[row, column] > 0.5 else "black")
