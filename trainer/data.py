@@ -51,13 +51,16 @@ def load(config: DataConfig, image_size: int, cache_root: str = "") -> InputData
 
   cache_root: where decoded images go when they do not fit in memory and --cache_dir is not set.
   """
+  # The cache keeps the order of whichever pass fills it first, and every shuffle permutes that order: with
+  # --deterministic the decoding keeps the source's order even when a non-deterministic pass comes first.
+  in_order = True if config.deterministic else None
   if sources.chosen(config) == "tfds":
     splits = sources.tfds_splits(config)
     identity = f"tfds:{config.tfds}:{config.validation_split}:{config.seed}"
 
     def tfds_examples(dataset, labels, split):
       decoded = dataset.map(lambda image, label: (images.resize(_rgb(image), image_size), tf.cast(label, tf.int32)),
-                            num_parallel_calls=tf.data.AUTOTUNE)
+                            num_parallel_calls=tf.data.AUTOTUNE, deterministic=in_order)
       return Examples(_cache(decoded, len(labels), image_size, config.cache_dir, cache_root,
                              f"{identity}:{split}:{len(labels)}"), labels)
 
@@ -68,7 +71,7 @@ def load(config: DataConfig, image_size: int, cache_root: str = "") -> InputData
 
   def file_examples(split):
     identity = "\n".join(f"{path}\t{label}" for path, label in zip(split.paths, split.labels))
-    return Examples(_cache(decoded_images(split, image_size), len(split), image_size, config.cache_dir, cache_root,
+    return Examples(_cache(decoded_images(split, image_size, in_order), len(split), image_size, config.cache_dir, cache_root,
                            identity), split.labels, split.paths)
 
   return InputData(files.classes, file_examples(files.train), file_examples(files.val), skipped)
@@ -133,11 +136,14 @@ def sample_files(examples: Examples, folder: str, count: int) -> tuple[str, ...]
   return tuple(paths)
 
 
-def decoded_images(split: sources.Split, image_size: int) -> tf.data.Dataset:
-  """(image float32 [S, S, 3] in 0..255, label int32) for every file, in order, read and decoded in parallel."""
+def decoded_images(split: sources.Split, image_size: int, in_order: bool | None = None) -> tf.data.Dataset:
+  """(image float32 [S, S, 3] in 0..255, label int32) for every file, read and decoded in parallel.
+
+  in_order: True keeps the files' order whatever the pipeline's options; None lets tf.data's option decide.
+  """
   dataset = tf.data.Dataset.from_tensor_slices((list(split.paths), tf.constant(split.labels, tf.int32)))
   return dataset.map(lambda path, label: (images.decode_and_resize(tf.io.read_file(path), image_size), label),
-                     num_parallel_calls=tf.data.AUTOTUNE)
+                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=in_order)
 
 
 def _cache(dataset: tf.data.Dataset, count: int, image_size: int, cache_dir: str, cache_root: str,

@@ -1,0 +1,72 @@
+"""The frozen phase on cached features trains the same head as end-to-end frozen training, and fine-tuning goes on
+from it."""
+
+import json
+
+import numpy as np
+import tensorflow as tf
+
+from trainer import augment, data, features, train
+from trainer import model as model_lib
+from trainer.restore import restore
+
+
+def _history(workdir):
+  with open(workdir / "report" / "history.json", encoding="utf-8") as f:
+    return json.load(f)
+
+
+def test_cached_features_train_the_same_head_and_fine_tuning_continues_from_it(color_folder, tmp_path, tiny_config):
+  config = tiny_config.replace(data_dir=str(color_folder), frozen_epochs=2, finetune_epochs=1, deterministic=True,
+                               frozen_lr=1e-2, finetune_lr=1e-3, dropout=0.3)
+  runs = {}
+  for cached in (False, True):
+    workdir = tmp_path / f"cached_{cached}"
+    train.train_and_evaluate(config.replace(cache_features=cached), str(workdir))
+    runs[cached] = (_history(workdir), restore(str(workdir)).model)
+
+  (plain_history, plain), (cached_history, cached) = runs[False], runs[True]
+  for plain_epoch, cached_epoch in zip(plain_history, cached_history):
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+      np.testing.assert_allclose(cached_epoch[key], plain_epoch[key], rtol=1e-4, atol=1e-5, err_msg=key)
+  # After fine-tuning (which changed the head and the top of the backbone) all weights still agree.
+  assert plain_history[0]["loss"] != plain_history[-1]["loss"]
+  for plain_weight, cached_weight in zip(plain.weights, cached.weights):
+    np.testing.assert_allclose(cached_weight.numpy(), plain_weight.numpy(), rtol=1e-4, atol=1e-5,
+                               err_msg=plain_weight.path)
+
+
+def _model_and_images(tiny_config, color_folder, tmp_path):
+  config = train.resolve(tiny_config.replace(data_dir=str(color_folder)))
+  inputs = data.load(config.data, config.data.image_size, str(tmp_path / "cache"))
+  model = model_lib.build_classifier(config.model, len(inputs.classes), config.data.image_size, config.data.seed)
+  return config, model, inputs.train.images
+
+
+def test_extract_gives_the_models_pooled_features_and_the_head_gives_its_output(tiny_config, color_folder,
+                                                                                 tmp_path):
+  config, model, images = _model_and_images(tiny_config, color_folder, tmp_path)
+  found, labels = features.extract(model, images, batch_size=5)
+  batch = np.stack([image for image, _ in images.as_numpy_iterator()])
+  assert found.shape == (len(batch), model.get_layer("pool").output.shape[-1])
+  np.testing.assert_array_equal(labels, [label for _, label in images.as_numpy_iterator()])
+  # Batches of 5 against one batch of all: oneDNN's summation order differs slightly.
+  np.testing.assert_allclose(found, features.feature_model(model)(batch), atol=1e-4)
+  np.testing.assert_allclose(features.head_of(model)(found), model(batch), atol=1e-5)
+
+
+def test_augmented_views_differ_and_unaugmented_ones_are_one(tiny_config, color_folder, tmp_path):
+  config, model, images = _model_and_images(tiny_config, color_folder, tmp_path)
+  augmenter = augment.build(config.replace(augment="classic").train, seed=0)
+  views, _ = features.extract_views(model, images, 8, augmenter, views=3)
+  assert views.shape[0] == 3
+  assert not np.allclose(views[0], views[1]) and not np.allclose(views[1], views[2])
+  plain, _ = features.extract_views(model, images, 8, None, views=3)
+  assert plain.shape[0] == 1
+  cache = features.FeatureCache(model, images, images, 8, augmenter, views=3)
+  epoch_batches = [np.concatenate([f for f, _ in cache.train_batches(epoch, 8, shuffle_seed=0, deterministic=True)
+                                   .as_numpy_iterator()]) for epoch in (0, 1, 3)]
+  # Epoch e trains on view e mod 3, in the same shuffled order for the same seed.
+  np.testing.assert_array_equal(epoch_batches[0], epoch_batches[2])
+  assert not np.allclose(epoch_batches[0], epoch_batches[1])
+  assert tf.reduce_all(tf.equal(cache.val_features.shape, plain[0].shape))
