@@ -18,9 +18,10 @@ from matplotlib.ticker import MaxNLocator
 from tensorboard.plugins.hparams import api as hp
 
 from trainer.config import Config
+from trainer.model import FINETUNE, FROZEN
 
 # The model phases as a scalar, so the phase boundary shows as a step on TensorBoard's epoch axis.
-PHASE_VALUES = {"frozen": 0, "finetune": 1}
+PHASE_VALUES = {FROZEN: 0, FINETUNE: 1}
 
 # Confusion matrices with more classes than this are drawn without a count in every cell (it would be illegible).
 _MAX_ANNOTATED_CLASSES = 25
@@ -85,7 +86,7 @@ class TensorBoardLog:
 
   def log_phase_start(self, epoch: int, phase: str, config: Config) -> None:
     """A text marker at the first epoch of a phase (the 1-based `epoch`), beside the step of `epoch_phase`."""
-    if phase == "frozen":
+    if phase == FROZEN:
       what = f"Only the head trains, learning rate {config.train.frozen_lr:g}."
     else:
       what = (f"The backbone from layer {config.model.unfreeze_from} up trains too, learning rate "
@@ -209,8 +210,8 @@ def curves_figure(history: Sequence[dict]) -> Figure:
   """Accuracy and loss per epoch, train against validation, both phases, with the start of fine-tuning marked."""
   epochs = [record["epoch"] for record in history]
   figure = Figure(figsize=(8, 8), dpi=80, layout="constrained")
-  finetune_epochs = [record["epoch"] for record in history if record["phase"] == "finetune"]
-  frozen_epochs = [record["epoch"] for record in history if record["phase"] == "frozen"]
+  finetune_epochs = [record["epoch"] for record in history if record["phase"] == FINETUNE]
+  frozen_epochs = [record["epoch"] for record in history if record["phase"] == FROZEN]
   for index, (metric, label) in enumerate((("accuracy", "Accuracy"), ("loss", "Loss"))):
     axes = figure.add_subplot(2, 1, index + 1)
     axes.plot(epochs, [record[metric] for record in history], "o-", label=f"training {metric}")
