@@ -1,7 +1,21 @@
-"""Runtime: which tf.distribute strategy runs the training, and in which precision.
+"""Runtime: which tf.distribute strategy runs the training, in which precision, and who writes where.
 
 Kept apart from data and model: they are built inside the strategy's scope but know nothing of it.
+Multi-worker follows TensorFlow's conventions: TF_CONFIG describes the cluster, the chief (worker 0 when there is
+no "chief" job) writes the run's real files, every other worker writes the same files to a temporary folder of
+its own (saving can involve collective ops, so all workers save) and removes it at the end.
+
+`python -m trainer.distribute --workers=HOST:PORT,HOST:PORT --index=I` prints worker I's TF_CONFIG (used by
+launch/multi_worker.sh).
 """
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import sys
 
 import keras
 import tensorflow as tf
@@ -12,6 +26,9 @@ from trainer.errors import UserInputError
 
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
 PRECISIONS = ("auto", "float16", "bfloat16", "float32")
+# Exit code of a run that saved a checkpoint on SIGTERM: 128 + SIGTERM, which Kubeflow's restartPolicy ExitCode and
+# Vertex AI treat as retryable.
+PREEMPTED_EXIT_CODE = 143
 
 
 def create_strategy(config: RuntimeConfig) -> tf.distribute.Strategy:
@@ -22,8 +39,13 @@ def create_strategy(config: RuntimeConfig) -> tf.distribute.Strategy:
     gpus = tf.config.list_logical_devices("GPU")
     return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
   if name == "mirrored":
-    return tf.distribute.MirroredStrategy()
+    # Every GPU; without GPUs every logical CPU device (one, unless the CPU was split into logical devices).
+    devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+    return tf.distribute.MirroredStrategy([device.name for device in devices])
   if name == "multi_worker":
+    if "TF_CONFIG" not in os.environ:
+      logging.warning("--strategy=multi_worker without TF_CONFIG: this process trains alone. "
+                      "launch/multi_worker.sh sets TF_CONFIG for each worker.")
     return tf.distribute.MultiWorkerMirroredStrategy()
   if name == "tpu":
     resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=config.tpu or None)
@@ -31,6 +53,28 @@ def create_strategy(config: RuntimeConfig) -> tf.distribute.Strategy:
     tf.tpu.experimental.initialize_tpu_system(resolver)
     return tf.distribute.TPUStrategy(resolver)
   raise UserInputError(f"--strategy={name} is not known. Choose one of: {', '.join(STRATEGIES)}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchPlan:
+  """How the global batch is split over the replicas, and how much the learning rates scale for it."""
+  global_batch_size: int
+  num_replicas: int
+  per_replica_batch_size: int
+  lr_scale: float
+
+
+def plan_batches(batch_size: int, num_replicas: int, lr_base_batch_size: int) -> BatchPlan:
+  """Per-replica batch of a global batch; linear learning-rate scaling (Goyal et al. 2017) from a base batch."""
+  if batch_size < num_replicas or batch_size % num_replicas:
+    fits = max(num_replicas, batch_size // num_replicas * num_replicas)
+    raise UserInputError(f"--batch_size={batch_size} is global and must split evenly over the {num_replicas} "
+                         f"replicas of this strategy: use a multiple of {num_replicas}, e.g. {fits}.")
+  if lr_base_batch_size < 0:
+    raise UserInputError(f"--lr_base_batch_size={lr_base_batch_size} must be 0 (rates as given) or the global "
+                         "batch size the learning rates were chosen for.")
+  lr_scale = batch_size / lr_base_batch_size if lr_base_batch_size else 1.0
+  return BatchPlan(batch_size, num_replicas, batch_size // num_replicas, lr_scale)
 
 
 def resolve_precision(config: RuntimeConfig, strategy: tf.distribute.Strategy) -> str:
@@ -59,9 +103,99 @@ def set_precision(policy: str) -> None:
     logging.info("Mixed precision policy: %s", policy)
 
 
-def is_chief(strategy: tf.distribute.Strategy) -> bool:
+def needs_loss_scaling(policy: str) -> bool:
+  """float16 gradients underflow without loss scaling; bfloat16 has float32's range and needs none."""
+  return policy == "mixed_float16"
+
+
+def _cluster(strategy: tf.distribute.Strategy):
   resolver = getattr(strategy, "cluster_resolver", None)
   if resolver is None or not resolver.cluster_spec().as_dict():
+    return None
+  return resolver
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+  resolver = _cluster(strategy)
+  if resolver is None:
     return True
   return resolver.task_type in (None, "chief") or (resolver.task_type == "worker" and resolver.task_id == 0
                                                    and "chief" not in resolver.cluster_spec().as_dict())
+
+
+def write_dir(workdir: str, strategy: tf.distribute.Strategy) -> str:
+  """Where this process writes the run's files: the workdir on the chief, workdir/workertemp_<id> elsewhere."""
+  if is_chief(strategy):
+    return workdir
+  resolver = _cluster(strategy)
+  return os.path.join(workdir, f"workertemp_{resolver.task_type}_{resolver.task_id}")
+
+
+def remove_worker_files(workdir: str, strategy: tf.distribute.Strategy) -> None:
+  """Removes a non-chief worker's temporary folder (nothing on the chief)."""
+  if not is_chief(strategy):
+    shutil.rmtree(write_dir(workdir, strategy), ignore_errors=True)
+
+
+def preemption_handler(strategy: tf.distribute.Strategy, manager: tf.train.CheckpointManager,
+                       save_fn, exit_fn) -> tf.distribute.experimental.PreemptionCheckpointHandler:
+  """TensorFlow's SIGTERM handling: on a signal to any worker, all save at the same step, then `exit_fn` runs.
+
+  `manager` reads the run's real checkpoints (every worker restores the chief's); `save_fn` writes to this
+  process's own write path. Restores the latest checkpoint of `manager`, if there is one.
+  """
+  return tf.distribute.experimental.PreemptionCheckpointHandler(
+      _cluster(strategy), manager,
+      termination_config=tf.distribute.experimental.TerminationConfig(exit_fn=exit_fn, save_fn=save_fn))
+
+
+def end_preemption_handling(handler: tf.distribute.experimental.PreemptionCheckpointHandler) -> None:
+  """After the last train step: stops the handler's watcher threads while every worker is still alive, and gives
+  SIGTERM back its default action (what is left to do after the last checkpoint need not be saved)."""
+  # The handler has no public close(); its __del__ stops the threads, but the SIGTERM handler it installed keeps
+  # it alive until exit, when the chief (and the cluster's coordination service with it) may be gone.
+  handler.__del__()
+  signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@tf.function
+def _all_replicas_sum(strategy: tf.distribute.Strategy):
+  return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.constant(1.0)), axis=None)
+
+
+def wait_for_all_workers(strategy: tf.distribute.Strategy) -> None:
+  """Returns when every worker has got here (a collective op), so that no worker exits while another still
+  needs the cluster (the chief exporting, say). Immediate for single-worker strategies."""
+  if _cluster(strategy) is not None and isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    _all_replicas_sum(strategy)
+
+
+def tf_config(workers: list[str], index: int) -> dict:
+  """TF_CONFIG of worker `index` in a cluster of `workers` (HOST:PORT each); worker 0 is the chief."""
+  if not workers:
+    raise UserInputError("--workers is empty: give HOST:PORT of every worker, the chief first.")
+  for address in workers:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+      raise UserInputError(f"--workers: '{address}' is not HOST:PORT.")
+  if len(set(workers)) != len(workers):
+    raise UserInputError(f"--workers names an address twice: {','.join(workers)}.")
+  if not 0 <= index < len(workers):
+    raise UserInputError(f"--index={index} is not a worker of the {len(workers)} given (0..{len(workers) - 1}).")
+  return {"cluster": {"worker": list(workers)}, "task": {"type": "worker", "index": index}}
+
+
+def _main(argv: list[str]) -> None:
+  parser = argparse.ArgumentParser(prog="python -m trainer.distribute", description="Print one worker's TF_CONFIG.")
+  parser.add_argument("--workers", required=True, help="HOST:PORT,HOST:PORT,... of every worker, the chief first.")
+  parser.add_argument("--index", type=int, required=True, help="Which worker (0 is the chief).")
+  args = parser.parse_args(argv)
+  try:
+    print(json.dumps(tf_config([w.strip() for w in args.workers.split(",") if w.strip()], args.index)))
+  except UserInputError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  _main(sys.argv[1:])

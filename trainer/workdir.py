@@ -25,8 +25,8 @@ class RunDir:
       raise UserInputError(f"--workdir={self.root} holds no config.json: it is not the workdir of a run.")
     return Config.from_dict(_read_json(self.config_file))
 
-  def save_config(self, config: Config, run_facts: dict) -> None:
-    """Writes config.json; refuses a workdir whose checkpoints belong to a different configuration."""
+  def check_config(self, config: Config) -> None:
+    """Refuses a workdir whose checkpoints belong to a different configuration."""
     if os.path.isfile(self.config_file) and os.path.isdir(self.checkpoints) and os.listdir(self.checkpoints):
       previous = self.load_config()
       if previous.identity_hash() != config.identity_hash():
@@ -34,6 +34,10 @@ class RunDir:
         raise UserInputError(
             f"--workdir={self.root} holds checkpoints of a different run ({'; '.join(changed)}). Use a new "
             "--workdir, or rerun with the same settings to continue that run.")
+
+  def save_config(self, config: Config, run_facts: dict) -> None:
+    """Writes config.json (with the facts of this run under "run") after `check_config`."""
+    self.check_config(config)
     os.makedirs(self.root, exist_ok=True)
     _write_json(self.config_file, {**config.to_dict(), "run": {**run_facts, "identity": config.identity_hash()}})
 
