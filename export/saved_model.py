@@ -215,13 +215,21 @@ def write_tflite(model: keras.Model, image_size: int, quantization: str, path: s
 
   Returns its description and parity against `model` (recorded, not enforced: quantization changes the numbers).
   """
-  # from_keras_model: a tf.function around a Keras 3 model converts without its weights (NaN out, measured here).
-  converter = tf.lite.TFLiteConverter.from_keras_model(model)
-  converter.optimizations = [tf.lite.Optimize.DEFAULT]
-  if quantization == "float16":
-    converter.target_spec.supported_types = [tf.float16]
+  # Converted from a SavedModel of the forward pass: from_concrete_functions on a Keras 3 model loses its weights
+  # (NaN out, measured here), and from_keras_model prints every captured variable.
+  with tempfile.TemporaryDirectory() as forward_dir:
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serve", lambda pixels: model(pixels, training=False),
+                         input_signature=[tf.TensorSpec([1, image_size, image_size, 3], tf.float32, name="images")])
+    archive.write_out(forward_dir, verbose=False)
+    converter = tf.lite.TFLiteConverter.from_saved_model(forward_dir)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if quantization == "float16":
+      converter.target_spec.supported_types = [tf.float16]
+    tflite_model = converter.convert()
   with open(path, "wb") as f:
-    f.write(converter.convert())
+    f.write(tflite_model)
   interpreter = tf.lite.Interpreter(model_path=path)
   interpreter.allocate_tensors()
   input_index = interpreter.get_input_details()[0]["index"]
