@@ -69,15 +69,15 @@ def find_files(config: DataConfig) -> LabelledFiles:
     val_dir = next((os.path.join(root, name) for name in ("val", "validation")
                     if os.path.isdir(os.path.join(root, name))), None)
     if os.path.isdir(train_dir) and val_dir:
-      classes, train = _class_folders(train_dir)
-      val_classes, val = _class_folders(val_dir)
+      classes, train = class_folders(train_dir)
+      val_classes, val = class_folders(val_dir)
       if val_classes != classes:
         raise UserInputError(
             f"The class folders of {train_dir} and {val_dir} differ: only in train: "
             f"{sorted(set(classes) - set(val_classes)) or 'none'}, only in validation: "
             f"{sorted(set(val_classes) - set(classes)) or 'none'}. Give both the same class sub-folders.")
       return LabelledFiles(tuple(classes), as_split(train, classes), as_split(val, classes))
-    classes, files = _class_folders(root)
+    classes, files = class_folders(root)
     where = f"--data_dir={root}"
   train, val = stratified_split(files, config.validation_split, config.seed, where=where)
   return LabelledFiles(tuple(classes), as_split(train, classes), as_split(val, classes))
@@ -88,7 +88,7 @@ def is_image_file(name: str) -> bool:
   return not name.startswith(".") and name.lower().endswith(images.IMAGE_EXTENSIONS)
 
 
-def _class_folders(folder: str) -> tuple[list[str], dict[str, list[str]]]:
+def class_folders(folder: str) -> tuple[list[str], dict[str, list[str]]]:
   """Class names (sorted) and the image paths of each class folder directly below `folder`."""
   classes = sorted(d for d in os.listdir(folder)
                    if not d.startswith(".") and os.path.isdir(os.path.join(folder, d)))
