@@ -71,8 +71,9 @@ def load(config: DataConfig, image_size: int, cache_root: str = "") -> InputData
 
   def file_examples(split):
     identity = "\n".join(f"{path}\t{label}" for path, label in zip(split.paths, split.labels))
-    return Examples(_cache(decoded_images(split, image_size, in_order), len(split), image_size, config.cache_dir, cache_root,
-                           identity), split.labels, split.paths)
+    decoded = decoded_images(split, image_size, in_order)
+    return Examples(_cache(decoded, len(split), image_size, config.cache_dir, cache_root, identity), split.labels,
+                    split.paths)
 
   return InputData(files.classes, file_examples(files.train), file_examples(files.val), skipped)
 
