@@ -1,0 +1,101 @@
+"""Interrupted runs: SIGKILL loses at most the epoch in progress, SIGTERM saves mid-epoch and exits for a retry;
+a rerun of the same command ends where an uninterrupted run ends. Another configuration is refused."""
+
+import signal
+import time
+
+import pytest
+
+import trainer_process
+from conftest import CLASS_COLORS, write_image
+from trainer import distribute
+from trainer.config import Config
+from trainer.errors import UserInputError
+from trainer.workdir import RunDir
+
+EPOCHS = {"frozen_epochs": 1, "finetune_epochs": 3}
+
+
+def _wait_for_epochs(process, workdir, count: int) -> list[dict]:
+  deadline = time.monotonic() + trainer_process.TIMEOUT_SECONDS
+  while time.monotonic() < deadline:
+    records = trainer_process.history(workdir)
+    if len(records) >= count:
+      return records
+    assert process.poll() is None, process.communicate()[0][-4000:]
+    time.sleep(0.02)
+  process.kill()
+  pytest.fail(f"no {count} epochs within {trainer_process.TIMEOUT_SECONDS}s")
+
+
+@pytest.fixture(scope="module")
+def color_folder(tmp_path_factory):
+  """The conftest fixture's images, once for the module: both interruptions compare with one uninterrupted run."""
+  root = tmp_path_factory.mktemp("colors")
+  for name, color in CLASS_COLORS.items():
+    for i in range(6):
+      write_image(root / name / f"{name}_{i}.jpg", color)
+  return root
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(color_folder, mobilenet_025_weights, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  trainer_process.run(trainer_process.tiny_flags(color_folder, mobilenet_025_weights, workdir=workdir, **EPOCHS))
+  return trainer_process.history(workdir)
+
+
+def _assert_same_end(resumed: list[dict], uninterrupted: list[dict]) -> None:
+  assert [(r["epoch"], r["phase"]) for r in resumed] == [(1, "frozen"), (2, "finetune"), (3, "finetune"),
+                                                         (4, "finetune")]
+  # Data order, optimizer state and weights all resume: the same end up to float summation (tolerance 1e-4).
+  assert resumed[-1]["val_loss"] == pytest.approx(uninterrupted[-1]["val_loss"], abs=1e-4)
+  assert resumed[-1]["val_accuracy"] == pytest.approx(uninterrupted[-1]["val_accuracy"], abs=1e-4)
+
+
+def test_sigkill_in_the_finetune_phase_then_rerun_finishes_the_requested_epochs(
+    color_folder, mobilenet_025_weights, tmp_path, uninterrupted):
+  workdir = tmp_path / "killed"
+  flags = trainer_process.tiny_flags(color_folder, mobilenet_025_weights, workdir=workdir, verbosity=0, **EPOCHS)
+  process = trainer_process.start(flags)
+  before_kill = _wait_for_epochs(process, workdir, 2)  # Epoch 2 is the first fine-tune epoch.
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+
+  output = trainer_process.run(flags)
+  resumed = trainer_process.history(workdir)
+  assert "Resumed from" in output
+  completed = int(output.split("Resumed from ")[1].split(" after epoch ")[1].split(",")[0])
+  assert completed >= 1  # At least the frozen epoch and, unless killed between history and checkpoint, epoch 2.
+  assert resumed[:completed] == before_kill[:completed]  # Completed epochs kept, not redone.
+  _assert_same_end(resumed, uninterrupted)
+
+
+def test_sigterm_saves_mid_epoch_and_exits_for_a_retry(color_folder, mobilenet_025_weights, tmp_path,
+                                                       uninterrupted):
+  workdir = tmp_path / "terminated"
+  flags = trainer_process.tiny_flags(color_folder, mobilenet_025_weights, workdir=workdir, verbosity=0, **EPOCHS)
+  process = trainer_process.start(flags)
+  _wait_for_epochs(process, workdir, 1)
+  process.send_signal(signal.SIGTERM)
+  output = process.communicate(timeout=trainer_process.TIMEOUT_SECONDS)[0]
+  assert process.returncode == distribute.PREEMPTED_EXIT_CODE, output[-4000:]
+  assert "Stopped by SIGTERM: saved a checkpoint" in output
+
+  output = trainer_process.run(flags)
+  assert "Resumed from" in output
+  _assert_same_end(trainer_process.history(workdir), uninterrupted)
+
+
+def test_a_different_configuration_is_refused_in_a_workdir_with_checkpoints(tmp_path):
+  run = RunDir(str(tmp_path))
+  config = Config().replace(data_dir="photos", seed=1)
+  run.save_config(config, {})
+  run.save_config(config.replace(seed=2), {})  # No checkpoints yet: nothing to protect.
+  (tmp_path / "checkpoints").mkdir()
+  (tmp_path / "checkpoints" / "ckpt-1.index").write_bytes(b"")
+  with pytest.raises(UserInputError, match="--seed: 2 -> 3"):
+    run.save_config(config.replace(seed=3), {})
+  # More epochs, another strategy or other logs continue the same run.
+  run.save_config(config.replace(seed=2, finetune_epochs=9, strategy="mirrored", verbosity=1), {})
+  assert run.load_config().train.finetune_epochs == 9
