@@ -4,9 +4,11 @@ One loop for every tf.distribute strategy (Keras 3 `model.fit` fails under Multi
 keras-team/keras#20585). Augmentation runs inside the train step, on the replica's device.
 """
 
+import dataclasses
 import json
 import math
 import os
+import sys
 import time
 
 import keras
@@ -15,7 +17,7 @@ import tensorflow as tf
 from absl import logging
 
 from export import saved_model
-from trainer import augment, backbones, data, distribute, reporting, workdir as workdir_lib
+from trainer import augment, backbones, data, distribute, features, reporting, workdir as workdir_lib
 from trainer import model as model_lib
 from trainer.config import Config
 
@@ -35,21 +37,38 @@ def phase_of_epoch(epoch: int, config: Config) -> str:
 class Trainer:
   """Owns the model, its optimizers and the compiled steps of one run under one strategy."""
 
-  def __init__(self, config: Config, num_classes: int, strategy: tf.distribute.Strategy):
+  def __init__(self, config: Config, num_classes: int, strategy: tf.distribute.Strategy, lr_scale: float = 1.0,
+               class_weights: list[float] | None = None):
+    """`lr_scale` multiplies both learning rates (see distribute.plan_batches); float16 gets loss scaling.
+    `class_weights` weighs each example's loss by its class (--class_weight)."""
     self.config = config
     self.strategy = strategy
     with strategy.scope():
       self.model = model_lib.build_classifier(config.model, num_classes, config.data.image_size, config.data.seed)
-      self.augmenter = augment.build(config.train.augment, config.data.seed)
-      self.optimizers = {model_lib.FROZEN: keras.optimizers.Adam(config.train.frozen_lr),
-                         model_lib.FINETUNE: keras.optimizers.Adam(config.train.finetune_lr)}
+      self.augmenter = augment.build(config.train, config.data.seed)
+      self.optimizers = {model_lib.FROZEN: keras.optimizers.Adam(config.train.frozen_lr * lr_scale),
+                         model_lib.FINETUNE: keras.optimizers.Adam(config.train.finetune_lr * lr_scale)}
+      if distribute.needs_loss_scaling(keras.config.dtype_policy().name):
+        self.optimizers = {phase: keras.optimizers.LossScaleOptimizer(optimizer)
+                           for phase, optimizer in self.optimizers.items()}
       # Both optimizers are built before any restore so that their slots load from the checkpoint.
       for phase in (model_lib.FINETUNE, model_lib.FROZEN):
         self.set_phase(phase)
         self.optimizers[phase].build(self.model.trainable_variables)
     self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="completed_epochs")
-    self.checkpoint = tf.train.Checkpoint(model=self.model, epoch=self.epoch, **self.optimizers)
+    # Train steps done in the epoch after `epoch`: non-zero only in a checkpoint saved on SIGTERM mid-epoch.
+    self.epoch_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch_steps")
+    self.checkpoint = tf.train.Checkpoint(model=self.model, epoch=self.epoch, epoch_step=self.epoch_step,
+                                          **self.optimizers)
+    self.class_weights = None if class_weights is None else tf.constant(class_weights, tf.float32)
+    self.train_on_features(None)
+
+  def train_on_features(self, head: keras.Model | None) -> None:
+    """Makes the steps call `head` on cached features (frozen phase, --cache_features) or, for None, the whole
+    classifier on images. The head's layers are the classifier's, so what it learns is the classifier's."""
+    self.network = self.model if head is None else head
     self._train_step = None
+    self._eval_step = self._make_eval_step()
 
   def set_phase(self, phase: str) -> None:
     model_lib.set_phase(self.model, phase, self.config.model.unfreeze_from)
@@ -57,8 +76,10 @@ class Trainer:
     self._train_step = None
 
   def _make_train_step(self):
-    model, augmenter, optimizer = self.model, self.augmenter, self.optimizers[self.phase]
-    variables = model.trainable_variables
+    model, optimizer = self.network, self.optimizers[self.phase]
+    # Cached features were augmented (or not) when they were computed.
+    augmenter = self.augmenter if model is self.model else None
+    class_weights, variables = self.class_weights, model.trainable_variables
 
     def replica_step(images, labels):
       if augmenter is not None:
@@ -66,8 +87,12 @@ class Trainer:
       with tf.GradientTape() as tape:
         probabilities = model(images, training=True)
         per_example = keras.losses.sparse_categorical_crossentropy(labels, probabilities)
-        loss = tf.nn.compute_average_loss(per_example)
-      gradients = tape.gradient(loss, variables)
+        weights = None if class_weights is None else tf.gather(class_weights, labels)
+        loss = tf.nn.compute_average_loss(per_example, sample_weight=weights,
+                                          global_batch_size=_global_batch_size(labels))
+        # Identity unless the optimizer is a LossScaleOptimizer (float16), which unscales in apply_gradients.
+        scaled_loss = optimizer.scale_loss(loss)
+      gradients = tape.gradient(scaled_loss, variables)
       optimizer.apply_gradients(zip(gradients, variables))
       return _sums(per_example, probabilities, labels)
 
@@ -76,21 +101,28 @@ class Trainer:
       return self._reduce(self.strategy.run(replica_step, args=(images, labels)))
     return train_step
 
-  @tf.function(reduce_retracing=True)
-  def _eval_step(self, images, labels):
+  def _make_eval_step(self):
+    model = self.network
+
     def replica_step(images, labels):
-      probabilities = self.model(images, training=False)
+      probabilities = model(images, training=False)
       # Confusion counts add up over replicas and batches like the sums, so they reduce the same way.
       confusion = tf.math.confusion_matrix(labels, tf.argmax(probabilities, axis=-1),
                                            num_classes=probabilities.shape[-1], dtype=tf.float32)
       sums = _sums(keras.losses.sparse_categorical_crossentropy(labels, probabilities), probabilities, labels)
       return (*sums, confusion)
-    return self._reduce(self.strategy.run(replica_step, args=(images, labels)))
+
+    @tf.function(reduce_retracing=True)
+    def eval_step(images, labels):
+      return self._reduce(self.strategy.run(replica_step, args=(images, labels)))
+    return eval_step
 
   def _reduce(self, per_replica):
     return [self.strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None) for value in per_replica]
 
-  def run_epoch(self, batches: tf.data.Dataset, training: bool, steps: int, progress: bool) -> dict:
+  def run_epoch(self, batches: tf.data.Dataset, training: bool, steps: int, progress: bool,
+                preemption: tf.distribute.experimental.PreemptionCheckpointHandler | None = None) -> dict:
+    """Sums of one pass over `batches`; a training pass under `preemption` may save and exit between steps."""
     if training and self._train_step is None:
       self._train_step = self._make_train_step()
     step = self._train_step if training else self._eval_step
@@ -98,7 +130,12 @@ class Trainer:
                               stateful_metrics=["loss", "accuracy"], unit_name="step")
     totals, confusion = np.zeros(3), 0
     for index, (images, labels) in enumerate(self.strategy.experimental_distribute_dataset(batches)):
-      loss, correct, count, *eval_only = step(images, labels)
+      if training and preemption is not None:
+        loss, correct, count, *eval_only = preemption.run(step, images, labels)
+      else:
+        loss, correct, count, *eval_only = step(images, labels)
+      if training:
+        self.epoch_step.assign_add(1)
       totals += [float(loss), float(correct), float(count)]
       if eval_only:
         confusion = confusion + eval_only[0].numpy()
@@ -107,6 +144,12 @@ class Trainer:
     if not training:
       metrics["confusion_matrix"] = np.asarray(confusion, np.int64)
     return metrics
+
+
+def _global_batch_size(labels):
+  """Examples of this step over all replicas: an epoch's last batch is partial and splits unevenly, and the mean
+  must still be over the whole batch for every strategy to compute the same step."""
+  return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, tf.shape(labels)[0])
 
 
 def _sums(per_example_loss, probabilities, labels):
@@ -119,37 +162,53 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
   """Trains both phases (resuming from the workdir's last checkpoint), exports, and returns the metrics."""
   config = resolve(config)
   strategy = distribute.create_strategy(config.runtime)
-  distribute.set_precision(distribute.resolve_precision(config.runtime, strategy))
-  files = data.discover(config.data)
+  policy = distribute.resolve_precision(config.runtime, strategy)
+  distribute.set_precision(policy)
+  plan = distribute.plan_batches(config.data.batch_size, strategy.num_replicas_in_sync,
+                                 config.train.lr_base_batch_size)
+  # A worker's own file cache: two workers writing one cache file collide.
+  inputs = data.load(config.data, config.data.image_size,
+                     os.path.join(distribute.write_dir(workdir, strategy), "cache"))
+  class_weights = data.class_weights(config.train.class_weight, inputs.train.labels, len(inputs.classes))
   run = workdir_lib.RunDir(workdir)
-  run.save_config(config, {"classes": list(files.classes), "num_replicas": strategy.num_replicas_in_sync,
-                           "train_examples": len(files.train), "val_examples": len(files.val)})
-  logging.info("Classes %s; %d training and %d validation images.", list(files.classes), len(files.train),
-               len(files.val))
+  # Non-chief workers write checkpoints to a temporary folder of their own, removed at the end.
+  chief = distribute.is_chief(strategy)
+  own_checkpoints = workdir_lib.RunDir(distribute.write_dir(workdir, strategy)).checkpoints
+  if chief:
+    run.save_config(config, {
+        "classes": list(inputs.classes), "train_examples": len(inputs.train), "val_examples": len(inputs.val),
+        "class_weights": class_weights, "skipped_files": len(inputs.skipped),
+        "strategy": type(strategy).__name__, "dtype_policy": policy, **dataclasses.asdict(plan),
+        "frozen_lr": config.train.frozen_lr * plan.lr_scale, "finetune_lr": config.train.finetune_lr * plan.lr_scale})
+  else:
+    run.check_config(config)
+  logging.info("Classes %s; %d training and %d validation images.", list(inputs.classes), len(inputs.train),
+               len(inputs.val))
 
-  trainer = Trainer(config, len(files.classes), strategy)
+  trainer = Trainer(config, len(inputs.classes), strategy, plan.lr_scale, class_weights)
   manager = tf.train.CheckpointManager(trainer.checkpoint, run.checkpoints, max_to_keep=2)
+  own_manager = manager if chief else tf.train.CheckpointManager(trainer.checkpoint, own_checkpoints, max_to_keep=1)
   if manager.latest_checkpoint:
     trainer.checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-    logging.info("Resumed from %s after epoch %d.", manager.latest_checkpoint, int(trainer.epoch))
+    logging.info("Resumed from %s after epoch %d, step %d.", manager.latest_checkpoint, int(trainer.epoch),
+                 int(trainer.epoch_step))
   history = run.load_history()[:int(trainer.epoch)]
+  preemption = distribute.preemption_handler(strategy, manager, save_fn=own_manager.save,
+                                             exit_fn=lambda: _exit_preempted(trainer))
 
-  cache_dir = config.data.cache_dir
-  train_images = data.decoded_images(files.train, config.data.image_size, cache_dir and os.path.join(cache_dir, "train"))
-  val_images = data.decoded_images(files.val, config.data.image_size, cache_dir and os.path.join(cache_dir, "val"))
+  train_images, val_images = inputs.train.images, inputs.val.images
   batch_size = config.data.batch_size
-  train_steps, val_steps = math.ceil(len(files.train) / batch_size), math.ceil(len(files.val) / batch_size)
+  train_steps, val_steps = math.ceil(len(inputs.train) / batch_size), math.ceil(len(inputs.val) / batch_size)
   val_batches = data.batches(val_images, batch_size)
   progress = config.runtime.verbosity >= 0
   total_epochs = config.train.frozen_epochs + config.train.finetune_epochs
-  chief = distribute.is_chief(strategy)
-  tensorboard = reporting.TensorBoardLog(run.tensorboard if chief else None, files.classes)
+  tensorboard = reporting.TensorBoardLog(run.tensorboard if chief else None, inputs.classes)
   tensorboard.log_run(config, {"precision": keras.mixed_precision.dtype_policy().name,
-                               "num_replicas": strategy.num_replicas_in_sync, "classes": list(files.classes)})
+                               "num_replicas": strategy.num_replicas_in_sync, "classes": list(inputs.classes)})
   if int(trainer.epoch) == 0:
     tensorboard.log_training_images(*_first_augmented_batch(config, train_images))
 
-  val_metrics = None
+  val_metrics = feature_cache = None
   for epoch in range(int(trainer.epoch), total_epochs):
     phase = phase_of_epoch(epoch, config)
     if phase != getattr(trainer, "phase", None) or trainer._train_step is None:
@@ -159,44 +218,80 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
     if progress:
       print(f"Epoch {epoch + 1}/{total_epochs} ({phase} phase)", flush=True)
     start = time.perf_counter()
-    train_batches = data.batches(train_images, batch_size, shuffle_seed=config.data.seed + epoch,
-                                 deterministic=config.data.deterministic)
-    train_metrics = trainer.run_epoch(train_batches, training=True, steps=train_steps, progress=progress)
+    on_features = config.train.cache_features and phase == model_lib.FROZEN
+    if on_features and feature_cache is None:
+      # Computed in this process's first frozen epoch (its time counts there), then reused.
+      feature_cache = features.FeatureCache(trainer.model, train_images, val_images, batch_size,
+                                            augment.build(config.train, config.data.seed),
+                                            config.train.feature_views)
+    if (trainer.network is not trainer.model) != on_features:
+      trainer.train_on_features(feature_cache.head if on_features else None)
+    if on_features:
+      train_batches = feature_cache.train_batches(epoch, batch_size, shuffle_seed=config.data.seed + epoch,
+                                                  deterministic=config.data.deterministic)
+    else:
+      train_batches = data.batches(train_images, batch_size, shuffle_seed=config.data.seed + epoch,
+                                   deterministic=config.data.deterministic)
+    # The epoch's shuffle is seeded, so a run stopped mid-epoch replays it and skips the steps it had done.
+    done_steps = int(trainer.epoch_step)
+    train_metrics = trainer.run_epoch(train_batches.skip(done_steps), training=True,
+                                      steps=train_steps - done_steps, progress=progress, preemption=preemption)
     train_seconds = time.perf_counter() - start
-    val_metrics = trainer.run_epoch(val_batches, training=False, steps=val_steps, progress=False)
+    val_metrics = trainer.run_epoch(feature_cache.val_batches(batch_size) if on_features else val_batches,
+                                    training=False, steps=val_steps, progress=False)
     record = {"epoch": epoch + 1, "phase": phase,
               "loss": train_metrics["loss"], "accuracy": train_metrics["accuracy"],
               "val_loss": val_metrics["loss"], "val_accuracy": val_metrics["accuracy"],
               "seconds": time.perf_counter() - start, "train_seconds": train_seconds,
               "images_per_sec": train_metrics["examples"] / train_seconds,
-              "learning_rate": float(trainer.optimizers[phase].learning_rate)}
+              "learning_rate": float(tf.convert_to_tensor(trainer.optimizers[phase].learning_rate))}
     history.append(record)
     tensorboard.log_epoch(record, val_metrics["confusion_matrix"])
+    if chief:
+      # History first: a run killed between the two files drops the record past the checkpoint on resume.
+      run.save_history(history)
     trainer.epoch.assign(epoch + 1)
-    manager.save(checkpoint_number=epoch + 1)
-    run.save_history(history)
+    trainer.epoch_step.assign(0)
+    own_manager.save()
     logging.info("epoch %d/%d %s: loss %.4f accuracy %.4f val_loss %.4f val_accuracy %.4f (%.1fs, %.1f img/s)",
                  epoch + 1, total_epochs, phase, record["loss"], record["accuracy"], record["val_loss"],
                  record["val_accuracy"], record["seconds"], record["images_per_sec"])
 
-  export_path = saved_model.export_saved_model(trainer.model, list(files.classes), config.data.image_size,
-                                               run.export, config.export.model_name)
-  logging.info("Exported the SavedModel to %s", export_path)
-  metrics = summarize(history, config, list(files.classes), export_path)
-  run.save_metrics(metrics)
+  distribute.end_preemption_handling(preemption)
+  # A run resumed after its last epoch has not validated in this process; the report needs the final model's.
+  # Every worker evaluates: the evaluation reduces over all of them.
+  trainer.train_on_features(None)
+  val_metrics = val_metrics or trainer.run_epoch(val_batches, training=False, steps=val_steps, progress=False)
+  export_path = None
+  if chief:
+    export_path = saved_model.export_saved_model(trainer.model, list(inputs.classes), config, run.export,
+                                                 data.sample_files(inputs.val, os.path.join(workdir, "cache",
+                                                                   "samples"), saved_model.PARITY_FILES),
+                                                 source=manager.latest_checkpoint or "")
+    logging.info("Exported the SavedModel to %s", export_path)
+  metrics = summarize(history, config, list(inputs.classes), export_path)
+  metrics["skipped_files"] = [{"path": path, "reason": why} for path, why in sorted(inputs.skipped.items())]
   tensorboard.close()
   if chief:
-    # A run resumed after its last epoch has not validated in this process; the report needs the final model's.
-    val_metrics = val_metrics or trainer.run_epoch(val_batches, training=False, steps=val_steps, progress=False)
-    reporting.write_reports(run.report, history, val_metrics["confusion_matrix"], files.classes)
+    run.save_metrics(metrics)
+    reporting.write_reports(run.report, history, val_metrics["confusion_matrix"], inputs.classes)
+  distribute.wait_for_all_workers(strategy)
+  distribute.remove_worker_files(workdir, strategy)
   return metrics
+
+
+def _exit_preempted(trainer: Trainer) -> None:
+  """After the checkpoint PreemptionCheckpointHandler saved on SIGTERM: exit with a code schedulers retry."""
+  logging.warning("Stopped by SIGTERM: saved a checkpoint at epoch %d, step %d. Run the same command again to "
+                  "continue.", int(trainer.epoch) + 1, int(trainer.epoch_step))
+  sys.exit(distribute.PREEMPTED_EXIT_CODE)
 
 
 def _first_augmented_batch(config: Config, train_images: tf.data.Dataset, count: int = 16):
   """The first images of the first epoch through a new augmenter of the run's preset and seed: what the model
   sees, without drawing from the random state of the trainer's own augmenter."""
   images, labels = next(iter(data.batches(train_images, count, shuffle_seed=config.data.seed)))
-  augmenter = augment.build(config.train.augment, config.data.seed)
+  augmenter = augment.build(config.train, config.data.seed)
   if augmenter is not None:
     images = augmenter(images, training=True)
   return np.asarray(images), labels.numpy()
