@@ -26,6 +26,7 @@ import tempfile
 from typing import Sequence
 
 import keras
+import ml_dtypes
 import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
@@ -42,7 +43,8 @@ TFLITE_FILE = "model.tflite"
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
 TFLITE_QUANTIZATIONS = ("float16", "dynamic_range")
 
-# Export fails above this difference between the reloaded SavedModel and the in-memory model.
+# Export fails above this difference between the reloaded SavedModel and the in-memory model (float32 models;
+# see parity_tolerance for mixed precision).
 PARITY_TOLERANCE = 1e-3
 # Enough validation files to catch a wrong graph; few enough that exporting stays quick on large datasets.
 PARITY_FILES = 64
@@ -103,13 +105,14 @@ def export_saved_model(model: keras.Model, classes: Sequence[str], config: Confi
     archive = _archive(model, labels_path, image_size, min(export.top_k, len(classes)))
     archive.write_out(partial, verbose=False)
 
-  parity = {"files": len(samples), "tolerance": PARITY_TOLERANCE,
+  tolerance = parity_tolerance(model)
+  parity = {"files": len(samples), "tolerance": tolerance,
             "max_abs_diff": check_parity(tf.saved_model.load(partial), model, samples, image_size)}
   worst = max(parity["max_abs_diff"].values())
-  if worst > PARITY_TOLERANCE:
+  if worst > tolerance:
     raise ExportParityError(
         f"The exported SavedModel differs from the trained model by up to {worst:.3g} in probability on "
-        f"{len(samples)} validation images (tolerance {PARITY_TOLERANCE}): {parity['max_abs_diff']}. The "
+        f"{len(samples)} validation images (tolerance {tolerance:.3g}): {parity['max_abs_diff']}. The "
         f"unchecked export is left in {partial} for inspection.")
   write_warmup_requests(os.path.join(partial, WARMUP_FILE), export.model_name, samples[:_WARMUP_BATCH],
                         image_size)
@@ -174,6 +177,13 @@ def _checked_decode_and_resize(index: tf.Tensor, image_bytes: tf.Tensor, image_s
                               (index, tf.strings.length(image_bytes)))
   with tf.control_dependencies([tf.debugging.Assert(known, [message])]):
     return images.decode_and_resize(tf.identity(image_bytes), image_size)
+
+
+def parity_tolerance(model: keras.Model) -> float:
+  """PARITY_TOLERANCE, or two units of the model's compute precision where that is coarser: a float16 or
+  bfloat16 model computes the same graph with different rounding orders (bfloat16: ~4e-3 measured here)."""
+  compute_dtype = ml_dtypes.finfo(tf.as_dtype(model.dtype_policy.compute_dtype).as_numpy_dtype)
+  return max(PARITY_TOLERANCE, 2 * float(compute_dtype.eps))
 
 
 def check_parity(loaded, model: keras.Model, samples: Sequence[bytes], image_size: int) -> dict[str, float]:

@@ -39,9 +39,7 @@ def float32_serving_dtypes(tmp_path_factory, mobilenet_025_weights):
 
 @pytest.mark.parametrize("precision,compute_dtype,loss_scaled", [
     ("float16", "float16", True),
-    pytest.param("bfloat16", "bfloat16", False, marks=pytest.mark.xfail(
-        strict=True, reason="export.saved_model.PARITY_TOLERANCE (1e-3) is below bfloat16's resolution (2^-8): "
-        "the parity check refuses a bfloat16 model's export (differences of ~4e-3 measured here)")),
+    ("bfloat16", "bfloat16", False),
 ])
 def test_mixed_precision_trains_and_exports_the_same_signature(precision, compute_dtype, loss_scaled, tiny_config,
                                                                color_folder, tmp_path, float32_serving_dtypes):
