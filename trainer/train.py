@@ -82,10 +82,8 @@ class Trainer:
     class_weights, variables = self.class_weights, model.trainable_variables
 
     def replica_step(images, labels):
-      if augmenter is not None:
-        images = augmenter(images, training=True)
       with tf.GradientTape() as tape:
-        probabilities = model(images, training=True)
+        probabilities = _predict(model, images, training=True, augmenter=augmenter)
         per_example = keras.losses.sparse_categorical_crossentropy(labels, probabilities)
         weights = None if class_weights is None else tf.gather(class_weights, labels)
         loss = tf.nn.compute_average_loss(per_example, sample_weight=weights,
@@ -105,7 +103,7 @@ class Trainer:
     model = self.network
 
     def replica_step(images, labels):
-      probabilities = model(images, training=False)
+      probabilities = _predict(model, images, training=False)
       # Confusion counts add up over replicas and batches like the sums, so they reduce the same way.
       confusion = tf.math.confusion_matrix(labels, tf.argmax(probabilities, axis=-1),
                                            num_classes=probabilities.shape[-1], dtype=tf.float32)
@@ -144,6 +142,16 @@ class Trainer:
     if not training:
       metrics["confusion_matrix"] = np.asarray(confusion, np.int64)
     return metrics
+
+
+def _predict(model: keras.Model, images, training: bool, augmenter: keras.Layer | None = None):
+  """Probabilities of a replica's share of a batch, which is empty when a short last batch has fewer examples
+  than there are replicas: Keras' MobileNet fails on an empty batch on CPU ("Incompatible shapes: [0,32,32,3] vs.
+  [8]" in its first BatchNorm), so an empty share skips the model and contributes zero gradients."""
+  def predict():
+    inputs = images if augmenter is None else augmenter(images, training=True)
+    return tf.cast(model(inputs, training=training), tf.float32)
+  return tf.cond(tf.shape(images)[0] > 0, predict, lambda: tf.zeros([0, model.output_shape[-1]], tf.float32))
 
 
 def _global_batch_size(labels):
