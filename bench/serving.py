@@ -13,7 +13,6 @@ import statistics
 import tempfile
 import time
 
-import numpy as np
 import tensorflow as tf
 from absl import app, flags
 

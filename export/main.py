@@ -7,7 +7,6 @@ files are now) may be given again; everything else comes from config.json.
 """
 
 import os
-import sys
 
 from absl import app, flags
 
@@ -16,7 +15,7 @@ from trainer import data, restore
 from trainer import flags as trainer_flags
 from trainer import workdir as workdir_lib
 from trainer.config import ExportConfig
-from trainer.errors import UserInputError
+from trainer.errors import UserInputError, exit_on_user_error
 
 flags.DEFINE_integer("version", None, "Version folder to write (never overwritten); default: one more than the "
                      "highest existing version.")
@@ -41,16 +40,9 @@ def export_run(workdir: str, overrides: dict | None = None, version: int | None 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
   given = trainer_flags.FLAGS
-  try:
-    if not given.workdir:
-      raise UserInputError("Pass --workdir=FOLDER: the workdir of a trained run.")
-    overrides = {name: given[name].value for name in _OVERRIDABLE if given[name].present}
-    print(export_run(given.workdir, overrides, given.version))
-  except UserInputError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  with exit_on_user_error():
+    print(export_run(given.workdir, restore.flag_overrides(given, _OVERRIDABLE), given.version))
 
 
 def run_script():

@@ -4,13 +4,12 @@ Prints the top-k labels and scores of every image file given, or found below the
 are reported (in the output, with the reason) and the rest still classified; the exit code is then 1.
 """
 
-import os
 import sys
 
 from absl import app, flags
 
 from export import classify
-from trainer.errors import UserInputError
+from trainer.errors import UserInputError, exit_on_user_error
 
 flags.DEFINE_string("model", None, "Export folder of one version: WORKDIR/export/<model_name>/<version>.")
 flags.DEFINE_integer("top_k", 3, "How many best labels to print per image.")
@@ -19,8 +18,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-  try:
+  with exit_on_user_error():
     if not FLAGS.model:
       raise UserInputError("Pass --model=WORKDIR/export/<model_name>/<version>.")
     paths = classify.image_paths(argv[1:])
@@ -29,9 +27,6 @@ def main(argv):
     if FLAGS.top_k < 1:
       raise UserInputError(f"--top_k={FLAGS.top_k}: must be at least 1.")
     predictions = classify.Classifier(FLAGS.model).classify(paths, FLAGS.top_k)
-  except UserInputError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
   sys.stdout.write(classify.format_predictions(predictions, FLAGS.format))
   if any(p.error for p in predictions):
     sys.exit(1)

@@ -42,14 +42,46 @@ def write_image(path: pathlib.Path, color, size=(40, 32), fmt=None, mode="RGB") 
 CLASS_COLORS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220)}
 
 
+def write_color_dataset(root: pathlib.Path, per_class: int, fmt: str = "JPEG", widths=None) -> pathlib.Path:
+  """root/{red,green,blue}/ with `per_class` small images each (of the given widths, else 40 px wide)."""
+  extension = {"JPEG": "jpg", "PNG": "png"}[fmt]
+  for name, color in CLASS_COLORS.items():
+    for i in range(per_class):
+      write_image(root / name / f"{name}_{i}.{extension}", color, fmt=fmt,
+                  size=(widths[i] if widths else 40, 32))
+  return root
+
+
 @pytest.fixture
 def color_folder(tmp_path) -> pathlib.Path:
   """class folders directly: red/, green/, blue/ with 6 JPEGs each."""
-  root = tmp_path / "colors"
-  for name, color in CLASS_COLORS.items():
-    for i in range(6):
-      write_image(root / name / f"{name}_{i}.jpg", color)
-  return root
+  return write_color_dataset(tmp_path / "colors", 6)
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(tmp_path_factory, mobilenet_025_weights) -> pathlib.Path:
+  """One frozen epoch of MobileNet alpha 0.25 at 32 px on red/green/blue JPEGs of several sizes, exported once:
+  the run shared by the export, serving, predict and evaluate tests."""
+  from trainer import train
+  root = tmp_path_factory.mktemp("trained_run")
+  write_color_dataset(root / "data", 6, widths=[40 + 4 * i for i in range(6)])
+  config = Config().replace(backbone="mobilenet", alpha=0.25, weights=mobilenet_025_weights, image_size=32,
+                            batch_size=8, frozen_epochs=1, finetune_epochs=0, head_units=8, augment="none",
+                            verbosity=-1, data_dir=str(root / "data"), validation_split=0.34)
+  train.train_and_evaluate(config, str(root / "run"))
+  return root / "run"
+
+
+@pytest.fixture(scope="session")
+def trained_export_dir(trained_workdir) -> pathlib.Path:
+  return trained_workdir / "export" / "classifier" / "1"
+
+
+@pytest.fixture(scope="session")
+def trained(trained_workdir):
+  """The trained run's model, restored from its workdir."""
+  from trainer import restore
+  return restore.restore(str(trained_workdir))
 
 
 @pytest.fixture

@@ -6,15 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import trained_run
 from conftest import write_image
 from trainer import evaluate
 from trainer.errors import UserInputError
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory, mobilenet_025_weights):
-  return trained_run.workdir(tmp_path_factory, mobilenet_025_weights)
 
 
 def test_metrics_of_known_predictions():
@@ -42,28 +36,28 @@ def test_top_k_accuracy_counts_only_the_k_best():
   assert metrics["top_k_accuracy"] == pytest.approx(0.5)
 
 
-def test_evaluates_the_runs_validation_split_into_the_report(workdir):
-  metrics = evaluate.evaluate(str(workdir))
+def test_evaluates_the_runs_validation_split_into_the_report(trained_workdir):
+  metrics = evaluate.evaluate(str(trained_workdir))
 
-  run_facts = json.loads((workdir / "config.json").read_text())["run"]
-  written = json.loads((workdir / "report" / evaluate.METRICS_FILE).read_text())
+  run_facts = json.loads((trained_workdir / "config.json").read_text())["run"]
+  written = json.loads((trained_workdir / "report" / evaluate.METRICS_FILE).read_text())
   assert written == json.loads(json.dumps(metrics))
   confusion = np.array(metrics["confusion_matrix"])
   assert confusion.sum() == metrics["examples"] == run_facts["val_examples"]
   assert metrics["accuracy"] == pytest.approx(np.trace(confusion) / confusion.sum())
   assert [metrics["per_class"][name]["support"] for name in run_facts["classes"]] == confusion.sum(axis=1).tolist()
-  report = (workdir / "report" / evaluate.REPORT_FILE).read_text()
+  report = (trained_workdir / "report" / evaluate.REPORT_FILE).read_text()
   assert all(name in report for name in run_facts["classes"])
-  with Image.open(workdir / "report" / evaluate.CONFUSION_FILE) as png:
+  with Image.open(trained_workdir / "report" / evaluate.CONFUSION_FILE) as png:
     assert png.format == "PNG"
 
 
-def test_a_test_folder_with_some_of_the_classes_is_evaluated_whole(workdir, tmp_path):
+def test_a_test_folder_with_some_of_the_classes_is_evaluated_whole(trained_workdir, tmp_path):
   for name, color in (("red", (220, 40, 40)), ("blue", (40, 60, 220))):
     for i in range(3):
       write_image(tmp_path / "test" / name / f"{i}.png", color, size=(50, 30))
 
-  metrics = evaluate.evaluate(str(workdir), {"data_dir": str(tmp_path / "test")})
+  metrics = evaluate.evaluate(str(trained_workdir), {"data_dir": str(tmp_path / "test")})
 
   assert metrics["examples"] == 6
   assert metrics["per_class"]["green"]["support"] == 0
@@ -71,10 +65,10 @@ def test_a_test_folder_with_some_of_the_classes_is_evaluated_whole(workdir, tmp_
   assert metrics["data"] == f"--data_dir={tmp_path / 'test'}"
 
 
-def test_classes_the_run_does_not_know_are_refused(workdir, tmp_path):
+def test_classes_the_run_does_not_know_are_refused(trained_workdir, tmp_path):
   for name in ("red", "purple"):
     for i in range(2):
       write_image(tmp_path / "test" / name / f"{i}.jpg", (200, 40, 200))
 
   with pytest.raises(UserInputError, match="purple"):
-    evaluate.evaluate(str(workdir), {"data_dir": str(tmp_path / "test")})
+    evaluate.evaluate(str(trained_workdir), {"data_dir": str(tmp_path / "test")})

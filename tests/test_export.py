@@ -11,31 +11,15 @@ import tensorflow as tf
 from PIL import Image
 from tensorflow_serving.apis import prediction_log_pb2
 
-import trained_run
 from export import main as export_main
 from export import saved_model
-from trainer import images, restore
+from trainer import images
 from trainer.errors import UserInputError
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory, mobilenet_025_weights):
-  return trained_run.workdir(tmp_path_factory, mobilenet_025_weights)
-
-
-@pytest.fixture(scope="module")
-def trained(workdir):
-  return restore.restore(str(workdir))
-
-
-@pytest.fixture(scope="module")
-def export_dir(workdir):
-  return workdir / "export" / "classifier" / "1"
-
-
-@pytest.fixture(scope="module")
-def loaded(export_dir):
-  return tf.saved_model.load(str(export_dir))
+def loaded(trained_export_dir):
+  return tf.saved_model.load(str(trained_export_dir))
 
 
 def _encoded(pixels: np.ndarray, fmt: str, mode: str = "RGB", **options) -> bytes:
@@ -66,13 +50,13 @@ def test_bytes_of_every_format_and_size_give_the_in_memory_probabilities(trained
   assert served["class_ids"].numpy().tolist() == np.argmax(expected, axis=1).tolist()
 
 
-def test_image_tensor_signature_and_the_outputs_agree_with_the_labels(trained, loaded, export_dir):
+def test_image_tensor_signature_and_the_outputs_agree_with_the_labels(trained, loaded, trained_export_dir):
   batch = np.random.default_rng(1).integers(0, 256, (3, 45, 70, 3), dtype=np.uint8)
 
   served = {k: v.numpy() for k, v in loaded.signatures["serving_image_tensor"](images=tf.constant(batch)).items()}
 
   assert np.max(np.abs(served["probabilities"] - _reference(trained, list(batch)))) <= 1e-4
-  labels = (export_dir / "assets" / "labels.txt").read_text().splitlines()
+  labels = (trained_export_dir / "assets" / "labels.txt").read_text().splitlines()
   assert labels == list(trained.classes)
   assert [c.decode() for c in served["classes"]] == [labels[i] for i in served["class_ids"]]
   best_first = np.argsort(-served["probabilities"], axis=1)
@@ -87,15 +71,15 @@ def test_bad_bytes_in_a_batch_are_named_by_position(loaded):
     loaded.signatures["serving_default"](image_bytes=tf.constant([jpeg, b"%PDF-1.4 not an image", jpeg]))
 
 
-def test_metadata_records_parity_and_the_run_and_warmup_requests_replay(trained, loaded, export_dir):
-  metadata = json.loads((export_dir / "export_metadata.json").read_text())
+def test_metadata_records_parity_and_the_run_and_warmup_requests_replay(trained, loaded, trained_export_dir):
+  metadata = json.loads((trained_export_dir / "export_metadata.json").read_text())
   assert metadata["classes"] == list(trained.classes)
   assert metadata["image_size"] == trained.config.data.image_size
   assert metadata["config_identity"] == trained.config.identity_hash()
   assert metadata["parity"]["files"] > 0
   assert 0 <= max(metadata["parity"]["max_abs_diff"].values()) <= saved_model.PARITY_TOLERANCE
 
-  records = list(tf.data.TFRecordDataset(str(export_dir / saved_model.WARMUP_FILE)).as_numpy_iterator())
+  records = list(tf.data.TFRecordDataset(str(trained_export_dir / saved_model.WARMUP_FILE)).as_numpy_iterator())
   assert records
   for record in records:
     request = prediction_log_pb2.PredictionLog.FromString(record).predict_log.request
@@ -105,11 +89,11 @@ def test_metadata_records_parity_and_the_run_and_warmup_requests_replay(trained,
     assert outputs["probabilities"].shape == (len(next(iter(inputs.values()))), len(trained.classes))
 
 
-def test_export_command_adds_versions_never_overwrites_and_writes_tflite(workdir, trained):
-  path = export_main.export_run(str(workdir), {"top_k": 2, "tflite": True})
+def test_export_command_adds_versions_never_overwrites_and_writes_tflite(trained_workdir, trained):
+  path = export_main.export_run(str(trained_workdir), {"top_k": 2, "tflite": True})
 
   assert path.endswith("/2")
-  metadata = json.loads((workdir / "export" / "classifier" / "2" / "export_metadata.json").read_text())
+  metadata = json.loads((trained_workdir / "export" / "classifier" / "2" / "export_metadata.json").read_text())
   assert metadata["source"] == trained.checkpoint
   assert metadata["tflite"]["parity"]["max_abs_diff"] < 0.05
   interpreter = tf.lite.Interpreter(model_path=f"{path}/model.tflite")
@@ -118,16 +102,16 @@ def test_export_command_adds_versions_never_overwrites_and_writes_tflite(workdir
   served = tf.saved_model.load(path).signatures["serving_image_tensor"](images=tf.zeros([1, 9, 9, 3], tf.uint8))
   assert served["top_k_scores"].shape == (1, 2)
   with pytest.raises(UserInputError, match="immutable"):
-    export_main.export_run(str(workdir), version=1)
+    export_main.export_run(str(trained_workdir), version=1)
 
 
-def test_saved_model_cli_runs_on_a_npy_of_jpeg_bytes(loaded, export_dir, tmp_path):
+def test_saved_model_cli_runs_on_a_npy_of_jpeg_bytes(loaded, trained_export_dir, tmp_path):
   jpeg = _encoded(np.full((30, 30, 3), (220, 40, 40), np.uint8), "JPEG")
   np.save(tmp_path / "input.npy", np.array([jpeg], dtype=object))
   expected = loaded.signatures["serving_default"](image_bytes=tf.constant([jpeg]))["classes"].numpy()[0].decode()
 
   result = subprocess.run(
-      [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli", "run", "--dir", str(export_dir),
+      [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli", "run", "--dir", str(trained_export_dir),
        "--tag_set", "serve", "--signature_def", "serving_default", "--inputs", f"image_bytes={tmp_path / 'input.npy'}"],
       capture_output=True, text=True, check=True)
 

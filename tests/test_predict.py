@@ -9,14 +9,8 @@ import sys
 import pytest
 import tensorflow as tf
 
-import trained_run
 from conftest import write_image
 from export import classify
-
-
-@pytest.fixture(scope="module")
-def export_dir(tmp_path_factory, mobilenet_025_weights):
-  return trained_run.workdir(tmp_path_factory, mobilenet_025_weights) / "export" / "classifier" / "1"
 
 
 @pytest.fixture
@@ -30,16 +24,16 @@ def photos(tmp_path):
   return folder
 
 
-def test_bad_files_are_reported_and_the_others_classified_as_the_model_does(export_dir, photos):
+def test_bad_files_are_reported_and_the_others_classified_as_the_model_does(trained_export_dir, photos):
   paths = classify.image_paths([str(photos), str(photos / "missing.jpg")])
   assert sorted(p.rsplit("/", 1)[-1] for p in paths) == ["a.jpg", "b.png", "broken.jpg", "fake.gif", "missing.jpg"]
 
-  predictions = {p.path.rsplit("/", 1)[-1]: p for p in classify.Classifier(str(export_dir)).classify(paths, top_k=2)}
+  predictions = {p.path.rsplit("/", 1)[-1]: p for p in classify.Classifier(str(trained_export_dir)).classify(paths, top_k=2)}
 
   assert "JPEG" in predictions["broken.jpg"].error
   assert "not a JPEG, PNG, GIF, BMP or WebP image" in predictions["fake.gif"].error
   assert predictions["missing.jpg"].error
-  serve = tf.saved_model.load(str(export_dir)).signatures["serving_default"]
+  serve = tf.saved_model.load(str(trained_export_dir)).signatures["serving_default"]
   for name in ("a.jpg", "b.png"):
     expected = serve(image_bytes=tf.constant([(photos.rglob(name).__next__()).read_bytes()]))
     top = predictions[name].top
@@ -62,8 +56,8 @@ def test_csv_and_json_formats_hold_every_file():
   assert parsed[1]["error"] == "the file is not a JPEG"
 
 
-def test_command_prints_json_and_exits_1_when_a_file_failed(export_dir, photos):
-  result = subprocess.run([sys.executable, "-m", "export.predict", f"--model={export_dir}", "--format=json",
+def test_command_prints_json_and_exits_1_when_a_file_failed(trained_export_dir, photos):
+  result = subprocess.run([sys.executable, "-m", "export.predict", f"--model={trained_export_dir}", "--format=json",
                            "--top_k=1", str(photos / "a.jpg"), str(photos / "fake.gif")],
                           capture_output=True, text=True)
 

@@ -15,7 +15,7 @@ from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
-from tests.conftest import CLASS_COLORS, REPO, write_image
+from tests.conftest import CLASS_COLORS, REPO, write_color_dataset
 from trainer import reporting, train
 from trainer.config import Config
 
@@ -34,9 +34,7 @@ def _train(config: Config, workdir) -> tuple[dict, str]:
 def run(tmp_path_factory, mobilenet_025_weights):
   """Two frozen epochs and one fine-tune epoch, with progress output, on three colour classes."""
   root = tmp_path_factory.mktemp("reporting")
-  for name, color in CLASS_COLORS.items():
-    for i in range(5):
-      write_image(root / "data" / name / f"{i}.png", color, fmt="PNG")
+  write_color_dataset(root / "data", 5, fmt="PNG")
   config = Config().replace(data_dir=str(root / "data"), backbone="mobilenet", alpha=0.25,
                             weights=mobilenet_025_weights, image_size=32, batch_size=8, frozen_epochs=2,
                             finetune_epochs=1, head_units=8, augment="light", frozen_lr=1e-2, finetune_lr=1e-3,

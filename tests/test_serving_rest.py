@@ -9,23 +9,12 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-import trained_run
-from trainer import images, restore
+from trainer import images
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory, mobilenet_025_weights):
-  return trained_run.workdir(tmp_path_factory, mobilenet_025_weights)
-
-
-@pytest.fixture(scope="module")
-def trained(workdir):
-  return restore.restore(str(workdir))
-
-
-@pytest.fixture(scope="module")
-def signature(workdir):
-  return tf.saved_model.load(str(workdir / "export" / "classifier" / "1")).signatures["serving_default"]
+def signature(trained_workdir):
+  return tf.saved_model.load(str(trained_workdir / "export" / "classifier" / "1")).signatures["serving_default"]
 
 
 def _from_json(value):

@@ -20,11 +20,9 @@ def tune_config(tiny_config, color_folder):
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory, mobilenet_025_weights):
   """A finished 3-trial random search: (its config, its workdir, what search returned)."""
-  from tests.conftest import CLASS_COLORS, write_image
+  from tests.conftest import write_color_dataset
   root = tmp_path_factory.mktemp("search")
-  for name, color in CLASS_COLORS.items():
-    for i in range(6):
-      write_image(root / "data" / name / f"{i}.jpg", color)
+  write_color_dataset(root / "data", 6)
   config = train.resolve(Config().replace(
       data_dir=str(root / "data"), backbone="mobilenet", alpha=0.25, weights=mobilenet_025_weights, image_size=32,
       batch_size=8, augment="none", verbosity=-1, tune=True, tuner="random", max_trials=3, tune_epochs=2))

@@ -1,18 +1,17 @@
 """What the training command does with a parsed config: list layers, or train; user mistakes end in one line."""
 
 import logging as std_logging
-import sys
 
 from absl import logging
 
 from trainer import backbones, train, tuning
 from trainer.config import Config
-from trainer.errors import UserInputError
+from trainer.errors import UserInputError, exit_on_user_error
 
 
 def run(config: Config, workdir: str | None, list_layers: bool) -> None:
   logging.get_absl_handler().addFilter(_hide_library_info)
-  try:
+  with exit_on_user_error():
     if list_layers:
       _list_layers(config)
       return
@@ -26,9 +25,6 @@ def run(config: Config, workdir: str | None, list_layers: bool) -> None:
     metrics = train.train_and_evaluate(config, workdir)
     logging.info("Done: val_accuracy %.4f; model exported to %s", metrics["val_accuracy"] or float("nan"),
                  metrics["export_path"])
-  except UserInputError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
 
 
 def _list_layers(config: Config) -> None:

@@ -22,7 +22,7 @@ import tensorflow as tf
 from absl import logging
 
 from trainer.config import RuntimeConfig
-from trainer.errors import UserInputError
+from trainer.errors import UserInputError, exit_on_user_error
 
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
 PRECISIONS = ("auto", "float16", "bfloat16", "float32")
@@ -190,11 +190,8 @@ def _main(argv: list[str]) -> None:
   parser.add_argument("--workers", required=True, help="HOST:PORT,HOST:PORT,... of every worker, the chief first.")
   parser.add_argument("--index", type=int, required=True, help="Which worker (0 is the chief).")
   args = parser.parse_args(argv)
-  try:
+  with exit_on_user_error():
     print(json.dumps(tf_config([w.strip() for w in args.workers.split(",") if w.strip()], args.index)))
-  except UserInputError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ eval_confusion_matrix.png, and prints the classification report.
 
 import json
 import os
-import sys
 
 import numpy as np
 import tensorflow as tf
@@ -18,7 +17,7 @@ from absl import app
 from trainer import data, reporting, restore
 from trainer import flags as trainer_flags
 from trainer import workdir as workdir_lib
-from trainer.errors import UserInputError
+from trainer.errors import UserInputError, exit_on_user_error
 
 METRICS_FILE = "eval_metrics.json"
 REPORT_FILE = "eval_classification_report.txt"
@@ -96,15 +95,9 @@ def _describe_source(config) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
   given = trainer_flags.FLAGS
-  try:
-    if not given.workdir:
-      raise UserInputError("Pass --workdir=FOLDER: the workdir of a trained run.")
-    metrics = evaluate(given.workdir, {name: given[name].value for name in _OVERRIDABLE if given[name].present})
-  except UserInputError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  with exit_on_user_error():
+    metrics = evaluate(given.workdir, restore.flag_overrides(given, _OVERRIDABLE))
   report = os.path.join(workdir_lib.RunDir(given.workdir).report, REPORT_FILE)
   with open(report, encoding="utf-8") as f:
     print(f.read(), end="")

@@ -31,6 +31,8 @@ def restore(workdir: str, overrides: dict | None = None) -> TrainedModel:
   overrides: config fields changed from config.json's (export settings, the data source, the batch size); a
   data source given here replaces the run's one.
   """
+  if not workdir:
+    raise UserInputError("Pass --workdir=FOLDER: the workdir of a trained run.")
   run = workdir_lib.RunDir(workdir)
   config = run.load_config()
   overrides = dict(overrides or {})
@@ -48,3 +50,8 @@ def restore(workdir: str, overrides: dict | None = None) -> TrainedModel:
   # Only the model: the training checkpoint also holds the epoch counter and both optimizers.
   tf.train.Checkpoint(model=model).restore(checkpoint).expect_partial().assert_existing_objects_matched()
   return TrainedModel(config, classes, model, checkpoint)
+
+
+def flag_overrides(flag_values, names) -> dict:
+  """The config fields among `names` that were given on the command line, for `restore`'s overrides."""
+  return {name: flag_values[name].value for name in names if flag_values[name].present}

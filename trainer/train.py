@@ -5,7 +5,6 @@ keras-team/keras#20585). Augmentation runs inside the train step, on the replica
 """
 
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -277,7 +276,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
                                                                    "samples"), saved_model.PARITY_FILES),
                                                  source=manager.latest_checkpoint or "")
     logging.info("Exported the SavedModel to %s", export_path)
-  metrics = summarize(history, config, list(inputs.classes), export_path)
+  metrics = summarize(history, list(inputs.classes), export_path)
   metrics["skipped_files"] = [{"path": path, "reason": why} for path, why in sorted(inputs.skipped.items())]
   tensorboard.close()
   if chief:
@@ -305,10 +304,9 @@ def _first_augmented_batch(config: Config, train_images: tf.data.Dataset, count:
   return np.asarray(images), labels.numpy()
 
 
-def summarize(history: list[dict], config: Config, classes: list[str], export_path: str) -> dict:
+def summarize(history: list[dict], classes: list[str], export_path: str | None) -> dict:
   phases = {}
-  for phase, epochs in ((model_lib.FROZEN, config.train.frozen_epochs),
-                        (model_lib.FINETUNE, config.train.finetune_epochs)):
+  for phase in (model_lib.FROZEN, model_lib.FINETUNE):
     records = [r for r in history if r["phase"] == phase]
     train_seconds = sum(r["train_seconds"] for r in records)
     examples = sum(r["images_per_sec"] * r["train_seconds"] for r in records)
