@@ -17,6 +17,7 @@ from trainer.config import Config
 flags.DEFINE_string("data_dir", "../shared/datasets/hymenoptera", "Dataset (train/ + val/).")
 flags.DEFINE_string("weights", "../shared/weights/mobilenet_v2_1.0_224_coral-tf2ptq-dequant_no_top.h5",
                     "MobileNetV2 no-top weights file.")
+flags.DEFINE_integer("image_size", 224, "Input size (the issue's benchmark is at 224 px).")
 flags.DEFINE_string("tuner", "random", "hyperband | random | bayesian.")
 flags.DEFINE_integer("max_trials", 20, "Trials of the search.")
 flags.DEFINE_bool("full_runs", True, "Also train with the defaults and with the best values, and compare.")
@@ -27,7 +28,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   workdir = tempfile.mkdtemp(prefix="bench_tuning_")
-  config = train.resolve(Config().replace(data_dir=FLAGS.data_dir, weights=FLAGS.weights, tune=True,
+  config = train.resolve(Config().replace(data_dir=FLAGS.data_dir, weights=FLAGS.weights, image_size=FLAGS.image_size, tune=True,
                                           tuner=FLAGS.tuner, max_trials=FLAGS.max_trials, verbosity=-1))
   start = time.perf_counter()
   splits = tuning.cached_features(config, os.path.join(workdir, "cache"))
