@@ -12,6 +12,8 @@ import tempfile
 
 from absl import app, flags
 
+from bench import write_figures
+
 from trainer import train
 from trainer.config import Config
 
@@ -50,9 +52,7 @@ def main(argv):
                                         - figures["end_to_end"]["val_accuracy"])
   figures["load_average"] = os.getloadavg()[0]
   print(json.dumps(figures, indent=2))
-  if FLAGS.json:
-    with open(FLAGS.json, "w", encoding="utf-8") as f:
-      json.dump(figures, f, indent=2)
+  write_figures(figures, FLAGS.json)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ Also reported: the seconds of trainer.data_checks' scan of every file, which run
 Keras 3 no longer exports ImageDataGenerator; its legacy class lives in keras.src.legacy.preprocessing.image.
 """
 
-import json
 import os
 import statistics
 import time
@@ -24,6 +23,8 @@ import time
 import keras
 import tensorflow as tf
 from absl import app, flags
+
+from bench import write_figures
 from keras.src.legacy.preprocessing.image import ImageDataGenerator
 
 from trainer import data, data_checks, images, sources
@@ -101,9 +102,7 @@ def main(argv):
   print(f"  ours_first_epoch / decode_only = {figures['ours_first_epoch'] / figures['decode_only']:.2f}; "
         f"ours_cached_epoch / image_data_generator_classic = "
         f"{figures['ours_cached_epoch'] / figures['image_data_generator_classic']:.1f}x")
-  if FLAGS.json:
-    with open(FLAGS.json, "w", encoding="utf-8") as f:
-      json.dump(figures, f, indent=2)
+  write_figures(figures, FLAGS.json)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ import time
 
 from absl import app, flags
 
+from bench import write_figures
+
 from trainer import train, tuning
 from trainer.config import Config
 
@@ -49,9 +51,7 @@ def main(argv):
       figures[f"{name}_seconds"] = time.perf_counter() - start
       print(name, figures[f"{name}_val_accuracy"], f"{figures[f'{name}_seconds']:.0f}s", flush=True)
   print(json.dumps(figures, indent=2))
-  if FLAGS.json:
-    with open(FLAGS.json, "w", encoding="utf-8") as f:
-      json.dump(figures, f, indent=2)
+  write_figures(figures, FLAGS.json)
 
 
 if __name__ == "__main__":
