@@ -33,6 +33,7 @@ def test_every_config_field_is_a_flag_and_reaches_the_config(parsed_flags, tmp_p
   assert (config.model.backbone, config.model.head_units, config.train.finetune_lr, config.train.augment) == \
       ("vgg16", 32, 3e-6, "classic")
   assert config.runtime.strategy == "mirrored" and config.train.cache_features is True
+  assert parsed_flags("--verbosity=-1").runtime.verbosity == -1
   assert {field.name for _, field in section_fields()} <= set(trainer_flags.FLAGS)
 
 

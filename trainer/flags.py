@@ -3,6 +3,7 @@
 import typing
 
 from absl import flags
+from absl import logging  # noqa: F401 - defines --verbosity, which must exist before the config flags.
 
 from trainer.config import Config, section_fields
 
@@ -15,11 +16,16 @@ flags.DEFINE_bool("list_layers", False, "Print every backbone layer (index, name
 _DEFINE = {str: flags.DEFINE_string, int: flags.DEFINE_integer, float: flags.DEFINE_float, bool: flags.DEFINE_bool}
 
 
+# Config fields whose flag another library defines: --verbosity is absl's own logging flag (absl sets it to 0,
+# the config's default, only inside app.run), so the config takes it only when given.
+_FOREIGN = tuple(field.name for _, field in section_fields() if field.name in FLAGS)
+
+
 def _define_config_flags() -> None:
   defaults = Config()
   hints = {}
   for section, field in section_fields():
-    if field.name in FLAGS:  # --verbosity is absl's own logging flag; the config records its value.
+    if field.name in _FOREIGN:
       continue
     section_type = type(getattr(defaults, section))
     hints.setdefault(section_type, typing.get_type_hints(section_type))
@@ -31,4 +37,5 @@ _define_config_flags()
 
 
 def config_from_flags() -> Config:
-  return Config().replace(**{field.name: FLAGS[field.name].value for _, field in section_fields()})
+  return Config().replace(**{field.name: FLAGS[field.name].value for _, field in section_fields()
+                             if field.name not in _FOREIGN or FLAGS[field.name].present})
