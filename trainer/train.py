@@ -178,9 +178,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
                      os.path.join(distribute.write_dir(workdir, strategy), "cache"))
   class_weights = data.class_weights(config.train.class_weight, inputs.train.labels, len(inputs.classes))
   run = workdir_lib.RunDir(workdir)
-  # Non-chief workers write checkpoints to a temporary folder of their own, removed at the end.
   chief = distribute.is_chief(strategy)
-  own_checkpoints = workdir_lib.RunDir(distribute.write_dir(workdir, strategy)).checkpoints
   if chief:
     run.save_config(config, {
         "classes": list(inputs.classes), "train_examples": len(inputs.train), "val_examples": len(inputs.val),
@@ -193,12 +191,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
                len(inputs.val))
 
   trainer = Trainer(config, len(inputs.classes), strategy, plan.lr_scale, class_weights)
-  manager = tf.train.CheckpointManager(trainer.checkpoint, run.checkpoints, max_to_keep=2)
-  own_manager = manager if chief else tf.train.CheckpointManager(trainer.checkpoint, own_checkpoints, max_to_keep=1)
-  if manager.latest_checkpoint:
-    trainer.checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-    logging.info("Resumed from %s after epoch %d, step %d.", manager.latest_checkpoint, int(trainer.epoch),
-                 int(trainer.epoch_step))
+  manager, own_manager = _restore_checkpoint(trainer, run, workdir, strategy)
   history = run.load_history()[:int(trainer.epoch)]
   preemption = distribute.preemption_handler(strategy, manager, save_fn=own_manager.save,
                                              exit_fn=lambda: _exit_preempted(trainer))
@@ -218,7 +211,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
   val_metrics = feature_cache = None
   for epoch in range(int(trainer.epoch), total_epochs):
     phase = phase_of_epoch(epoch, config)
-    if phase != getattr(trainer, "phase", None) or trainer._train_step is None:
+    if phase != trainer.phase:
       trainer.set_phase(phase)
     if epoch in (0, config.train.frozen_epochs):
       tensorboard.log_phase_start(epoch + 1, phase, config)
@@ -233,12 +226,9 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
                                             config.train.feature_views)
     if (trainer.network is not trainer.model) != on_features:
       trainer.train_on_features(feature_cache.head if on_features else None)
-    if on_features:
-      train_batches = feature_cache.train_batches(epoch, batch_size, shuffle_seed=config.data.seed + epoch,
-                                                  deterministic=config.data.deterministic)
-    else:
-      train_batches = data.batches(train_images, batch_size, shuffle_seed=config.data.seed + epoch,
-                                   deterministic=config.data.deterministic)
+    seeded = dict(shuffle_seed=config.data.seed + epoch, deterministic=config.data.deterministic)
+    train_batches = (feature_cache.train_batches(epoch, batch_size, **seeded) if on_features
+                     else data.batches(train_images, batch_size, **seeded))
     # The epoch's shuffle is seeded, so a run stopped mid-epoch replays it and skips the steps it had done.
     done_steps = int(trainer.epoch_step)
     train_metrics = trainer.run_epoch(train_batches.skip(done_steps), training=True,
@@ -285,6 +275,22 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
   distribute.wait_for_all_workers(strategy)
   distribute.remove_worker_files(workdir, strategy)
   return metrics
+
+
+def _restore_checkpoint(trainer: Trainer, run: workdir_lib.RunDir, workdir: str, strategy: tf.distribute.Strategy):
+  """Restores the run's latest checkpoint, if any. Returns the manager of the run's checkpoints and the one this
+  process saves with: the same on the chief; a temporary folder of a non-chief worker's own (removed at the end),
+  since two workers writing one checkpoint file collide."""
+  manager = tf.train.CheckpointManager(trainer.checkpoint, run.checkpoints, max_to_keep=2)
+  own_manager = manager
+  if not distribute.is_chief(strategy):
+    own_checkpoints = workdir_lib.RunDir(distribute.write_dir(workdir, strategy)).checkpoints
+    own_manager = tf.train.CheckpointManager(trainer.checkpoint, own_checkpoints, max_to_keep=1)
+  if manager.latest_checkpoint:
+    trainer.checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+    logging.info("Resumed from %s after epoch %d, step %d.", manager.latest_checkpoint, int(trainer.epoch),
+                 int(trainer.epoch_step))
+  return manager, own_manager
 
 
 def _exit_preempted(trainer: Trainer) -> None:
