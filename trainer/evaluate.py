@@ -7,14 +7,13 @@ precision/recall/F1/support, their averages and the confusion matrix), eval_clas
 eval_confusion_matrix.png, and prints the classification report.
 """
 
-import json
 import os
 
 import numpy as np
 import tensorflow as tf
 from absl import app
 
-from trainer import data, reporting, restore
+from trainer import data, reporting, restore, sources
 from trainer import flags as trainer_flags
 from trainer import workdir as workdir_lib
 from trainer.errors import UserInputError, exit_on_user_error
@@ -50,10 +49,8 @@ def evaluate(workdir: str, overrides: dict | None = None) -> dict:
              "data": _describe_source(config.data) if given_source else "the run's validation split",
              **classification_metrics(labels, probabilities, classes, config.export.top_k)}
   run = workdir_lib.RunDir(workdir)
-  os.makedirs(run.report, exist_ok=True)
   confusion = np.array(metrics["confusion_matrix"])
-  with open(os.path.join(run.report, METRICS_FILE), "w", encoding="utf-8") as f:
-    json.dump(metrics, f, indent=2, ensure_ascii=False)
+  workdir_lib.write_json(os.path.join(run.report, METRICS_FILE), metrics)
   reporting.write_classification_report(confusion, classes, os.path.join(run.report, REPORT_FILE))
   reporting.write_confusion_matrix_png(confusion, classes, os.path.join(run.report, CONFUSION_FILE),
                                        title=f"Evaluation on {metrics['data']}")
@@ -89,7 +86,8 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, classe
 
 
 def _describe_source(config) -> str:
-  return next(f"--{name}={getattr(config, name)}" for name in ("data_dir", "csv", "tfds") if getattr(config, name))
+  name = sources.chosen(config)
+  return f"--{name}={getattr(config, name)}"
 
 
 def main(argv):

@@ -2,19 +2,18 @@
 latest checkpoint. Export and evaluation start here."""
 
 import dataclasses
-import json
 
 import keras
 import tensorflow as tf
 
 from trainer import model as model_lib
+from trainer import sources
 from trainer import workdir as workdir_lib
 from trainer.config import Config
 from trainer.errors import UserInputError
 
 # One of the first three names the data source; giving one replaces the run's source.
-_SOURCES = ("data_dir", "csv", "tfds")
-DATA_SOURCE_FIELDS = _SOURCES + ("tfds_data_dir",)
+DATA_SOURCE_FIELDS = sources.SOURCE_FLAGS + ("tfds_data_dir",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,11 +35,10 @@ def restore(workdir: str, overrides: dict | None = None) -> TrainedModel:
   run = workdir_lib.RunDir(workdir)
   config = run.load_config()
   overrides = dict(overrides or {})
-  if any(name in overrides for name in _SOURCES):
-    overrides = {**{name: "" for name in _SOURCES}, **overrides}
+  if any(name in overrides for name in sources.SOURCE_FLAGS):
+    overrides = {**{name: "" for name in sources.SOURCE_FLAGS}, **overrides}
   config = config.replace(**overrides)
-  with open(run.config_file, encoding="utf-8") as f:
-    classes = tuple(json.load(f).get("run", {}).get("classes", ()))
+  classes = tuple(run.load_run_facts().get("classes", ()))
   checkpoint = tf.train.latest_checkpoint(run.checkpoints)
   if not classes or not checkpoint:
     raise UserInputError(f"--workdir={workdir} holds no trained checkpoint yet: train first "

@@ -45,9 +45,13 @@ class TfdsSplits:
   val_labels: tuple[int, ...]
 
 
+# The data flags that each name a whole source; exactly one is given.
+SOURCE_FLAGS = ("data_dir", "csv", "tfds")
+
+
 def chosen(config: DataConfig) -> str:
   """The one source flag given: data_dir, csv or tfds."""
-  given = [name for name in ("data_dir", "csv", "tfds") if getattr(config, name)]
+  given = [name for name in SOURCE_FLAGS if getattr(config, name)]
   if not given:
     raise UserInputError("No data given: pass --data_dir=FOLDER (class sub-folders, or train/ and val/), "
                          "--csv=FILE (path,label rows) or --tfds=NAME.")

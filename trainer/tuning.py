@@ -16,6 +16,7 @@ import tensorflow as tf
 from absl import logging
 
 from trainer import augment, data, distribute, features, model as model_lib
+from trainer import workdir as workdir_lib
 from trainer.config import Config
 from trainer.errors import UserInputError
 
@@ -75,8 +76,7 @@ def search(config: Config, workdir: str, strategy: tf.distribute.Strategy | None
   best = {name: best_trial.hyperparameters.get(name) for name, *_ in SPACE}
   summary = {"hparams": best, "val_accuracy": best_trial.score, "trial_id": best_trial.trial_id,
              "trials": len(tuner.oracle.trials), "tuner": config.tune.tuner}
-  with open(os.path.join(tuning_dir, "best_hparams.json"), "w", encoding="utf-8") as f:
-    json.dump(summary, f, indent=2)
+  workdir_lib.write_json(os.path.join(tuning_dir, "best_hparams.json"), summary)
   logging.info("Tuning: best of %d trials: %s (val_accuracy %.4f)", summary["trials"], best, best_trial.score)
   return best
 
@@ -129,18 +129,16 @@ def _claim_search_space(tuning_dir: str, config: Config) -> None:
            "features": {"data": dataclasses.asdict(config.data), "backbone": config.model.backbone,
                         "weights": config.model.weights, "alpha": config.model.alpha,
                         "augment": config.train.augment, "feature_views": config.train.feature_views}}
+  space = json.loads(json.dumps(space))  # As read back from the file: tuples become lists.
   path = os.path.join(tuning_dir, "search_space.json")
-  if os.path.isfile(path):
-    with open(path, encoding="utf-8") as f:
-      previous = json.load(f)
-    if previous != json.loads(json.dumps(space)):
-      changed = sorted(k for k in space if previous.get(k) != json.loads(json.dumps(space[k])))
-      raise UserInputError(f"{tuning_dir} holds a search with other settings ({', '.join(changed)} differ). "
-                           "Use a new --workdir, or delete that folder to start the search again.")
+  if not os.path.isfile(path):
+    workdir_lib.write_json(path, space)
     return
-  os.makedirs(tuning_dir, exist_ok=True)
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(space, f, indent=2)
+  previous = workdir_lib.read_json(path)
+  if previous != space:
+    changed = sorted(k for k in space if previous.get(k) != space[k])
+    raise UserInputError(f"{tuning_dir} holds a search with other settings ({', '.join(changed)} differ). "
+                         "Use a new --workdir, or delete that folder to start the search again.")
 
 
 def strategy_for_search(config: Config) -> tf.distribute.Strategy | None:

@@ -23,7 +23,7 @@ class RunDir:
   def load_config(self) -> Config:
     if not os.path.isfile(self.config_file):
       raise UserInputError(f"--workdir={self.root} holds no config.json: it is not the workdir of a run.")
-    return Config.from_dict(_read_json(self.config_file))
+    return Config.from_dict(read_json(self.config_file))
 
   def check_config(self, config: Config) -> None:
     """Refuses a workdir whose checkpoints belong to a different configuration."""
@@ -39,16 +39,20 @@ class RunDir:
     """Writes config.json (with the facts of this run under "run") after `check_config`."""
     self.check_config(config)
     os.makedirs(self.root, exist_ok=True)
-    _write_json(self.config_file, {**config.to_dict(), "run": {**run_facts, "identity": config.identity_hash()}})
+    write_json(self.config_file, {**config.to_dict(), "run": {**run_facts, "identity": config.identity_hash()}})
+
+  def load_run_facts(self) -> dict:
+    """The facts save_config recorded beside the settings (classes, replicas, ...); {} before any run."""
+    return read_json(self.config_file).get("run", {}) if os.path.isfile(self.config_file) else {}
 
   def load_history(self) -> list[dict]:
-    return _read_json(self.history_file) if os.path.isfile(self.history_file) else []
+    return read_json(self.history_file) if os.path.isfile(self.history_file) else []
 
   def save_history(self, history: list[dict]) -> None:
-    _write_json(self.history_file, history)
+    write_json(self.history_file, history)
 
   def save_metrics(self, metrics: dict) -> None:
-    _write_json(self.metrics_file, metrics)
+    write_json(self.metrics_file, metrics)
 
 
 def _differences(old: dict, new: dict) -> list[str]:
@@ -57,12 +61,12 @@ def _differences(old: dict, new: dict) -> list[str]:
           for name, value in values.items() if old.get(section, {}).get(name) != value]
 
 
-def _read_json(path: str):
+def read_json(path: str):
   with open(path, encoding="utf-8") as f:
     return json.load(f)
 
 
-def _write_json(path: str, value) -> None:
+def write_json(path: str, value) -> None:
   """Atomic: a run killed while writing leaves the previous file intact."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
   partial = f"{path}.partial"
