@@ -29,8 +29,19 @@ class DataConfig:
   seed: int = _field(42, "Seed for the split, shuffling, augmentation and head initialisation.")
   strict_data: bool = _field(False, "Fail on undecodable image files instead of skipping them with a warning.")
   deterministic: bool = _field(False, "Bit-identical epochs for a fixed seed (slower input pipeline).")
-  cache_dir: str = _field("", "Folder for a file cache of the decoded images; '' = in memory when they fit in a "
-                         "quarter of RAM, else WORKDIR/cache.")
+  tfrecord: str = _field("", "Glob of TFRecord shards of tf.train.Example (image/encoded, image/class/label, "
+                         "optional image/class/text): the training data.")
+  tfrecord_val: str = _field("", "Glob of TFRecord shards for validation ('' = a --validation_split carve of "
+                             "--tfrecord).")
+  cache: str = _field("auto", "Where decoded images are kept between epochs: auto | memory | disk | none (auto: "
+                      "memory when they fit --memory_budget, else disk when the disk has room, else none: "
+                      "decode every epoch).")
+  memory_budget: str = _field("", "Memory the decoded-image cache may use, in bytes or with a unit (e.g. 4GB); "
+                              "'' = a quarter of RAM.")
+  cache_dir: str = _field("", "Folder of the disk cache of decoded images ('' = WORKDIR/cache); each worker of a "
+                         "multi-worker run uses its own sub-folder.")
+  data_service: str = _field("", "grpc://HOST:PORT of a tf.data service dispatcher that decodes and resizes for "
+                             "the trainers (python -m trainer.data_service); '' decodes in this process.")
   max_image_pixels: int = _field(89_478_485, "Image files with more pixels (width x height, read from the header) "
                                  "are skipped like undecodable ones (PIL's decompression-bomb limit).")
 
@@ -45,7 +56,12 @@ class ModelConfig:
   head_units: int = _field(128, "Units of the hidden Dense layer of the head; 0 for a linear head.")
   dropout: float = _field(0.2, "Dropout rate before the classifier layer.")
   unfreeze_from: str = _field("", "Name of the backbone layer where fine-tuning starts (this layer and every "
-                              "layer above it train); '' means the backbone's last block.")
+                              "layer above it train); all unfreezes every layer; '' means the backbone's last "
+                              "block.")
+  batchnorm: str = _field("", "frozen | train: whether BatchNorm statistics adapt while backbone layers train "
+                          "('' = frozen with pretrained weights, train from scratch).")
+  feature_layer: str = _field("", "Cut the backbone at this layer (pooling and the head follow it); '' keeps the "
+                              "whole backbone.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +88,7 @@ class TrainConfig:
                                "preset's).")
   class_weight: str = _field("", "'' (every example weighs the same) | balanced (weights n / (classes * count) "
                              "from the training counts, recorded in config.json).")
-  cache_features: bool = _field(False, "Frozen phase on cached features: the frozen backbone's pooled features are "
+  cache_features: bool = _field(True, "Frozen phase on cached features: the frozen backbone's pooled features are "
                                 "computed once and only the head trains on them (much faster epochs).")
   feature_views: int = _field(1, "With --cache_features and augmentation: augmented views computed per image; "
                               "frozen epoch e trains on view e mod K.")
@@ -105,6 +121,8 @@ class TuneConfig:
                            "--tune_epochs).")
   tune_epochs: int = _field(20, "Epochs of one trial (hyperband: the most any trial gets).")
   tune_only: bool = _field(False, "Stop after the search (best values in WORKDIR/tuning/best_hparams.json).")
+  tune_folds: int = _field(5, "Folds of the cross-validation that scores each trial inside the training split "
+                           "(the validation split is never used by the search).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +164,7 @@ class Config:
 # Changing these in an existing workdir continues the same run (more epochs, quieter logs).
 _NOT_IDENTITY = (("train", "frozen_epochs"), ("train", "finetune_epochs"), ("runtime", "verbosity"),
                  ("runtime", "strategy"), ("runtime", "tpu"), ("data", "cache_dir"),
+                 ("data", "cache"), ("data", "memory_budget"), ("data", "data_service"), ("tune", "tune_folds"),
                  ("model", "weights_fallback"), ("export", "top_k"), ("export", "tflite"),
                  ("export", "tflite_quantization"),
                  ("tune", "tune"), ("tune", "tuner"), ("tune", "max_trials"), ("tune", "tune_epochs"),

@@ -1,0 +1,68 @@
+"""Every numeric and choice flag checked in one place, before anything is built: a bad value ends the command in
+one line that names the flag and the allowed range (trainer.errors.UserInputError)."""
+
+import math
+
+from trainer.config import Config
+from trainer.errors import UserInputError
+
+CACHE_MODES = ("auto", "memory", "disk", "none")
+BATCHNORM_MODES = ("", "frozen", "train")
+_UNITS = {"": 1, "B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40}
+
+
+def validate(config: Config) -> None:
+  """Raises UserInputError for the first flag outside its range."""
+  data, model, train, tune = config.data, config.model, config.train, config.tune
+  _at_least("frozen_epochs", train.frozen_epochs, 0)
+  _at_least("finetune_epochs", train.finetune_epochs, 0)
+  if train.frozen_epochs + train.finetune_epochs == 0:
+    raise UserInputError("--frozen_epochs=0 and --finetune_epochs=0 train nothing: give at least one of them a "
+                         "number of epochs >= 1.")
+  for name in ("frozen_lr", "finetune_lr"):
+    value = getattr(train, name)
+    if not (math.isfinite(value) and value > 0):
+      raise UserInputError(f"--{name}={value}: a learning rate must be a number > 0 (e.g. 1e-3).")
+  if not 0.0 <= model.dropout < 1.0:
+    raise UserInputError(f"--dropout={model.dropout}: the dropout rate must be in [0, 1).")
+  _at_least("head_units", model.head_units, 0)
+  _at_least("batch_size", data.batch_size, 1)
+  _at_least("image_size", data.image_size, 0)
+  _at_least("feature_views", train.feature_views, 1)
+  _at_least("lr_base_batch_size", train.lr_base_batch_size, 0)
+  _at_least("max_image_pixels", data.max_image_pixels, 1)
+  if not 0.0 <= data.validation_split < 1.0:
+    raise UserInputError(f"--validation_split={data.validation_split}: the held-out fraction must be in [0, 1).")
+  if not model.alpha > 0:
+    raise UserInputError(f"--alpha={model.alpha}: the width multiplier must be > 0 (e.g. 0.25, 0.5, 1.0).")
+  if data.cache not in CACHE_MODES:
+    raise UserInputError(f"--cache={data.cache} is not known. Choose one of: {', '.join(CACHE_MODES)}.")
+  memory_budget(data.memory_budget)
+  if model.batchnorm not in BATCHNORM_MODES:
+    raise UserInputError(f"--batchnorm={model.batchnorm} is not known. Choose frozen or train (or leave it empty).")
+  _at_least("top_k", config.export.top_k, 1)
+  if tune.tune:
+    _at_least("max_trials", tune.max_trials, 1)
+    _at_least("tune_epochs", tune.tune_epochs, 1)
+    _at_least("tune_folds", tune.tune_folds, 2)
+
+
+def memory_budget(text: str) -> int | None:
+  """--memory_budget in bytes ('4GB', '512MB', '1000000'), or None for the default (a share of RAM)."""
+  text = text.strip().upper().replace(" ", "")
+  if not text:
+    return None
+  number = text.rstrip("KMGTB")
+  unit = text[len(number):]
+  try:
+    value = float(number)
+  except ValueError:
+    value = -1.0
+  if unit not in _UNITS or not (math.isfinite(value) and value >= 0):
+    raise UserInputError(f"--memory_budget={text}: give bytes or a size with a unit, e.g. 4GB or 512MB.")
+  return int(value * _UNITS[unit])
+
+
+def _at_least(name: str, value: int, low: int) -> None:
+  if value < low:
+    raise UserInputError(f"--{name}={value}: must be >= {low}.")
