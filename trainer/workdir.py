@@ -1,7 +1,10 @@
 """The layout of a run's workdir (see WORKSPACE.md) and the files a run keeps there."""
 
+import contextlib
+import fcntl
 import json
 import os
+import uuid
 
 from trainer.config import Config
 from trainer.errors import UserInputError
@@ -61,15 +64,79 @@ def _differences(old: dict, new: dict) -> list[str]:
           for name, value in values.items() if old.get(section, {}).get(name) != value]
 
 
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def lock(root: str):
+  """Holds the workdir for one run: a second run on it is refused in one line naming the PID that holds it.
+
+  Creates the folder first; a --workdir that is a file, lies under a file or cannot be written ends in one line.
+  The lock is an flock, so it is released on any exit, SIGKILL included: a dead run's lock file is no lock.
+  """
+  _create(root)
+  path = os.path.join(root, _lock_name())
+  try:
+    holder = open(path, "a+", encoding="utf-8")  # "a+": opening must not erase the holder's PID.
+  except OSError as e:
+    raise UserInputError(f"--workdir={root} cannot be written ({e.strerror}): pass a folder you can write to.") \
+        from None
+  with holder:
+    try:
+      fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder.seek(0)
+      pid = holder.read().strip() or "unknown"
+      raise UserInputError(f"--workdir={root} is in use by another run (PID {pid}): wait for it to end, or pass "
+                           "another --workdir.") from None
+    holder.truncate(0)
+    holder.write(f"{os.getpid()}\n")
+    holder.flush()
+    yield
+
+
+def _create(root: str) -> None:
+  if os.path.exists(root) and not os.path.isdir(root):
+    raise UserInputError(f"--workdir={root} is a file: pass a folder (it is created if missing).")
+  ancestor = os.path.dirname(os.path.abspath(root))
+  while not os.path.exists(ancestor):
+    ancestor = os.path.dirname(ancestor)
+  if not os.path.isdir(ancestor):
+    raise UserInputError(f"--workdir={root} lies under the file {ancestor}: pass a folder path.")
+  try:
+    os.makedirs(root, exist_ok=True)
+  except OSError as e:
+    raise UserInputError(f"--workdir={root} cannot be created ({e.strerror}): pass a folder you can write to.") \
+        from None
+
+
+def _lock_name() -> str:
+  """LOCK_FILE for the process that writes the run's files; another worker of a TF_CONFIG cluster shares the
+  workdir but writes to a folder of its own (see distribute.write_dir), so it holds a lock of its own task."""
+  try:
+    tf_config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+  except ValueError:
+    return LOCK_FILE  # The strategy refuses a bad TF_CONFIG later, with TensorFlow's message.
+  task = tf_config.get("task", {})
+  kind, index = task.get("type"), int(task.get("index", 0))
+  chief = kind in (None, "chief") or (kind == "worker" and index == 0 and "chief" not in tf_config.get("cluster", {}))
+  return LOCK_FILE if chief else f"{LOCK_FILE}-{kind}-{index}"
+
+
 def read_json(path: str):
   with open(path, encoding="utf-8") as f:
     return json.load(f)
 
 
 def write_json(path: str, value) -> None:
-  """Atomic: a run killed while writing leaves the previous file intact."""
+  """Atomic: a run killed while writing leaves the previous file intact. Each writer has its own temporary file
+  (a fixed name would let two writers interleave into one); uuid rather than tempfile keeps the umask's mode."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  partial = f"{path}.partial"
-  with open(partial, "w", encoding="utf-8") as f:
-    json.dump(value, f, indent=2, ensure_ascii=False)
-  os.replace(partial, path)
+  partial = f"{path}.{uuid.uuid4().hex}.partial"
+  try:
+    with open(partial, "x", encoding="utf-8") as f:
+      json.dump(value, f, indent=2, ensure_ascii=False)
+    os.replace(partial, path)
+  finally:
+    if os.path.exists(partial):
+      os.remove(partial)

@@ -1,0 +1,129 @@
+"""One run at a time on a workdir (a second is refused in one line naming the PID; a killed run leaves no lock),
+a --workdir that cannot be one is refused in one line, and JSON writers never share a temporary file."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from conftest import REPO
+from trainer import cli, workdir
+from trainer.config import Config
+from trainer.errors import UserInputError
+
+_HOLD_LOCK = ("import sys, time; from trainer import workdir\n"
+              "with workdir.lock(sys.argv[1]):\n"
+              "  print('locked', flush=True)\n"
+              "  time.sleep(600)\n")
+
+
+@pytest.fixture
+def held_workdir(tmp_path):
+  """A workdir whose lock another process holds; yields (workdir, that process)."""
+  root = tmp_path / "run"
+  holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(root)], cwd=REPO, stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+  assert holder.stdout.readline().strip() == "locked"
+  yield root, holder
+  holder.kill()
+  holder.wait()
+
+
+def test_a_second_run_on_a_held_workdir_is_refused_in_one_line_naming_the_pid(held_workdir, capsys):
+  root, holder = held_workdir
+
+  with pytest.raises(SystemExit) as exited:
+    cli.run(Config(), str(root), list_layers=False)
+
+  assert exited.value.code == 2
+  message = capsys.readouterr().err.strip()
+  assert "\n" not in message and f"--workdir={root}" in message and f"PID {holder.pid}" in message
+
+
+def test_the_lock_of_a_killed_run_is_no_lock(held_workdir):
+  root, holder = held_workdir
+  holder.send_signal(signal.SIGKILL)
+  holder.wait()
+
+  with workdir.lock(str(root)):
+    assert (root / workdir.LOCK_FILE).read_text().strip() == str(os.getpid())
+
+
+def test_the_lock_is_released_when_the_run_fails(tmp_path):
+  with pytest.raises(RuntimeError), workdir.lock(str(tmp_path)):
+    raise RuntimeError("the run failed")
+
+  with workdir.lock(str(tmp_path)):
+    pass
+
+
+def test_workers_of_one_cluster_share_the_workdir_but_not_a_lock(tmp_path, monkeypatch):
+  cluster = {"worker": ["localhost:1", "localhost:2"]}
+  with workdir.lock(str(tmp_path)):
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 1}}))
+    with workdir.lock(str(tmp_path)):
+      pass
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 0}}))
+    with pytest.raises(UserInputError, match="in use by another run"):
+      with workdir.lock(str(tmp_path)):
+        pass
+
+
+@pytest.fixture
+def unwritable_folder(tmp_path):
+  """A folder this process cannot write: read-only for a user, a read-only tmpfs for root (root writes anyway)."""
+  folder = tmp_path / "read_only"
+  folder.mkdir()
+  if os.geteuid() != 0:
+    folder.chmod(0o500)
+    yield folder
+    folder.chmod(0o700)
+    return
+  if shutil.which("mount") is None or subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs",
+                                                      str(folder)], capture_output=True).returncode:
+    pytest.skip("cannot mount a read-only tmpfs here")
+  yield folder
+  subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.mark.parametrize("case", ["a file", "under a file", "unwritable", "unwritable, existing"])
+def test_a_workdir_that_cannot_be_one_is_refused_in_one_line(case, tmp_path, request):
+  (tmp_path / "notes.txt").write_text("not a folder")
+  root = {"a file": lambda: tmp_path / "notes.txt", "under a file": lambda: tmp_path / "notes.txt" / "run",
+          "unwritable": lambda: request.getfixturevalue("unwritable_folder") / "run",
+          "unwritable, existing": lambda: request.getfixturevalue("unwritable_folder")}[case]()
+
+  with pytest.raises(UserInputError) as raised:
+    with workdir.lock(str(root)):
+      pass
+
+  message = str(raised.value)
+  assert "\n" not in message and message.startswith(f"--workdir={root} ")
+
+
+def test_concurrent_json_writers_never_collide(tmp_path):
+  path = str(tmp_path / "report" / "history.json")
+  values = [[{"epoch": i, "writer": writer, "padding": "x" * 20_000} for i in range(5)] for writer in range(4)]
+  errors = []
+
+  def write_many(value):
+    try:
+      for _ in range(50):
+        workdir.write_json(path, value)
+    except OSError as e:  # One fixed temporary name: a writer's file is renamed away by another.
+      errors.append(e)
+
+  threads = [threading.Thread(target=write_many, args=(value,)) for value in values]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join()
+
+  assert not errors
+  assert workdir.read_json(path) in values
+  assert os.listdir(os.path.dirname(path)) == ["history.json"]
