@@ -7,9 +7,10 @@ its own validation split when it has one, else a stratified seeded carve of `--v
 
 import csv
 import dataclasses
+import difflib
 import os
 import random
-from typing import Hashable, Sequence
+from typing import Collection, Hashable, Sequence
 
 import tensorflow as tf
 
@@ -26,18 +27,33 @@ class Split:
   def __len__(self) -> int:
     return len(self.paths)
 
+  def without(self, paths: Collection[str]) -> "Split":
+    keep = [(path, label) for path, label in zip(self.paths, self.labels) if path not in paths]
+    return Split(tuple(path for path, _ in keep), tuple(label for _, label in keep))
+
 
 @dataclasses.dataclass(frozen=True)
 class LabelledFiles:
-  """Every image file of a source, split into train and validation, with class names indexed by label."""
+  """Every image file of a source, split into train and validation, with class names indexed by label, and the
+  files of the class folders that are not used (not named like an image, broken links, sub-folders) with why."""
   classes: tuple[str, ...]
   train: Split
   val: Split
+  skipped: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class TestFiles:
+  """The images of a source given for evaluation, as one split (a test set may hold a single class)."""
+  classes: tuple[str, ...]
+  files: Split
+  skipped: dict[str, str]
+  description: str  # what is evaluated, for the report: the flag and, for split folders, which one
 
 
 @dataclasses.dataclass(frozen=True)
 class TfdsSplits:
-  """A TFDS dataset as (uint8 image [H, W, C], int64 label) examples, with the labels known up front."""
+  """A TFDS dataset as (encoded image bytes, int64 label) examples, with the labels known up front."""
   classes: tuple[str, ...]
   train: tf.data.Dataset
   train_labels: tuple[int, ...]
@@ -46,15 +62,15 @@ class TfdsSplits:
 
 
 # The data flags that each name a whole source; exactly one is given.
-SOURCE_FLAGS = ("data_dir", "csv", "tfds")
+SOURCE_FLAGS = ("data_dir", "csv", "tfds", "tfrecord")
 
 
 def chosen(config: DataConfig) -> str:
-  """The one source flag given: data_dir, csv or tfds."""
+  """The one source flag given (one of SOURCE_FLAGS)."""
   given = [name for name in SOURCE_FLAGS if getattr(config, name)]
   if not given:
     raise UserInputError("No data given: pass --data_dir=FOLDER (class sub-folders, or train/ and val/), "
-                         "--csv=FILE (path,label rows) or --tfds=NAME.")
+                         "--csv=FILE (path,label rows), --tfds=NAME or --tfrecord=GLOB.")
   if len(given) > 1:
     raise UserInputError(f"Pass only one data source; got {', '.join('--' + name for name in given)}.")
   return given[0]
@@ -63,28 +79,103 @@ def chosen(config: DataConfig) -> str:
 def find_files(config: DataConfig) -> LabelledFiles:
   """The labelled image files of --data_dir or --csv, or UserInputError saying what is wrong and how to fix it."""
   if chosen(config) == "csv":
-    classes, files = _csv_files(config.csv)
-    where = f"--csv={config.csv}"
+    classes, files = _csv_files(config.csv, min_classes=2)
+    skipped, where = {}, f"--csv={config.csv}"
   else:
-    root = config.data_dir
-    if not os.path.isdir(root):
-      raise UserInputError(f"--data_dir={root}: no such folder.")
-    train_dir = os.path.join(root, "train")
-    val_dir = next((os.path.join(root, name) for name in ("val", "validation")
-                    if os.path.isdir(os.path.join(root, name))), None)
-    if os.path.isdir(train_dir) and val_dir:
-      classes, train = class_folders(train_dir)
-      val_classes, val = class_folders(val_dir)
+    root = _existing_folder(config.data_dir)
+    splits = _split_folders(root)
+    if "train" in splits and "val" in splits:
+      classes, train, skipped = class_folders(splits["train"])
+      val_classes, val, val_skipped = class_folders(splits["val"])
       if val_classes != classes:
         raise UserInputError(
-            f"The class folders of {train_dir} and {val_dir} differ: only in train: "
+            f"The class folders of {splits['train']} and {splits['val']} differ: only in train: "
             f"{sorted(set(classes) - set(val_classes)) or 'none'}, only in validation: "
             f"{sorted(set(val_classes) - set(classes)) or 'none'}. Give both the same class sub-folders.")
-      return LabelledFiles(tuple(classes), as_split(train, classes), as_split(val, classes))
-    classes, files = class_folders(root)
+      return LabelledFiles(tuple(classes), as_split(train, classes), as_split(val, classes),
+                           {**skipped, **val_skipped})
+    if splits:
+      raise UserInputError(f"--data_dir={root} holds {_listed(splits)} but not both train/ and val/: expected "
+                           "train/ and val/ (or validation/) with one sub-folder per class, or the class folders "
+                           f"directly. {_fix_for_split_folders(root, splits)}")
+    classes, files, skipped = class_folders(root)
+    _refuse_split_names_as_classes(root, classes)
     where = f"--data_dir={root}"
   train, val = stratified_split(files, config.validation_split, config.seed, where=where)
-  return LabelledFiles(tuple(classes), as_split(train, classes), as_split(val, classes))
+  return LabelledFiles(tuple(classes), as_split(train, classes), as_split(val, classes), skipped)
+
+
+def find_test_files(config: DataConfig) -> TestFiles:
+  """Every labelled image of --data_dir or --csv given for evaluation: of a folder that holds train/ and a test/
+  or val/ folder, only that one (train/ holds training images)."""
+  if chosen(config) == "csv":
+    classes, files = _csv_files(config.csv, min_classes=1)
+    skipped, description = {}, f"--csv={config.csv}"
+  else:
+    root = _existing_folder(config.data_dir)
+    splits = _split_folders(root)
+    held_out = next((name for name in ("test", "val") if name in splits), None)
+    if splits and not held_out:
+      raise UserInputError(f"--data_dir={root} holds only {_listed(splits)}: the training images. Pass a folder "
+                           "of test images (class sub-folders), or one that holds test/ or val/.")
+    folder = splits[held_out] if held_out else root
+    classes, files, skipped = class_folders(folder, min_classes=1)
+    description = f"--data_dir={root}"
+    if held_out:
+      others = _listed({role: path for role, path in splits.items() if role != held_out})
+      description += f" (its {os.path.basename(folder)}/ folder only" + (f"; {others} not evaluated)" if others else ")")
+  return TestFiles(tuple(classes), as_split(files, classes), skipped, description)
+
+
+def _existing_folder(root: str) -> str:
+  if not os.path.isdir(root):
+    raise UserInputError(f"--data_dir={root}: no such folder.")
+  return root
+
+
+# Folder names of a layout split into train, validation and test (rather than class folders).
+_SPLIT_NAMES = {"train": ("train", "training"), "val": ("val", "validation", "valid"),
+                "test": ("test", "testing", "eval")}
+
+
+def _split_folders(root: str) -> dict[str, str]:
+  """The train, val and test folders directly below `root`, by role ('train', 'val', 'test'): folders of those
+  names that hold no images directly (a class may be called 'test')."""
+  found = {}
+  for role, names in _SPLIT_NAMES.items():
+    path = next((os.path.join(root, name) for name in names if _is_split_folder(os.path.join(root, name))), None)
+    if path:
+      found[role] = path
+  return found
+
+
+def _is_split_folder(path: str) -> bool:
+  return os.path.isdir(path) and not any(is_image_file(name) for name in os.listdir(path))
+
+
+def _listed(splits: dict[str, str]) -> str:
+  return " and ".join(os.path.basename(path) + "/" for path in splits.values())
+
+
+def _refuse_split_names_as_classes(root: str, classes: Sequence[str]) -> None:
+  """train/ and val/ that hold the images directly would train a classifier of 'train' against 'val'."""
+  split_names = {name for names in _SPLIT_NAMES.values() for name in names}
+  if set(classes) <= split_names:
+    raise UserInputError(f"--data_dir={root}: its sub-folders {', '.join(c + '/' for c in classes)} hold images "
+                         "directly, so they would be the classes. Expected train/ and val/ with one sub-folder per "
+                         "class inside each (train/cat/*.jpg, val/cat/*.jpg, ...): sort each split's images into "
+                         "class folders.")
+
+
+def _fix_for_split_folders(root: str, splits: dict[str, str]) -> str:
+  if "train" not in splits:
+    return "Add a train/ folder of class folders beside them, or pass --data_dir=FOLDER of class folders."
+  train = splits["train"]
+  if "test" in splits:
+    return (f"Rename {os.path.basename(splits['test'])}/ to val/ to validate on it, or pass --data_dir={train} "
+            f"(split by --validation_split) and evaluate on {splits['test']} afterwards (python -m "
+            "trainer.evaluate).")
+  return f"Add a val/ folder, or pass --data_dir={train} (split by --validation_split)."
 
 
 def is_image_file(name: str) -> bool:
@@ -92,62 +183,136 @@ def is_image_file(name: str) -> bool:
   return not name.startswith(".") and name.lower().endswith(images.IMAGE_EXTENSIONS)
 
 
-def class_folders(folder: str) -> tuple[list[str], dict[str, list[str]]]:
-  """Class names (sorted) and the image paths of each class folder directly below `folder`."""
+def class_folders(folder: str, min_classes: int = 2) -> tuple[list[str], dict[str, list[str]], dict[str, str]]:
+  """Class names (sorted), the image paths of each class folder directly below `folder`, and the other entries
+  of those class folders with why they are not used. Hidden files and folders are ignored."""
   classes = sorted(d for d in os.listdir(folder)
                    if not d.startswith(".") and os.path.isdir(os.path.join(folder, d)))
-  _require_two_classes(classes, folder, "Put each class's images in a sub-folder named after the class (or "
-                       "train/ and val/ folders that hold them).")
-  files = {}
+  files, skipped = {}, {}
   for name in classes:
-    class_dir = os.path.join(folder, name)
-    files[name] = sorted(os.path.join(class_dir, f) for f in os.listdir(class_dir)
-                         if is_image_file(f) and os.path.isfile(os.path.join(class_dir, f)))
+    files[name], skipped_here = _class_folder_files(os.path.join(folder, name))
+    skipped.update(skipped_here)
+  _refuse_images_one_level_deeper(folder, files, skipped)
+  _require_classes(classes, min_classes, folder, "Put each class's images in a sub-folder named after the class "
+                   + ("(or train/ and val/ folders that hold them)." if min_classes > 1 else
+                      "(python -m export.predict classifies images without labels)."))
+  for name in classes:
     if not files[name]:
-      raise UserInputError(f"Class folder {class_dir} holds no images ({', '.join(images.IMAGE_EXTENSIONS)}). "
-                           "Add images or remove the folder.")
-  return classes, files
+      class_dir = os.path.join(folder, name)
+      others = [path for path in skipped if os.path.dirname(path) == class_dir]
+      found = f"; it holds {len(others)} other entries, e.g. {os.path.basename(others[0])}" if others else ""
+      raise UserInputError(f"Class folder {class_dir} holds no images ({', '.join(images.IMAGE_EXTENSIONS)}"
+                           f"{found}). Add images or remove the folder.")
+  return classes, files, skipped
 
 
-def _require_two_classes(classes: Sequence[str], where: str, fix: str) -> None:
-  if len(classes) < 2:
-    raise UserInputError(f"{where} has {len(classes)} class(es) {list(classes)}; a classifier needs at least two. "
-                         + fix)
+def _class_folder_files(class_dir: str) -> tuple[list[str], dict[str, str]]:
+  """The image files directly in a class folder, and its other (not hidden) entries with why they are skipped."""
+  found, skipped = [], {}
+  for name in sorted(os.listdir(class_dir)):
+    path = os.path.join(class_dir, name)
+    if name.startswith("."):
+      continue
+    if os.path.islink(path) and not os.path.exists(path):
+      skipped[path] = f"broken symbolic link (to {os.readlink(path)}, which does not exist)"
+    elif os.path.isdir(path):
+      skipped[path] = "a folder inside a class folder: only images directly in the class folder are read"
+    elif not os.path.isfile(path):
+      skipped[path] = "not a regular file"
+    elif not is_image_file(name):
+      extension = os.path.splitext(name)[1]
+      kind = f"{extension} files are not read" if extension else "no file extension"
+      skipped[path] = f"not named as an image ({kind}; read: {', '.join(images.IMAGE_EXTENSIONS)})"
+    else:
+      found.append(path)
+  return found, skipped
 
 
-_CSV_HEADER_NAMES = {"path", "file", "filename", "file_name", "image", "image_path", "filepath"}
+def _refuse_images_one_level_deeper(folder: str, files: dict[str, list[str]], skipped: dict[str, str]) -> None:
+  """When no class folder holds images but their sub-folders do, `folder` is one level above the class folders."""
+  if not files or any(files.values()):
+    return
+  for sub_folder in (path for path in sorted(skipped) if os.path.isdir(path)):
+    example = next((name for name in sorted(os.listdir(sub_folder)) if is_image_file(name)), None)
+    if example:
+      parent = os.path.dirname(sub_folder)
+      raise UserInputError(f"{folder}: expected one sub-folder per class holding the images, but the images are "
+                           f"one level deeper (e.g. {os.path.join(sub_folder, example)}). Pass the folder whose "
+                           f"sub-folders are the classes, e.g. --data_dir={parent}.")
 
 
-def _csv_files(csv_path: str) -> tuple[list[str], dict[str, list[str]]]:
-  """Class names (sorted) and image paths per class of a CSV of `path,label` rows (paths relative to the CSV)."""
+def _require_classes(classes: Sequence[str], minimum: int, where: str, fix: str) -> None:
+  if len(classes) < minimum:
+    need = "a classifier needs at least two" if minimum > 1 else "evaluation needs at least one"
+    raise UserInputError(f"{where} has {len(classes)} class(es) {list(classes)}; {need}. {fix}")
+
+
+# Header names of the two columns of a CSV source (compared in lower case).
+_CSV_PATH_NAMES = {"path", "file", "filename", "file_name", "filepath", "file_path", "image", "image_path", "img"}
+_CSV_LABEL_NAMES = {"label", "labels", "class", "class_name", "category", "target"}
+
+
+def _csv_columns(row: list[str], csv_path: str) -> tuple[int, int] | None:
+  """(path column, label column) named by a header row, or None when the row is not a header."""
+  names = [cell.strip().lower() for cell in row]
+  paths = [i for i, name in enumerate(names) if name in _CSV_PATH_NAMES]
+  labels = [i for i, name in enumerate(names) if name in _CSV_LABEL_NAMES]
+  if not paths and not labels:
+    return None
+  if len(names) == 2 and len(paths) + len(labels) == 1:
+    known = (paths or labels)[0]
+    paths, labels = ([known], [1 - known]) if paths else ([1 - known], [known])
+  if len(paths) != 1 or len(labels) != 1:
+    raise UserInputError(f"{csv_path} line 1: the header {','.join(row)!r} does not say which column is the image "
+                         "path and which the label. Name them path and label.")
+  return paths[0], labels[0]
+
+
+def _csv_files(csv_path: str, min_classes: int) -> tuple[list[str], dict[str, list[str]]]:
+  """Class names (sorted) and image paths per class of a CSV of `path,label` rows (paths relative to the CSV; a
+  header row may name the columns in either order). Every file named is used whatever its name: the file checks
+  skip those that do not decode."""
   if not os.path.isfile(csv_path):
     raise UserInputError(f"--csv={csv_path}: no such file.")
   base = os.path.dirname(os.path.abspath(csv_path))
-  label_of, missing = {}, []
+  label_of, missing, swapped, first_row = {}, {}, 0, []
+  path_column, label_column = 0, 1
   # utf-8-sig: spreadsheet tools put a byte-order mark before the first cell.
   with open(csv_path, newline="", encoding="utf-8-sig") as f:
     for line, row in enumerate(csv.reader(f), start=1):
       if not any(cell.strip() for cell in row):
         continue
-      if line == 1 and row[0].strip().lower() in _CSV_HEADER_NAMES:
-        continue
-      if len(row) < 2 or not row[0].strip() or not row[1].strip():
+      if line == 1:
+        first_row, columns = row, _csv_columns(row, csv_path)
+        if columns:
+          path_column, label_column = columns
+          continue
+      cells = [row[i].strip() if i < len(row) else "" for i in (path_column, label_column)]
+      if not all(cells):
         raise UserInputError(f"{csv_path} line {line}: expected 'path,label', got {','.join(row)!r}. Every row "
                              "needs an image path and its label.")
-      path, label = os.path.join(base, row[0].strip()), row[1].strip()
+      path, label = os.path.join(base, cells[0]), cells[1]
       if os.path.basename(path).startswith("."):
         continue
       if not os.path.isfile(path):
-        missing.append(f"line {line}: {path}")
+        missing[line] = path
+        swapped += os.path.isfile(os.path.join(base, label))
       elif label_of.setdefault(path, label) != label:
         raise UserInputError(f"{csv_path} line {line}: {path} is labelled both '{label_of[path]}' and '{label}'. "
                              "Give each image one label.")
+  if list(missing) == [1] and label_of:
+    raise UserInputError(f"{csv_path} line 1: {','.join(first_row)!r} looks like a header but does not say which "
+                         "column is the image path and which the label. Name them path and label.")
   if missing:
-    raise UserInputError(f"{csv_path} names {len(missing)} file(s) that do not exist ({'; '.join(missing[:5])}"
+    hint = (" The label column names existing files: if the rows are label,path, add the header row label,path."
+            if swapped else "")
+    listed = [f"line {line}: {path}" for line, path in list(missing.items())[:5]]
+    raise UserInputError(f"{csv_path} names {len(missing)} file(s) that do not exist ({'; '.join(listed)}"
                          f"{'; ...' if len(missing) > 5 else ''}). Paths are relative to the CSV's folder; fix or "
-                         "remove those rows.")
+                         f"remove those rows.{hint}")
   classes = sorted(set(label_of.values()))
-  _require_two_classes(classes, f"--csv={csv_path}", "Label the rows with at least two different labels.")
+  _require_classes(classes, min_classes, f"--csv={csv_path}", "Label the rows with at least two different labels."
+                   if min_classes > 1 else "Add rows of images and their labels.")
   files = {name: sorted(path for path, label in label_of.items() if label == name) for name in classes}
   return classes, files
 
@@ -177,6 +342,12 @@ def as_split(files: dict[str, list[str]], classes: Sequence[str]) -> Split:
 
 
 _VALIDATION_SPLITS = ("validation", "val")
+# The `tfds` command line needs apache_beam, which is not installed: this lists the names without it.
+_LIST_TFDS_NAMES = "python -c 'import tensorflow_datasets as tfds; print(tfds.list_builders())'"
+
+
+def _did_you_mean(names: Sequence[str]) -> str:
+  return f" (did you mean {' or '.join(names)}?)" if names else ""
 
 
 def tfds_splits(config: DataConfig) -> TfdsSplits:
@@ -188,8 +359,14 @@ def tfds_splits(config: DataConfig) -> TfdsSplits:
   try:
     builder = tfds.builder(name, data_dir=data_dir)
     prepared = builder.is_prepared()
-  except Exception as e:  # tfds raises DatasetNotFoundError, ValueError or an I/O error for an unknown dataset.
-    raise UserInputError(f"{where}: TFDS cannot find this dataset ({type(e).__name__}: {e}).") from None
+  except tfds.core.DatasetNotFoundError:
+    # Its message lists every registered dataset (over 400 lines).
+    similar = difflib.get_close_matches(name.split(":")[0], tfds.list_builders(), n=3)
+    raise UserInputError(f"{where}: TFDS has no dataset of that name{_did_you_mean(similar)}. List the names with "
+                         f"{_LIST_TFDS_NAMES}.") from None
+  except Exception as e:  # tfds raises ValueError or an I/O error for a bad version, config or folder.
+    first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    raise UserInputError(f"{where}: TFDS cannot open this dataset ({type(e).__name__}: {first_line}).") from None
   if not prepared:
     raise UserInputError(f"{where}: the dataset is not prepared there, and this command never downloads. Prepare "
                          f"it where there is internet (`tfds build {name} --data_dir=DIR`) and pass "
@@ -200,12 +377,14 @@ def tfds_splits(config: DataConfig) -> TfdsSplits:
     raise UserInputError(f"{where}: the dataset has no (image, class label) supervised keys; use an image "
                          "classification dataset.")
   classes = tuple(label_feature.names)
-  _require_two_classes(classes, where, "Use an image classification dataset with two or more classes.")
+  _require_classes(classes, 2, where, "Use an image classification dataset with two or more classes.")
   if "train" not in builder.info.splits:
     raise UserInputError(f"{where}: the dataset has no 'train' split (it has {sorted(builder.info.splits)}).")
 
   def examples(split: str) -> tf.data.Dataset:
-    return builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
+    # Encoded bytes: the pipeline decodes them with images.load, as the serving graph decodes a request.
+    return builder.as_dataset(split=split, as_supervised=True, shuffle_files=False,
+                              decoders={keys[0]: tfds.decode.SkipDecoding()})
 
   def labels(split: str) -> tuple[int, ...]:
     # Labels without decoding a single image.
