@@ -6,9 +6,10 @@ are reported (in the output, with the reason) and the rest still classified; the
 
 import sys
 
-from absl import app, flags
+from absl import flags
 
 from export import classify
+from trainer import usage
 from trainer.errors import UserInputError, exit_on_user_error
 
 flags.DEFINE_string("model", None, "Export folder of one version: WORKDIR/export/<model_name>/<version>.")
@@ -33,7 +34,7 @@ def main(argv):
 
 
 def run_script():
-  app.run(main)
+  usage.run(main, __doc__, {"predict": ["model", "top_k", "format"]})
 
 
 if __name__ == "__main__":

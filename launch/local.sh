@@ -4,6 +4,9 @@
 # --batch_size is global (split over the GPUs); pass --lr_base_batch_size to scale the learning rates with it.
 # Rerunning the same command after an interruption continues the run from its last checkpoint.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PYTHON="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
+# Runs in the caller's directory, so relative paths (--data_dir, --workdir, --flagfile) mean what they mean there;
+# the repository is found through the import path instead.
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+PYTHON="${PYTHON:-$( [ -x "$REPO/.venv/bin/python" ] && echo "$REPO/.venv/bin/python" || echo python3 )}"
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 exec "$PYTHON" -m trainer.main --strategy=mirrored "$@"

@@ -1,13 +1,17 @@
-"""The command line as a user meets it: flags (and --flagfile) into the config, one-line errors, --list_layers."""
+"""The command line as a user meets it: flags (and --flagfile) into the config, --help by section, one-line errors,
+--list_layers, the local launcher."""
 
+import re
 import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, write_image
 from trainer import flags as trainer_flags
-from trainer.config import Config, section_fields
+from trainer import usage
+from trainer.config import SECTIONS, Config, section_fields
+from trainer.errors import UserInputError
 
 
 def _trainer(*args, timeout=120):
@@ -57,3 +61,49 @@ def test_user_mistakes_end_in_one_line_naming_the_flag(args, message, tmp_path, 
   errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
   assert len(errors) == 1 and message in errors[0]
   assert "Traceback" not in result.stderr
+
+
+def _help_of(groups, capsys):
+  with pytest.raises(SystemExit) as exit_:
+    usage.parse(["prog", "--help"], "prog --flag=value: what it does.", groups)
+  assert exit_.value.code == 0
+  return capsys.readouterr().out
+
+
+def test_help_lists_every_flag_of_the_command_under_its_config_section(capsys):
+  groups = trainer_flags.config_flag_groups()
+  text = _help_of(groups, capsys)
+
+  headers = [line[:-1] for line in text.splitlines() if line.endswith(":") and not line.startswith(" ")]
+  assert headers == list(SECTIONS)
+  sections = dict(zip(headers, re.split(r"^\w+:$", text, flags=re.MULTILINE)[1:]))
+  for section, field in section_fields():
+    assert re.search(rf"^  --(\[no\])?{field.name}:", sections[section], re.MULTILINE), (section, field.name)
+  assert "--[no]cache_features: Frozen phase on cached features" in sections["train"]
+  assert "(default: 'mobilenet_v2')" in sections["model"]
+
+
+def test_bad_flags_and_stray_arguments_end_in_one_line_with_exit_code_2(capsys):
+  for args in (["--dropout=abc"], ["--dropuot=0.5"]):
+    with pytest.raises(SystemExit) as exit_:
+      usage.parse(["prog", *args], "", {})
+    trainer_flags.FLAGS.unparse_flags()
+    assert exit_.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and args[0].split("=")[0][2:] in lines[0]
+  with pytest.raises(UserInputError, match="Unexpected argument.*photos/"):
+    usage.refuse_arguments(["prog", "photos/"])
+
+
+def test_local_launcher_resolves_paths_against_the_callers_folder(tmp_path):
+  write_image(tmp_path / "one_class" / "cat" / "a.jpg", (1, 2, 3))
+  launcher = str(REPO / "launch" / "local.sh")
+
+  helped = subprocess.run([launcher, "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+  result = subprocess.run([launcher, "--data_dir=one_class", "--workdir=run", "--weights=none"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+
+  assert helped.returncode == 0 and "\ndata:\n  --data_dir:" in helped.stdout
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+  assert result.returncode == 2 and len(errors) == 1, result.stderr[-2000:]
+  assert "one_class has 1 class(es) ['cat']" in errors[0]

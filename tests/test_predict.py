@@ -65,3 +65,10 @@ def test_command_prints_json_and_exits_1_when_a_file_failed(trained_export_dir, 
   parsed = json.loads(result.stdout)
   assert [len(p["predictions"]) for p in parsed] == [1, 0]
   assert parsed[1]["error"]
+
+
+def test_help_lists_the_commands_flags_and_exits_0():
+  result = subprocess.run([sys.executable, "-m", "export.predict", "--help"], capture_output=True, text=True)
+
+  assert result.returncode == 0, result.stderr
+  assert "\npredict:\n  --model:" in result.stdout and "  --format: <table|json|csv>" in result.stdout

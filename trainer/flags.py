@@ -39,3 +39,11 @@ _define_config_flags()
 def config_from_flags() -> Config:
   return Config().replace(**{field.name: FLAGS[field.name].value for _, field in section_fields()
                              if field.name not in _FOREIGN or FLAGS[field.name].present})
+
+
+def config_flag_groups() -> dict[str, list[str]]:
+  """The config's flags by section (data, model, train, runtime, export, tune), for --help."""
+  groups = {}
+  for section, field in section_fields():
+    groups.setdefault(section, []).append(field.name)
+  return groups
