@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import write_image
+from conftest import CLASS_COLORS, write_image
 from trainer import evaluate
+from trainer import flags as trainer_flags
 from trainer.errors import UserInputError
 
 
@@ -72,3 +73,66 @@ def test_classes_the_run_does_not_know_are_refused(trained_workdir, tmp_path):
 
   with pytest.raises(UserInputError, match="purple"):
     evaluate.evaluate(str(trained_workdir), {"data_dir": str(tmp_path / "test")})
+
+
+def _write_classes(root, names, per_class=3):
+  for name in names:
+    for i in range(per_class):
+      write_image(root / name / f"{i}.png", CLASS_COLORS[name], size=(50, 30))
+
+
+def test_a_folder_with_train_and_val_is_evaluated_on_val_only_and_says_so(trained_workdir, tmp_path):
+  _write_classes(tmp_path / "d" / "train", CLASS_COLORS, per_class=4)
+  _write_classes(tmp_path / "d" / "val", ("red", "blue"), per_class=2)
+
+  metrics = evaluate.evaluate(str(trained_workdir), {"data_dir": str(tmp_path / "d")})
+
+  assert metrics["examples"] == 4 and metrics["per_class"]["green"]["support"] == 0
+  assert "val/ folder only; train/ not evaluated" in metrics["data"]
+  assert "val/ folder only" in evaluate.summary(metrics, "report")
+
+
+def test_a_single_class_test_folder_is_evaluated(trained_workdir, tmp_path):
+  _write_classes(tmp_path / "test", ("green",))
+
+  metrics = evaluate.evaluate(str(trained_workdir), {"data_dir": str(tmp_path / "test")})
+
+  assert metrics["examples"] == metrics["per_class"]["green"]["support"] == 3
+
+
+def test_skipped_test_files_are_listed_where_the_warning_says(trained_workdir, tmp_path, caplog):
+  _write_classes(tmp_path / "test", ("red", "blue"))
+  (tmp_path / "test" / "red" / "scan.tif").write_bytes(b"II*\0")
+  (tmp_path / "test" / "blue" / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+
+  metrics = evaluate.evaluate(str(trained_workdir), {"data_dir": str(tmp_path / "test")})
+
+  metrics_file = trained_workdir / "report" / evaluate.METRICS_FILE
+  listed = json.loads(metrics_file.read_text())["skipped_files"]
+  assert sorted(entry["path"].rsplit("/", 1)[-1] for entry in listed) == ["scan.tif", "truncated.jpg"]
+  assert all(entry["reason"] for entry in listed) and metrics["examples"] == 6
+  warnings = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Skipping 2 ")]
+  assert len(warnings) == 1 and str(metrics_file) in warnings[0]
+  assert f"2 file(s) skipped, listed in {metrics_file}" in evaluate.summary(metrics, str(metrics_file.parent))
+
+
+def test_the_command_prints_accuracy_and_ends_mistakes_in_one_line(trained_workdir, tmp_path, capsys):
+  _write_classes(tmp_path / "test", ("red", "blue"))
+  _write_classes(tmp_path / "only_train" / "train", ("red", "blue"))
+
+  def run(*args):
+    trainer_flags.FLAGS(["evaluate", f"--workdir={trained_workdir}", *args])
+    try:
+      evaluate.main(["evaluate"])
+    finally:
+      trainer_flags.FLAGS.unparse_flags()
+    return capsys.readouterr()
+
+  printed = run(f"--data_dir={tmp_path / 'test'}").out.splitlines()[-1]
+  written = json.loads((trained_workdir / "report" / evaluate.METRICS_FILE).read_text())
+  assert printed.startswith(f"accuracy {written['accuracy']:.4f} (top-{written['top_k']} ")
+  assert " on 6 images of --data_dir=" in printed
+  with pytest.raises(SystemExit) as exit_:
+    run(f"--data_dir={tmp_path / 'only_train'}")
+  errors = capsys.readouterr().err.splitlines()
+  assert exit_.value.code == 2 and len(errors) == 1 and "holds only train/" in errors[0]

@@ -1,19 +1,21 @@
-"""python -m trainer.evaluate --workdir=DIR [--data_dir=TEST_DIR] [--top_k=K]: how well a trained run classifies.
+"""python -m trainer.evaluate --workdir=DIR [--data_dir=TEST_DIR | --csv=FILE | --tfds=NAME] [--top_k=K]: how well
+a trained run classifies.
 
-Without a data source, the run's own validation split is evaluated; with one (--data_dir, --csv or --tfds), every
-image of that source (its train and validation splits together: a held-out test set). Its class names must be
-classes of the run. Writes to WORKDIR/report/: eval_metrics.json (accuracy, top-k accuracy, loss, per-class
-precision/recall/F1/support, their averages and the confusion matrix), eval_classification_report.txt and
-eval_confusion_matrix.png, and prints the classification report.
+Without a data source, the run's own validation split is evaluated. --data_dir or --csv give a held-out test set
+(one class is enough): all of its images; of a folder that holds train/ beside test/ or val/, only test/ (else
+val/). --tfds or --tfrecord: all of the source's examples (its train and validation splits). Its class names must
+be classes of the run. Writes to WORKDIR/report/: eval_metrics.json (accuracy, top-k accuracy, loss, per-class
+precision/recall/F1/support, their averages, the confusion matrix and the skipped files),
+eval_classification_report.txt and eval_confusion_matrix.png, and prints the classification report and a summary
+line.
 """
 
 import os
 
 import numpy as np
 import tensorflow as tf
-from absl import app
 
-from trainer import data, reporting, restore, sources
+from trainer import data, data_checks, images, reporting, restore, sources, usage
 from trainer import flags as trainer_flags
 from trainer import workdir as workdir_lib
 from trainer.errors import UserInputError, exit_on_user_error
@@ -22,7 +24,8 @@ METRICS_FILE = "eval_metrics.json"
 REPORT_FILE = "eval_classification_report.txt"
 CONFUSION_FILE = "eval_confusion_matrix.png"
 
-_OVERRIDABLE = restore.DATA_SOURCE_FIELDS + ("batch_size", "top_k")
+_DATA_FLAGS = restore.DATA_SOURCE_FIELDS + ("strict_data",)
+_OVERRIDABLE = _DATA_FLAGS + ("batch_size", "top_k")
 
 
 def evaluate(workdir: str, overrides: dict | None = None) -> dict:
@@ -30,31 +33,54 @@ def evaluate(workdir: str, overrides: dict | None = None) -> dict:
   overrides = overrides or {}
   trained = restore.restore(workdir, overrides)
   config, classes = trained.config, trained.classes
-  inputs = data.load(config.data, config.data.image_size, os.path.join(workdir, "cache"))
-  unknown = sorted(set(inputs.classes) - set(classes))
+  run = workdir_lib.RunDir(workdir)
+  metrics_path = os.path.join(run.report, METRICS_FILE)
+  given = sources.chosen(config.data) if any(name in overrides for name in sources.SOURCE_FLAGS) else None
+  if given in ("data_dir", "csv"):
+    source_classes, examples, skipped, described = _test_files(config.data, metrics_path)
+  else:
+    inputs = data.load(config.data, config.data.image_size, os.path.join(workdir, "cache"))
+    source_classes, skipped = inputs.classes, inputs.skipped
+    examples = inputs.val.images.concatenate(inputs.train.images) if given else inputs.val.images
+    described = f"--{given}={getattr(config.data, given)}" if given else "the run's validation split"
+  unknown = sorted(set(source_classes) - set(classes))
   if unknown:
     raise UserInputError(f"The evaluation data has classes the run was not trained on: {unknown}. The run knows "
                          f"{list(classes)}; rename or remove those class folders.")
-  given_source = any(name in overrides for name in restore.DATA_SOURCE_FIELDS)
-  examples = inputs.val.images.concatenate(inputs.train.images) if given_source else inputs.val.images
   # Labels of the evaluation source, renumbered to the run's class order (the source may lack some classes).
-  to_run_label = tf.constant([classes.index(name) for name in inputs.classes], tf.int32)
+  to_run_label = tf.constant([classes.index(name) for name in source_classes], tf.int32)
   labels, probabilities = [], []
-  for images, source_labels in data.batches(examples, config.data.batch_size):
+  for batch, source_labels in data.batches(examples, config.data.batch_size):
     labels.append(tf.gather(to_run_label, source_labels).numpy())
-    probabilities.append(trained.model(images, training=False).numpy())
+    probabilities.append(trained.model(batch, training=False).numpy())
   labels, probabilities = np.concatenate(labels), np.concatenate(probabilities)
 
-  metrics = {"workdir": workdir, "checkpoint": trained.checkpoint,
-             "data": _describe_source(config.data) if given_source else "the run's validation split",
-             **classification_metrics(labels, probabilities, classes, config.export.top_k)}
-  run = workdir_lib.RunDir(workdir)
+  metrics = {"workdir": workdir, "checkpoint": trained.checkpoint, "data": described,
+             **classification_metrics(labels, probabilities, classes, config.export.top_k),
+             "skipped_files": [{"path": path, "reason": why} for path, why in sorted(skipped.items())]}
   confusion = np.array(metrics["confusion_matrix"])
-  workdir_lib.write_json(os.path.join(run.report, METRICS_FILE), metrics)
+  workdir_lib.write_json(metrics_path, metrics)
   reporting.write_classification_report(confusion, classes, os.path.join(run.report, REPORT_FILE))
   reporting.write_confusion_matrix_png(confusion, classes, os.path.join(run.report, CONFUSION_FILE),
                                        title=f"Evaluation on {metrics['data']}")
   return metrics
+
+
+def _test_files(config, metrics_path: str) -> tuple[tuple[str, ...], tf.data.Dataset, dict[str, str], str]:
+  """(classes, (float32 image, label) examples, skipped files -> why, description) of a test folder or CSV."""
+  test = sources.find_test_files(config)
+  scan = data_checks.scan(test.files.paths, config.max_image_pixels)
+  skipped = {**test.skipped, **scan.unreadable}
+  data_checks.report_unreadable(skipped, config.strict_data, listed_in=metrics_path)
+  usable = test.files.without(scan.unreadable)
+  if not usable:
+    raise UserInputError(f"{test.description}: none of its {len(test.files)} image file(s) can be used (all listed "
+                         f"with the reason in {metrics_path}). Fix or replace them.")
+  size = config.image_size
+  examples = tf.data.Dataset.from_tensor_slices((list(usable.paths), tf.constant(usable.labels, tf.int32))).map(
+      lambda path, label: (tf.cast(images.load(tf.io.read_file(path), size), tf.float32), label),
+      num_parallel_calls=tf.data.AUTOTUNE)
+  return test.classes, examples, skipped, test.description
 
 
 def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, classes: tuple[str, ...],
@@ -85,26 +111,29 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, classe
           "classes": list(classes), "confusion_matrix": confusion.tolist()}
 
 
-def _describe_source(config) -> str:
-  name = sources.chosen(config)
-  return f"--{name}={getattr(config, name)}"
+def summary(metrics: dict, report_dir: str) -> str:
+  """The one line a person reads last: accuracy (and top-k), on how many images of what, what was skipped."""
+  skipped = len(metrics["skipped_files"])
+  return (f"accuracy {metrics['accuracy']:.4f} (top-{metrics['top_k']} {metrics['top_k_accuracy']:.4f}) on "
+          f"{metrics['examples']} images of {metrics['data']}"
+          + (f"; {skipped} file(s) skipped, listed in {os.path.join(report_dir, METRICS_FILE)}" if skipped else "")
+          + f"; report in {report_dir}")
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   given = trainer_flags.FLAGS
   with exit_on_user_error():
+    usage.refuse_arguments(argv)
     metrics = evaluate(given.workdir, restore.flag_overrides(given, _OVERRIDABLE))
-  report = os.path.join(workdir_lib.RunDir(given.workdir).report, REPORT_FILE)
-  with open(report, encoding="utf-8") as f:
+  report_dir = workdir_lib.RunDir(given.workdir).report
+  with open(os.path.join(report_dir, REPORT_FILE), encoding="utf-8") as f:
     print(f.read(), end="")
-  print(f"top-{metrics['top_k']} accuracy {metrics['top_k_accuracy']:.4f} on {metrics['examples']} images of "
-        f"{metrics['data']}; report in {os.path.dirname(report)}")
+  print(summary(metrics, report_dir))
 
 
 def run_script():
-  app.run(main)
+  usage.run(main, __doc__, {"evaluate": ["workdir", "top_k", "batch_size"],
+                            "data (default: the run's validation split)": list(_DATA_FLAGS)})
 
 
 if __name__ == "__main__":
