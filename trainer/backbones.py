@@ -90,11 +90,3 @@ def build(name: str, weights: str, image_size: int, alpha: float = 1.0,
                     "near-chance accuracy; pass --weights=PATH to a local .h5 for real transfer learning.", name)
     return spec.constructor(weights=None, **kwargs)
 
-
-def describe_layers(model: keras.Model, unfreeze_from: str) -> str:
-  """One line per layer (index, name, type, parameters), marking the unfreeze point."""
-  lines = [f"{'idx':>4}  {'name':<32} {'type':<26} {'params':>10}"]
-  for index, layer in enumerate(model.layers):
-    mark = "  <- fine-tuning starts here (--unfreeze_from)" if layer.name == unfreeze_from else ""
-    lines.append(f"{index:>4}  {layer.name:<32} {type(layer).__name__:<26} {layer.count_params():>10,}{mark}")
-  return "\n".join(lines)

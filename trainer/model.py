@@ -1,17 +1,30 @@
 """The classifier: raw pixels in, class probabilities out, with the backbone's preprocessing inside the graph.
 
-Phases only change which layers train. BatchNorm always runs in inference mode: the layers themselves are kept
-`trainable=False`, because Keras 3 overrides a nested `base(x, training=False)` once layers are unfrozen
-(keras-team/keras#20285) and batch statistics would then replace the pretrained ones.
+A run trains in phases (`phases`), which only change which layers train:
+  pretrained weights: frozen (only the head trains), then finetune (the backbone from --unfreeze_from up, or all of
+    it with --unfreeze_from=all, trains too);
+  --weights=none: one phase, scratch, where every layer trains from the first epoch (a frozen phase would train a
+    head on random features).
+
+BatchNorm: Keras 3 ignores a nested `base(x, training=False)` once the outer model is called with training=True
+(keras-team/keras#20285); a BatchNormalization layer uses (and updates) batch statistics exactly when it is
+trainable. So --batchnorm=frozen keeps every BatchNorm layer trainable=False (inference mode, the pretrained
+statistics, gamma and beta fixed) and --batchnorm=train makes the BatchNorm layers among the training ones trainable.
 """
 
+import dataclasses
+
 import keras
+from absl import logging
 
 from trainer import backbones
-from trainer.config import ModelConfig
+from trainer.config import Config, ModelConfig, TrainConfig
 from trainer.errors import UserInputError
 
-FROZEN, FINETUNE = "frozen", "finetune"
+FROZEN, FINETUNE, SCRATCH = "frozen", "finetune", "scratch"
+UNFREEZE_ALL = "all"
+# Fewer examples per replica than this make BatchNorm's batch statistics too noisy to train on.
+MIN_BATCHNORM_BATCH = 8
 
 
 @keras.saving.register_keras_serializable(package="transfer_trainer")
@@ -30,16 +43,72 @@ class BackbonePreprocessing(keras.layers.Layer):
     return {**super().get_config(), "backbone": self.backbone}
 
 
+def from_scratch(config: ModelConfig) -> bool:
+  return config.weights == "none"
+
+
+def batchnorm_mode(config: ModelConfig) -> str:
+  """--batchnorm, or its default: pretrained statistics stay (frozen); random ones must be learned (train)."""
+  return config.batchnorm or ("train" if from_scratch(config) else "frozen")
+
+
+def phases(config: Config) -> list[tuple[str, int]]:
+  """(phase, epochs) in training order. From scratch, the run's frozen_epochs + finetune_epochs epochs are one
+  scratch phase at --frozen_lr: the same number of epochs as the transfer run of the same flags."""
+  epochs = config.train.frozen_epochs, config.train.finetune_epochs
+  if from_scratch(config.model):
+    return [(SCRATCH, sum(epochs))]
+  return [(FROZEN, epochs[0]), (FINETUNE, epochs[1])]
+
+
+def phase_of_epoch(epoch: int, config: Config) -> str:
+  """Phase of the 0-based epoch index; epochs are numbered continuously across the phases."""
+  for phase, epochs in phases(config):
+    if epoch < epochs:
+      return phase
+    epoch -= epochs
+  raise ValueError(f"Epoch index {epoch} is past the run's {phases(config)}")
+
+
+def learning_rate(phase: str, config: TrainConfig) -> float:
+  return config.finetune_lr if phase == FINETUNE else config.frozen_lr
+
+
+def announce_plan(config: Config, per_replica_batch_size: int) -> None:
+  """Logs the one line of a from-scratch run about its phases, and warns when --batchnorm=train would normalise
+  with the statistics of batches too small for them."""
+  if from_scratch(config.model):
+    logging.info("--weights=none: training from scratch, every layer from the first epoch, %d epochs at "
+                 "--frozen_lr=%g; no frozen phase (its features would be random).", phases(config)[0][1],
+                 config.train.frozen_lr)
+  trains_batchnorm = batchnorm_mode(config.model) == "train" and any(
+      epochs and phase != FROZEN for phase, epochs in phases(config))
+  if trains_batchnorm and per_replica_batch_size < MIN_BATCHNORM_BATCH:
+    logging.warning("--batchnorm=train with %d examples per replica: BatchNorm's batch statistics will be noisy; "
+                    "use a --batch_size of at least %d per replica, or --batchnorm=frozen.", per_replica_batch_size,
+                    MIN_BATCHNORM_BATCH)
+
+
+def build_backbone(config: ModelConfig, image_size: int) -> keras.Model:
+  """The backbone (named "backbone"), cut at --feature_layer when given."""
+  base = backbones.build(config.backbone, config.weights, image_size, config.alpha, config.weights_fallback)
+  if not config.feature_layer:
+    return base
+  _check_layer_name(base, "feature_layer", config.feature_layer, "and the same --backbone and --alpha")
+  return keras.Model(base.input, base.get_layer(config.feature_layer).output, name="backbone")
+
+
 def build_classifier(config: ModelConfig, num_classes: int, image_size: int, seed: int) -> keras.Model:
   """Images float [N, S, S, 3] in 0..255 -> float32 probabilities [N, num_classes]."""
-  base = backbones.build(config.backbone, config.weights, image_size, config.alpha, config.weights_fallback)
+  base = build_backbone(config, image_size)
   inputs = keras.Input((image_size, image_size, 3), name="images")
   x = BackbonePreprocessing(config.backbone, name="preprocess")(inputs)
-  x = base(x, training=False)
+  # No training=False here: Keras 3 overrides it (see the module docstring); `set_phase` decides BatchNorm's mode.
+  x = base(x)
   x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
   outputs = classification_head(x, config.head_units, config.dropout, num_classes, seed)
   model = keras.Model(inputs, outputs, name=f"{config.backbone}_classifier")
-  set_phase(model, FROZEN, unfreeze_from="")
+  set_phase(model, SCRATCH if from_scratch(config) else FROZEN, config.unfreeze_from, batchnorm_mode(config))
   return model
 
 
@@ -59,23 +128,70 @@ def backbone_of(model: keras.Model) -> keras.Model:
   return model.get_layer("backbone")
 
 
+def _check_layer_name(base: keras.Model, flag: str, name: str, listed_with: str) -> None:
+  if name not in [layer.name for layer in base.layers]:
+    raise UserInputError(f"--{flag}={name} is not a layer of the backbone. List its layers with: python -m "
+                         f"trainer.main --list_layers {listed_with}.")
+
+
 def unfreeze_index(base: keras.Model, unfreeze_from: str) -> int:
-  names = [layer.name for layer in base.layers]
-  if unfreeze_from not in names:
-    raise UserInputError(f"--unfreeze_from={unfreeze_from} is not a layer of the backbone {base.name}. "
-                         "Run with --list_layers to see the layer names.")
-  return names.index(unfreeze_from)
+  """Index of the first backbone layer the fine-tune phase trains (0 for --unfreeze_from=all)."""
+  if unfreeze_from == UNFREEZE_ALL:
+    return 0
+  _check_layer_name(base, "unfreeze_from", unfreeze_from, "and the same --backbone, --alpha and --feature_layer")
+  return [layer.name for layer in base.layers].index(unfreeze_from)
 
 
-def set_phase(model: keras.Model, phase: str, unfreeze_from: str) -> None:
-  """Frozen: only the head trains. Fine-tune: also backbone layers from `unfreeze_from` up. BatchNorm never."""
-  base = backbone_of(model)
+def set_phase(model: keras.Model, phase: str, unfreeze_from: str, batchnorm: str = "frozen") -> None:
+  """Makes the classifier's layers of `phase` trainable (see `set_backbone_phase`); the head always trains."""
+  set_backbone_phase(backbone_of(model), phase, unfreeze_from, batchnorm)
+
+
+def set_backbone_phase(base: keras.Model, phase: str, unfreeze_from: str, batchnorm: str) -> None:
+  """Frozen: no backbone layer trains. Fine-tune: the layers from `unfreeze_from` up. Scratch: every layer.
+  BatchNorm layers among them train (batch statistics) only with batchnorm == "train"."""
   if phase == FROZEN:
     base.trainable = False
     return
-  if phase != FINETUNE:
+  if phase not in (FINETUNE, SCRATCH):
     raise ValueError(f"Unknown phase {phase!r}")
-  start = unfreeze_index(base, unfreeze_from)
+  start = unfreeze_index(base, unfreeze_from) if phase == FINETUNE else 0
   base.trainable = True
   for index, layer in enumerate(base.layers):
-    layer.trainable = index >= start and not isinstance(layer, keras.layers.BatchNormalization)
+    is_batchnorm = isinstance(layer, keras.layers.BatchNormalization)
+    layer.trainable = index >= start and (batchnorm == "train" or not is_batchnorm)
+
+
+def describe_layers(config: Config) -> str:
+  """--list_layers: the (cut) backbone's layers, one a line, with what trains in each phase of the run."""
+  model = config.model
+  base = build_backbone(dataclasses.replace(model, weights_fallback=True), config.data.image_size)
+  names = [layer.name for layer in base.layers]
+  plan = [(phase, epochs) for phase, epochs in phases(config) if epochs]
+  header = [f"Backbone {model.backbone} at {config.data.image_size} px"
+            + (f", cut at --feature_layer={model.feature_layer}" if model.feature_layer else "")
+            + f", --batchnorm={batchnorm_mode(model)}. The head trains in every phase; a column per phase says "
+            "whether the layer trains in it."]
+  if model.unfreeze_from not in (*names, UNFREEZE_ALL):
+    header.append(f"--unfreeze_from={model.unfreeze_from} is not among these layers: pick one of them (or all).")
+    plan = [(phase, epochs) for phase, epochs in plan if phase != FINETUNE]
+  marks = {}
+  for phase, _ in plan:
+    set_backbone_phase(base, phase, model.unfreeze_from, batchnorm_mode(model))
+    marks[phase] = [_trains_mark(layer) for layer in base.layers]
+  columns = [f"{phase} ({epochs} ep.)" for phase, epochs in plan]
+  lines = header + [f"{'idx':>4}  {'name':<32} {'type':<26} {'params':>10}" + "".join(f"  {c:<16}" for c in columns)]
+  fine_tunes = any(phase == FINETUNE for phase, _ in plan)
+  for index, layer in enumerate(base.layers):
+    mark = ("  <- fine-tuning starts here (--unfreeze_from)" if fine_tunes and layer.name == model.unfreeze_from
+            else "")
+    trains = "".join(f"  {marks[phase][index]:<16}" for phase, _ in plan)
+    lines.append(f"{index:>4}  {layer.name:<32} {type(layer).__name__:<26} {layer.count_params():>10,}{trains}{mark}")
+  return "\n".join(line.rstrip() for line in lines)
+
+
+def _trains_mark(layer: keras.Layer) -> str:
+  """yes / no for a layer with weights; blank for one without (nothing to train)."""
+  if not layer.weights:
+    return ""
+  return "yes" if layer.trainable else "no"
