@@ -132,7 +132,9 @@ def test_the_command_prints_accuracy_and_ends_mistakes_in_one_line(trained_workd
   written = json.loads((trained_workdir / "report" / evaluate.METRICS_FILE).read_text())
   assert printed.startswith(f"accuracy {written['accuracy']:.4f} (top-{written['top_k']} ")
   assert " on 6 images of --data_dir=" in printed
-  with pytest.raises(SystemExit) as exit_:
-    run(f"--data_dir={tmp_path / 'only_train'}")
-  errors = capsys.readouterr().err.splitlines()
-  assert exit_.value.code == 2 and len(errors) == 1 and "holds only train/" in errors[0]
+  for args, message in (([f"--data_dir={tmp_path / 'only_train'}"], "holds only train/"),
+                        (["--image_size=64"], "--image_size: not used by trainer.evaluate")):
+    with pytest.raises(SystemExit) as exit_:
+      run(*args)
+    errors = capsys.readouterr().err.splitlines()
+    assert exit_.value.code == 2 and len(errors) == 1 and message in errors[0]

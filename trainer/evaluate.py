@@ -124,6 +124,7 @@ def main(argv):
   given = trainer_flags.FLAGS
   with exit_on_user_error():
     usage.refuse_arguments(argv)
+    trainer_flags.refuse_unused(("workdir",) + _OVERRIDABLE, "trainer.evaluate")
     metrics = evaluate(given.workdir, restore.flag_overrides(given, _OVERRIDABLE))
   report_dir = workdir_lib.RunDir(given.workdir).report
   with open(os.path.join(report_dir, REPORT_FILE), encoding="utf-8") as f:

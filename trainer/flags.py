@@ -1,11 +1,13 @@
 """Command-line flags, one per config field (same name), and the Config they produce."""
 
 import typing
+from typing import Collection
 
 from absl import flags
 from absl import logging  # noqa: F401 - defines --verbosity, which must exist before the config flags.
 
 from trainer.config import Config, section_fields
+from trainer.errors import UserInputError
 
 FLAGS = flags.FLAGS
 
@@ -39,6 +41,16 @@ _define_config_flags()
 def config_from_flags() -> Config:
   return Config().replace(**{field.name: FLAGS[field.name].value for _, field in section_fields()
                              if field.name not in _FOREIGN or FLAGS[field.name].present})
+
+
+def refuse_unused(used: Collection[str], command: str) -> None:
+  """A flag of this module given to a command that does not read it would be ignored silently: refused instead
+  (commands on a trained run take the model's settings from its config.json)."""
+  unused = [name for name in ("workdir", "list_layers", *(field.name for _, field in section_fields()))
+            if name not in used and name not in _FOREIGN and FLAGS[name].present]
+  if unused:
+    raise UserInputError(f"{', '.join('--' + name for name in unused)}: not used by {command}, which takes "
+                         f"{', '.join('--' + name for name in used)} (the rest comes from the run's config.json).")
 
 
 def config_flag_groups() -> dict[str, list[str]]:
