@@ -20,12 +20,17 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 
 # decode_jpeg's DCT-domain downscaling factors (libjpeg's scale 1/1, 1/2, 1/4, 1/8).
 _JPEG_RATIOS = (1, 2, 4, 8)
-# Segments walked from the start of a JPEG looking for EXIF: it is the first (or, after JFIF, the second).
-_MAX_JPEG_SEGMENTS = 16
+# Bytes of a JPEG searched for its EXIF segment: it is the first (or, after JFIF, the second) segment, and a
+# segment holds at most 64 KiB.
+_EXIF_WINDOW = 1 << 16
 # Entries of EXIF's first directory searched for the orientation tag: tags are sorted, and at most 9 standard
 # tags (0x0100-0x0111) come before it.
 _MAX_IFD_ENTRIES = 32
 _ORIENTATION_TAG = 0x0112
+# EXIF orientation 1..8 as (transpose, then flip up-down, then flip left-right): 6 is a phone held upright, its
+# photo stored rotated 90 degrees counter-clockwise.
+_ORIENTATIONS = ((False, False, False), (False, False, True), (False, True, True), (False, True, False),
+                 (True, False, False), (True, False, True), (True, True, True), (True, True, False))
 
 
 def load(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
@@ -83,65 +88,55 @@ def _jpeg_ratio_index(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
 
 def orient(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
   """Turns a decoded [H, W, C] image upright by its EXIF orientation (1..8; PIL's ImageOps.exif_transpose)."""
-  transforms = [
-      lambda: image,  # 1: upright.
-      lambda: tf.image.flip_left_right(image),  # 2: mirrored.
-      lambda: tf.image.rot90(image, 2),  # 3: upside down.
-      lambda: tf.image.flip_up_down(image),  # 4: mirrored upside down.
-      lambda: tf.image.transpose(image),  # 5: mirrored, rotated.
-      lambda: tf.image.rot90(image, 3),  # 6: stored rotated 90 degrees counter-clockwise (phones held upright).
-      lambda: tf.image.rot90(tf.image.transpose(image), 2),  # 7: the transverse of 5.
-      lambda: tf.image.rot90(image, 1),  # 8: stored rotated 90 degrees clockwise.
-  ]
-  return tf.switch_case(orientation - 1, transforms)
+  # Data, not control flow (tf.cond/switch_case): a branch per orientation made every pipeline slow to build.
+  transpose, flip_up_down, flip_left_right = tf.unstack(tf.gather(tf.constant(_ORIENTATIONS), orientation - 1))
+  image = tf.transpose(image, tf.where(transpose, [1, 0, 2], [0, 1, 2]))
+  return tf.reverse(image, tf.boolean_mask([0, 1], [flip_up_down, flip_left_right]))
 
 
 def jpeg_orientation(image_bytes: tf.Tensor) -> tf.Tensor:
   """The EXIF orientation tag (int32 1..8) of JPEG bytes; 1 when absent or unreadable (never an error)."""
-  tiff = _exif_tiff_offset(image_bytes)
-  header = _bytes_at(image_bytes, tiff, 8)
-  little_endian = tf.reduce_all(header[:2] == 0x49)  # "II"; "MM" is big-endian.
+  head = _leading_bytes(image_bytes)
+  tiff = _exif_tiff_offset(head)
+  little_endian = tf.reduce_all(_at(head, tiff, 2) == ord("I"))  # "II"; "MM" is big-endian.
 
-  def number(pieces, start, count):
-    """Unsigned integer of `count` bytes at `start` of the last axis of `pieces`, in the file's byte order."""
-    digits = pieces[..., start:start + count]
-    weights = tf.constant([256 ** i for i in range(count)], tf.int64)
+  def number(digits):
+    """The unsigned integer of the bytes on the last axis of `digits`, in the file's byte order."""
+    weights = tf.constant([256 ** i for i in range(digits.shape[-1])], tf.int64)
     return tf.reduce_sum(digits * tf.where(little_endian, weights, tf.reverse(weights, [0])), axis=-1)
 
-  directory = tiff + number(header, 4, 4)
-  count = number(_bytes_at(image_bytes, directory, 2), 0, 2)
-  entries = tf.reshape(_bytes_at(image_bytes, directory + 2, 12 * _MAX_IFD_ENTRIES), [_MAX_IFD_ENTRIES, 12])
-  is_orientation = (number(entries, 0, 2) == _ORIENTATION_TAG) & (tf.range(_MAX_IFD_ENTRIES, dtype=tf.int64) < count)
-  value = tf.gather(number(entries, 8, 2), tf.argmax(tf.cast(is_orientation, tf.int32)))
+  directory = tiff + number(_at(head, tiff + 4, 4))
+  count = number(_at(head, directory, 2))
+  entries = tf.reshape(_at(head, directory + 2, 12 * _MAX_IFD_ENTRIES), [_MAX_IFD_ENTRIES, 12])
+  is_orientation = (number(entries[:, :2]) == _ORIENTATION_TAG) & (tf.range(_MAX_IFD_ENTRIES, dtype=tf.int64) < count)
+  value = tf.gather(number(entries[:, 8:10]), tf.argmax(tf.cast(is_orientation, tf.int32)))
   known = (tiff >= 0) & tf.reduce_any(is_orientation) & (value >= 1) & (value <= 8)
   return tf.cast(tf.where(known, value, 1), tf.int32)
 
 
-def _exif_tiff_offset(image_bytes: tf.Tensor) -> tf.Tensor:
-  """Offset (int64) of the TIFF header inside the JPEG's EXIF (APP1) segment, -1 when there is none."""
-  length = tf.cast(tf.strings.length(image_bytes), tf.int64)
-  exif_signature = tf.constant(list(b"Exif\0\0"), tf.int64)
+def _exif_tiff_offset(head: tf.Tensor) -> tf.Tensor:
+  """Offset (int64) of the TIFF header inside the JPEG's EXIF (APP1) segment, -1 when there is none.
 
-  def walk(position, found, steps):
-    head = _bytes_at(image_bytes, position, 10)  # Marker (FF xx), big-endian segment length, 6 bytes of data.
-    marker, segment_length = head[1], head[2] * 256 + head[3]
-    is_exif = (marker == 0xE1) & tf.reduce_all(head[4:] == exif_signature)
-    # Image data (SOS), the end (EOI) or anything that is not a marker: EXIF comes before all of them.
-    stop = (head[0] != 0xFF) | (marker == 0xDA) | (marker == 0xD9) | (segment_length < 2) | is_exif
-    found = tf.where(is_exif, position + 10, found)
-    return tf.where(stop, length, position + 2 + segment_length), found, steps + 1
-
-  def more(position, found, steps):
-    return (position + 4 <= length) & (steps < _MAX_JPEG_SEGMENTS)
-
-  start = tf.constant(2, tf.int64)  # After the SOI marker.
-  _, found, _ = tf.while_loop(more, walk, (start, tf.constant(-1, tf.int64), tf.constant(0)))
-  return found
+  The segment is found by its start (APP1 marker, 2 bytes of length, "Exif\\0\\0") rather than by walking the
+  segments: a few vectorised comparisons, and no loop in the graph. Nothing else before it can look like that:
+  entropy-coded data escapes every 0xFF byte.
+  """
+  starts = tf.ones([_EXIF_WINDOW], tf.bool)
+  for offset, byte in list(enumerate(b"\xff\xe1")) + list(enumerate(b"Exif\0\0", start=4)):
+    starts &= head[offset:offset + _EXIF_WINDOW] == byte
+  return tf.where(tf.reduce_any(starts), tf.argmax(tf.cast(starts, tf.int8)) + 10, -1)
 
 
-def _bytes_at(data: tf.Tensor, position: tf.Tensor, count: int) -> tf.Tensor:
-  """`count` bytes of `data` from `position` as int64, zeros beyond either end: a short or odd file never fails."""
-  length = tf.cast(tf.strings.length(data), tf.int64)
-  piece = tf.strings.substr(data, tf.clip_by_value(position, 0, length), tf.constant(count, tf.int64))
-  padded = tf.strings.substr(tf.strings.join([piece, b"\0" * count]), 0, count)
-  return tf.cast(tf.io.decode_raw(padded, tf.uint8), tf.int64)
+def _leading_bytes(image_bytes: tf.Tensor) -> tf.Tensor:
+  """The first _EXIF_WINDOW bytes as int64, then zeros enough for any read `_at` makes."""
+  padding = _EXIF_WINDOW + 12 * _MAX_IFD_ENTRIES + 16
+  head = tf.strings.substr(tf.strings.join([tf.strings.substr(image_bytes, 0, _EXIF_WINDOW), b"\0" * padding]),
+                           0, padding)
+  return tf.io.decode_raw(head, tf.uint8)
+
+
+def _at(head: tf.Tensor, position: tf.Tensor, count: int) -> tf.Tensor:
+  """`count` bytes (int64) of `head` from `position`; zeros for a position outside the window (odd files never
+  fail)."""
+  indices = tf.clip_by_value(position, 0, _EXIF_WINDOW) + tf.range(count, dtype=tf.int64)
+  return tf.cast(tf.gather(head, indices), tf.int64)
