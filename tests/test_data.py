@@ -183,25 +183,74 @@ def test_tfds_not_prepared_says_how_to_prepare(tfds_dir, tmp_path):
     _load(tmp_path, tfds=carved, tfds_data_dir=str(tmp_path / "empty"))
 
 
-def test_file_cache_is_named_after_its_content(color_folder, tmp_path):
-  cache = tmp_path / "file_cache"
-  first = _load(tmp_path, data_dir=str(color_folder), cache_dir=str(cache))
-  list(first.train.images)
-  (color_folder / "red" / "red_0.jpg").unlink()
-  second = _load(tmp_path, data_dir=str(color_folder), cache_dir=str(cache))
-  assert len(list(second.train.images)) == len(second.train)
+def _epoch(examples: data.Examples, seed):
+  """(images, labels, weights, ids) of one epoch as numpy arrays."""
+  parts = list(zip(*[tuple(t.numpy() for t in element) for element in examples.epoch(seed)]))
+  return tuple(np.stack(part) for part in parts)
+
+
+def test_a_disk_cache_of_changed_files_is_never_reused(color_folder, tmp_path):
+  """The reported bug: the same file names with other pixels found the old cache and trained on old pixels."""
+  cache = tmp_path / "shared_cache"
+  first = _load(tmp_path, data_dir=str(color_folder), cache_dir=str(cache), cache="disk", validation_split=0.34)
+  assert first.train.cache.mode == "disk"
+  _epoch(first.train, None)  # Fills the cache.
+  for i in range(6):  # Swap the pixels of two classes, keeping every file name.
+    red, blue = color_folder / "red" / f"red_{i}.jpg", color_folder / "blue" / f"blue_{i}.jpg"
+    red_bytes = red.read_bytes()
+    red.write_bytes(blue.read_bytes())
+    blue.write_bytes(red_bytes)
+  second = _load(tmp_path, data_dir=str(color_folder), cache_dir=str(cache), cache="disk", validation_split=0.34)
+  images, labels, weights, _ = _epoch(second.train, None)
+  classes = second.classes
+  swapped = {"red": "blue", "blue": "red", "green": "green"}
+  for image, label in zip(images, labels):
+    assert list(CLASS_COLORS)[_mean_colour_class(image)] == swapped[classes[label]]
+  assert second.identity != first.identity
   assert len({name.split(".")[0] for name in os.listdir(cache) if name.startswith("images_")}) == 2
 
 
-def test_deterministic_epochs_are_bit_identical_and_seeds_reorder(color_folder, tmp_path):
-  def epoch(seed):
-    inputs = _load(tmp_path, data_dir=str(color_folder))
-    batches = data.batches(inputs.train.images, 4, shuffle_seed=seed, deterministic=True)
-    return np.concatenate([images.numpy() for images, _ in batches])
+@pytest.mark.parametrize("mode", ["memory", "disk", "none"])
+def test_every_cache_mode_gives_the_same_uint8_pixels_in_the_same_seeded_order(color_folder, tmp_path, mode):
+  reference = _load(tmp_path, data_dir=str(color_folder), cache="memory")
+  inputs = _load(tmp_path, data_dir=str(color_folder), cache=mode, cache_dir=str(tmp_path / "c"))
+  assert inputs.train.cache.mode == mode
+  images, labels, weights, ids = _epoch(inputs.train, 7)
+  assert images.dtype == np.uint8 and images.shape[1:] == (SIZE, SIZE, 3)
+  for got, want in zip((images, labels, weights, ids), _epoch(reference.train, 7)):
+    assert np.array_equal(got, want)
+  assert not np.array_equal(ids, _epoch(inputs.train, 8)[3])  # Another epoch seed, another order.
+  assert sorted(ids) == sorted(inputs.train.ids)  # Every example once.
 
-  first, again, other = epoch(7), epoch(7), epoch(8)
-  assert np.array_equal(first, again)
-  assert not np.array_equal(first, other)
+
+def test_auto_picks_memory_then_disk_then_none_from_the_budget_and_the_free_disk(color_folder, tmp_path,
+                                                                                 monkeypatch):
+  assert _load(tmp_path, data_dir=str(color_folder)).train.cache.mode == "memory"
+  small = _load(tmp_path, data_dir=str(color_folder), memory_budget="100B")
+  assert small.train.cache.mode == "disk" and "memory budget" in small.train.cache.reason
+  monkeypatch.setattr(data, "_free_bytes", lambda folder: 10)
+  full = _load(tmp_path, data_dir=str(color_folder), memory_budget="100B")
+  assert full.train.cache.mode == "none"
+  with pytest.raises(UserInputError, match="--cache=none"):
+    _load(tmp_path, data_dir=str(color_folder), cache="disk")
+
+
+@pytest.mark.parametrize("workers,pad_multiple", [(2, 4), (3, 2)])
+def test_worker_shares_are_disjoint_padded_alike_and_cover_every_example_once(color_folder, tmp_path, workers,
+                                                                               pad_multiple):
+  shares = [data.load(Config().replace(data_dir=str(color_folder), validation_split=0.2).data, SIZE,
+                      str(tmp_path / "cache"), data.Shard(index, workers), pad_multiple) for index in range(workers)]
+  total = len(shares[0].train.all_labels)
+  lengths = {share.train.padded_length for share in shares}
+  assert len(lengths) == 1 and lengths.pop() % pad_multiple == 0
+  for seed in (3, 4):
+    real_ids = []
+    for share in shares:
+      images, labels, weights, ids = _epoch(share.train, seed)
+      assert len(ids) == share.train.padded_length
+      real_ids += list(ids[weights > 0])
+      assert set(ids[weights == 0]) <= set(ids[weights > 0])  # Padding repeats the worker's own examples.
+    assert sorted(real_ids) == list(range(total))  # Each example exactly once per epoch, over all workers.
 
 
 def test_balanced_class_weights():

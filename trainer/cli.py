@@ -4,7 +4,9 @@ import logging as std_logging
 
 from absl import logging
 
-from trainer import backbones, train, tuning
+from trainer import model as model_lib
+from trainer import config_checks, train, tuning
+from trainer import workdir as workdir_lib
 from trainer.config import Config
 from trainer.errors import UserInputError, exit_on_user_error
 
@@ -12,26 +14,35 @@ from trainer.errors import UserInputError, exit_on_user_error
 def run(config: Config, workdir: str | None, list_layers: bool) -> None:
   logging.get_absl_handler().addFilter(_hide_library_info)
   with exit_on_user_error():
+    config_checks.validate(config)
+    config = config_checks.absolute_paths(config)
     if list_layers:
       _list_layers(config)
       return
     if not workdir:
       raise UserInputError("Pass --workdir=FOLDER: where the run keeps its checkpoints, logs, export and report.")
-    if config.tune.tune:
-      config = train.resolve(config)
-      config = config.replace(**tuning.search(config, workdir, tuning.strategy_for_search(config)))
-      if config.tune.tune_only:
-        return
-    metrics = train.train_and_evaluate(config, workdir)
-    logging.info("Done: val_accuracy %.4f; model exported to %s", metrics["val_accuracy"] or float("nan"),
-                 metrics["export_path"])
+    with workdir_lib.lock(workdir):
+      if config.tune.tune:
+        config = train.resolve(config)
+        config = config.replace(**tuning.search(config, workdir, tuning.strategy_for_search(config)))
+        if config.tune.tune_only:
+          return
+      metrics = train.train_and_evaluate(config, workdir)
+    # Printed, not logged: the one line --verbosity=-1 keeps besides warnings and errors.
+    print(done_line(metrics), flush=True)
+
+
+def done_line(metrics: dict) -> str:
+  """The run's last line: its validation accuracy and where its export is (or that another worker exports)."""
+  accuracy = metrics.get("val_accuracy")
+  accuracy = "not measured (no validation images)" if accuracy is None else f"{accuracy:.4f}"
+  where = (f"model exported to {metrics['export_path']}" if metrics.get("export_path")
+           else "the chief worker exports the model")
+  return f"Done: val_accuracy {accuracy}; {where}"
 
 
 def _list_layers(config: Config) -> None:
-  config = train.resolve(config)
-  base = backbones.build(config.model.backbone, config.model.weights, config.data.image_size, config.model.alpha,
-                         weights_fallback=True)
-  print(backbones.describe_layers(base, config.model.unfreeze_from))
+  print(model_lib.describe_layers(train.resolve(config)))
 
 
 def _hide_library_info(record: std_logging.LogRecord) -> bool:

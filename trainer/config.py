@@ -21,7 +21,8 @@ class DataConfig:
                          "or class folders directly (split by --validation_split).")
   csv: str = _field("", "CSV file of path,label rows (paths relative to the CSV); split by --validation_split.")
   tfds: str = _field("", "TensorFlow Datasets name, e.g. tf_flowers (prepared under --tfds_data_dir).")
-  tfds_data_dir: str = _field("", "Where TFDS finds (or downloads) prepared datasets.")
+  tfds_data_dir: str = _field("", "Folder of prepared TFDS datasets ('' = TFDS's default, ~/tensorflow_datasets); "
+                              "training never downloads: prepare with `tfds build NAME --data_dir=DIR`.")
   validation_split: float = _field(0.2, "Fraction of each class held out for validation when the source has no "
                                    "validation split (stratified, seeded).")
   image_size: int = _field(0, "Square input size in pixels; 0 means the backbone's default.")
@@ -49,7 +50,9 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   backbone: str = _field("mobilenet_v2", "Backbone name (see --list_layers and trainer/backbones.py).")
-  weights: str = _field("imagenet", "imagenet | none | PATH to a local Keras .h5 weights file (no top).")
+  weights: str = _field("imagenet", "imagenet | none | PATH to a local Keras .h5 weights file (no top). none trains "
+                        "from scratch: every layer, one phase of --frozen_epochs + --finetune_epochs epochs at "
+                        "--frozen_lr.")
   weights_fallback: bool = _field(False, "If ImageNet weights cannot be downloaded, say so and use random init "
                                   "instead of failing (used by the offline demo).")
   alpha: float = _field(1.0, "Width multiplier of mobilenet / mobilenet_v2.")
@@ -79,7 +82,8 @@ class TrainConfig:
   rotation: float = _field(-1.0, "Overrides the preset's maximum random rotation, in degrees (-1: the preset's).")
   shift: float = _field(-1.0, "Overrides the preset's maximum random width and height shift, as a fraction of the "
                         "size (-1: the preset's).")
-  shear: float = _field(-1.0, "Overrides the preset's maximum random shear factor (-1: the preset's).")
+  shear: float = _field(-1.0, "Overrides the preset's maximum random shear angle, in degrees, as "
+                        "ImageDataGenerator's shear_range (-1: the preset's).")
   zoom: float = _field(-1.0, "Overrides the preset's maximum random zoom, as a fraction (-1: the preset's).")
   brightness: float = _field(-1.0, "Overrides the preset's maximum random brightness change, as a fraction of the "
                              "value range (-1: the preset's).")
@@ -99,6 +103,8 @@ class RuntimeConfig:
   strategy: str = _field("default", "tf.distribute strategy: default | one_device | mirrored | multi_worker | tpu.")
   tpu: str = _field("", "TPU address for --strategy=tpu ('' = the local TPU or the one in TPU_NAME).")
   mixed_precision: str = _field("auto", "auto | float16 | bfloat16 | float32 (auto: float32 on CPU).")
+  example_log: str = _field("", "Debugging: a folder where every worker writes the ids of the training examples "
+                           "of each epoch (worker_<i>.jsonl), to check that each is trained on once per epoch.")
   verbosity: int = _field(0, "absl's --verbosity: -1 warnings only; 0 a progress bar and one line per epoch; "
                           "1 debug logs.")
 
@@ -163,7 +169,7 @@ class Config:
 
 # Changing these in an existing workdir continues the same run (more epochs, quieter logs).
 _NOT_IDENTITY = (("train", "frozen_epochs"), ("train", "finetune_epochs"), ("runtime", "verbosity"),
-                 ("runtime", "strategy"), ("runtime", "tpu"), ("data", "cache_dir"),
+                 ("runtime", "strategy"), ("runtime", "tpu"), ("runtime", "example_log"), ("data", "cache_dir"),
                  ("data", "cache"), ("data", "memory_budget"), ("data", "data_service"), ("tune", "tune_folds"),
                  ("model", "weights_fallback"), ("export", "top_k"), ("export", "tflite"),
                  ("export", "tflite_quantization"),

@@ -2,18 +2,26 @@
 one line that names the flag and the allowed range (trainer.errors.UserInputError)."""
 
 import math
+import os
+from typing import Collection
 
 from trainer.config import Config
 from trainer.errors import UserInputError
 
 CACHE_MODES = ("auto", "memory", "disk", "none")
 BATCHNORM_MODES = ("", "frozen", "train")
+# The smallest input Keras' applications accept (InceptionV3's stem needs 75 px; the others 32).
+_MIN_IMAGE_SIZE = {"inception_v3": 75}
 _UNITS = {"": 1, "B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40}
 
 
-def validate(config: Config) -> None:
-  """Raises UserInputError for the first flag outside its range."""
+def validate(config: Config, given: Collection[str] = ()) -> None:
+  """Raises UserInputError for the first flag outside its range. `given`: the names of the flags on the command
+  line, for combinations refused only when asked for (a default that does not apply is no mistake)."""
   data, model, train, tune = config.data, config.model, config.train, config.tune
+  if model.weights == "none" and train.cache_features and "cache_features" in given:
+    raise UserInputError("--cache_features with --weights=none: a run from scratch has no frozen phase whose "
+                         "features could be cached; drop --cache_features.")
   _at_least("frozen_epochs", train.frozen_epochs, 0)
   _at_least("finetune_epochs", train.finetune_epochs, 0)
   if train.frozen_epochs + train.finetune_epochs == 0:
@@ -27,7 +35,8 @@ def validate(config: Config) -> None:
     raise UserInputError(f"--dropout={model.dropout}: the dropout rate must be in [0, 1).")
   _at_least("head_units", model.head_units, 0)
   _at_least("batch_size", data.batch_size, 1)
-  _at_least("image_size", data.image_size, 0)
+  if data.image_size:
+    _at_least("image_size", data.image_size, _MIN_IMAGE_SIZE.get(model.backbone, 32))
   _at_least("feature_views", train.feature_views, 1)
   _at_least("lr_base_batch_size", train.lr_base_batch_size, 0)
   _at_least("max_image_pixels", data.max_image_pixels, 1)
@@ -65,4 +74,22 @@ def memory_budget(text: str) -> int | None:
 
 def _at_least(name: str, value: int, low: int) -> None:
   if value < low:
-    raise UserInputError(f"--{name}={value}: must be >= {low}.")
+    raise UserInputError(f"--{name}={value}: must be >= {low}" + (" (0: the backbone's own size)." if name ==
+                                                                  "image_size" else "."))
+
+
+# Fields that name files or folders: stored absolute, so that a run's config.json works from any directory and a
+# resume that names the same data by another path is the same run.
+_PATH_FIELDS = ("data_dir", "csv", "tfds_data_dir", "tfrecord", "tfrecord_val", "cache_dir", "example_log")
+_NOT_PATHS = ("imagenet", "none")
+
+
+def absolute_paths(config: Config) -> Config:
+  """The config with every path field (and a --weights file) absolute and normalised."""
+  flat = {section: getattr(config, section) for section in ("data", "runtime")}
+  changed = {name: os.path.abspath(os.path.expanduser(getattr(flat[section], name)))
+             for section in flat for name in _PATH_FIELDS
+             if hasattr(flat[section], name) and getattr(flat[section], name)}
+  if config.model.weights and config.model.weights not in _NOT_PATHS:
+    changed["weights"] = os.path.abspath(os.path.expanduser(config.model.weights))
+  return config.replace(**changed)

@@ -1,41 +1,87 @@
-"""Input: any source (folders, CSV, TFDS) as checked, decoded, cached tf.data pipelines for training.
+"""Input: any source (folders, CSV, TFDS, TFRecord) as checked, decoded, cached tf.data pipelines, per worker.
 
-`load` is the one entry point. For train and val it gives an unbatched tf.data.Dataset of (float32 image
-[S, S, 3] in 0..255, int32 label), decoded and resized once in parallel and then cached (in memory when it fits,
-else a file cache), plus the labels; file sources also keep their paths. Before that, every file is checked
-(`trainer.data_checks`): undecodable files are skipped with one warning (or refused with --strict_data) and the
-same image in train and val is reported.
+`load` is the one entry point. Each split (train, val) is a list of examples (a file, a TFDS record, a TFRecord
+record) with a global id. A worker of a multi-worker run takes its own disjoint share of that list *before*
+anything is decoded (`Shard`), checks and decodes only that share, and caches it (`--cache`: memory, disk, or
+none to decode every epoch). Every share is padded to the same length with copies of its own examples of weight
+0, so that every worker runs the same number of steps (the collectives never wait for a worker that ran out) and
+the loss and metrics still count every real example exactly once per epoch.
 
-Data never imports the model: preprocessing for the backbone and augmentation happen inside the model graph and
-the train step.
+An element is (uint8 image [S, S, 3], int32 label, float32 weight (1 real, 0 padding), int64 id). Images are
+decoded by `images.load`, the function the serving graph uses, so training and serving see the same pixels.
+Decoding keeps the list's order, so an epoch's seeded shuffle is the same permutation in every process: a run
+stopped mid-epoch replays the same batches. Before anything is decoded every file is checked
+(`trainer.data_checks`): undecodable files are skipped with one warning (or refused with --strict_data).
+
+Data never imports the model: preprocessing for the backbone and augmentation happen in the model and the train
+step.
 """
 
 import collections
 import dataclasses
+import glob
 import hashlib
+import math
 import os
-from typing import Sequence
+import shutil
+from typing import Callable, Sequence
 
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from trainer import data_checks, images, sources
+from trainer import config_checks, data_checks, images, sources
 from trainer.config import DataConfig
 from trainer.errors import UserInputError
 
-# Decoded images may take this share of the machine's memory before they are cached in a file instead.
+# Decoded images may take this share of the machine's memory when --memory_budget is not given.
 _MEMORY_SHARE = 0.25
+# A disk cache is chosen only when the disk keeps this much room besides it.
+_DISK_MARGIN = 1 << 30
+# Largest shuffle buffer of a disk cache or of streamed records (elements held in memory at once).
+_MAX_SHUFFLE_BUFFER = 10_000
+# Bumped when `images.load` changes what pixels a file gives: old cache files must not be reused.
+_PIXELS_VERSION = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+  """This worker's share of every split: examples index, index + count, ... of the list."""
+  index: int = 0
+  count: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheChoice:
+  mode: str  # memory | disk | none
+  reason: str
+  path: str = ""  # the disk cache's file prefix
 
 
 @dataclasses.dataclass(frozen=True)
 class Examples:
-  """One split: its decoded images (unbatched (float32 [S, S, 3], int32)), labels, and paths (file sources)."""
-  images: tf.data.Dataset
+  """One split as this worker sees it.
+
+  labels, paths, ids: this worker's real examples in order (paths only for file sources). all_labels: every
+  example of the split over all workers. `epoch(seed)` gives this worker's padded share, shuffled by the seed
+  (in order for None), as elements (uint8 image, label, weight, id); `images` its real examples in order as
+  (float32 image in 0..255, label), for extraction and evaluation.
+  """
   labels: tuple[int, ...]
+  all_labels: tuple[int, ...]
+  ids: tuple[int, ...]
+  padded_length: int
+  cache: CacheChoice
+  epoch: Callable[[int | None], tf.data.Dataset]
   paths: tuple[str, ...] | None = None
 
   def __len__(self) -> int:
     return len(self.labels)
+
+  @property
+  def images(self) -> tf.data.Dataset:
+    real = self.epoch(None).filter(lambda image, label, weight, index: weight > 0)
+    return real.map(lambda image, label, weight, index: (tf.cast(image, tf.float32), label))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,66 +89,281 @@ class InputData:
   classes: tuple[str, ...]
   train: Examples
   val: Examples
-  skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # unusable file -> why
+  skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # unusable file (of this worker) -> why
+  identity: str = ""  # digest of every example this worker trains and validates on, and of the image size
 
 
-def load(config: DataConfig, image_size: int, cache_root: str = "") -> InputData:
-  """The checked, decoded and cached train and val data named by the data flags.
+@dataclasses.dataclass(frozen=True)
+class _SplitList:
+  """A split before decoding: the encoded examples of this worker's share, in order, and what identifies them."""
+  encoded: tf.data.Dataset  # (string bytes, int32 label, float32 weight, int64 id), padded
+  labels: tuple[int, ...]  # this worker's real examples
+  ids: tuple[int, ...]
+  all_labels: tuple[int, ...]
+  padded_length: int
+  identity: str
+  paths: tuple[str, ...] | None = None
+  # File lists can be shuffled as names before decoding; record streams only with a bounded buffer.
+  cheap_to_shuffle: bool = False
 
-  cache_root: where decoded images go when they do not fit in memory and --cache_dir is not set.
+
+def load(config: DataConfig, image_size: int, cache_root: str = "", shard: Shard = Shard(),
+         pad_multiple: int = 1) -> InputData:
+  """The checked, decoded and cached train and val data of this worker.
+
+  cache_root: where the disk cache goes when --cache_dir is not set. pad_multiple: every worker's share is
+  padded to the same multiple of this (the examples of one step over this worker's replicas).
   """
-  # The cache keeps the order of whichever pass fills it first, and every shuffle permutes that order: with
-  # --deterministic the decoding keeps the source's order even when a non-deterministic pass comes first.
-  in_order = True if config.deterministic else None
-  if sources.chosen(config) == "tfds":
-    splits = sources.tfds_splits(config)
-    identity = f"tfds:{config.tfds}:{config.validation_split}:{config.seed}"
-
-    def tfds_examples(dataset, labels, split):
-      decoded = dataset.map(lambda image, label: (images.resize(_rgb(image), image_size), tf.cast(label, tf.int32)),
-                            num_parallel_calls=tf.data.AUTOTUNE, deterministic=in_order)
-      return Examples(_cache(decoded, len(labels), image_size, config.cache_dir, cache_root,
-                             f"{identity}:{split}:{len(labels)}"), labels)
-
-    return InputData(splits.classes, tfds_examples(splits.train, splits.train_labels, "train"),
-                     tfds_examples(splits.val, splits.val_labels, "val"))
-
-  files, skipped = usable_files(config)
-
-  def file_examples(split):
-    identity = "\n".join(f"{path}\t{label}" for path, label in zip(split.paths, split.labels))
-    decoded = decoded_images(split, image_size, in_order)
-    return Examples(_cache(decoded, len(split), image_size, config.cache_dir, cache_root, identity), split.labels,
-                    split.paths)
-
-  return InputData(files.classes, file_examples(files.train), file_examples(files.val), skipped)
+  source = sources.chosen(config)
+  skipped: dict[str, str] = {}
+  if source == "tfds":
+    classes, train, val = _tfds_lists(config, shard, pad_multiple)
+  elif source == "tfrecord":
+    classes, train, val, skipped = _tfrecord_lists(config, shard, pad_multiple)
+  else:
+    classes, train, val, skipped = _file_lists(config, shard, pad_multiple)
+  budget = config_checks.memory_budget(config.memory_budget) or _default_memory_budget()
+  folder = config.cache_dir or cache_root
+  if folder and shard.count > 1:
+    folder = os.path.join(folder, f"worker_{shard.index}")  # Two workers writing one cache file collide.
+  train_examples = _decoded(train, image_size, config, budget, folder)
+  val_budget = budget - (len(train.labels) * _bytes_per_image(image_size)
+                         if train_examples.cache.mode == "memory" else 0)
+  val_examples = _decoded(val, image_size, config, max(val_budget, 0), folder)
+  for name, examples in (("train", train_examples), ("val", val_examples)):
+    logging.info("%s: %d images, cache %s (%s).", name, len(examples), examples.cache.mode, examples.cache.reason)
+  identity = hashlib.sha256(f"{image_size}\n{_PIXELS_VERSION}\n{train.identity}\n{val.identity}".encode())
+  return InputData(classes, train_examples, val_examples, skipped, identity.hexdigest()[:16])
 
 
-def usable_files(config: DataConfig) -> tuple[sources.LabelledFiles, dict[str, str]]:
-  """The files of a file source without the unusable ones (and the unusable ones with the reason)."""
+# Sources ---------------------------------------------------------------------------------------------------------
+
+
+def _file_lists(config: DataConfig, shard: Shard, pad_multiple: int):
   files = sources.find_files(config)
-  scan = data_checks.scan(files.train.paths + files.val.paths, config.max_image_pixels)
-  data_checks.report_unreadable(scan.unreadable, config.strict_data)
-  train, val = _without(files.train, scan.unreadable), _without(files.val, scan.unreadable)
-  empty = [name for name, count in zip(files.classes, class_counts(train.labels, len(files.classes))) if not count]
-  if empty:
-    raise UserInputError(f"Class(es) {empty} have no usable training images left after skipping "
-                         f"{len(scan.unreadable)} unusable file(s). Add readable images of those classes.")
+  skipped = dict(getattr(files, "skipped", {}) or {})
+  lists, unreadable = [], {}
+  shares = [_share(split.paths, shard) for split in (files.train, files.val)]
+  scan = data_checks.scan([path for share in shares for path, _ in share], config.max_image_pixels)
+  data_checks.report_unreadable({**skipped, **scan.unreadable}, config.strict_data)
+  unreadable.update(scan.unreadable)
+  for split, share in zip((files.train, files.val), shares):
+    usable = [(path, index) for path, index in share if path not in unreadable]
+    labels = tuple(split.labels[index] for _, index in usable)
+    paths = tuple(path for path, _ in usable)
+    ids = tuple(index for _, index in usable)
+    length = padded_length(len(split.labels), shard.count, pad_multiple)
+    identity = _digest([f"{scan.digests[path]}\t{label}\t{index}" for path, label, index in zip(paths, labels, ids)]
+                       + [f"padded to {length}"])
+    encoded = _padded(tf.data.Dataset.from_tensor_slices(list(paths)), labels, ids, length)
+    encoded = encoded.map(lambda path, label, weight, index: (tf.io.read_file(path), label, weight, index))
+    lists.append(_SplitList(encoded, labels, ids, tuple(split.labels), length, identity, paths,
+                            cheap_to_shuffle=True))
+  train, val = lists
+  if shard.count == 1:
+    # With shares, a worker's share may lack a class; the listing already has every class.
+    empty = [name for name, count in zip(files.classes, class_counts(train.labels, len(files.classes))) if not count]
+    if empty:
+      raise UserInputError(f"Class(es) {empty} have no usable training images left after skipping "
+                           f"{len(unreadable)} unusable file(s). Add readable images of those classes.")
   data_checks.warn_leakage(data_checks.leaked(train.paths, val.paths, scan.digests))
-  return sources.LabelledFiles(files.classes, train, val), scan.unreadable
+  return files.classes, train, val, {**skipped, **unreadable}
 
 
-def _without(split: sources.Split, unusable: dict[str, str]) -> sources.Split:
-  keep = [(path, label) for path, label in zip(split.paths, split.labels) if path not in unusable]
-  return sources.Split(tuple(p for p, _ in keep), tuple(label for _, label in keep))
+def _share(paths: Sequence[str], shard: Shard) -> list[tuple[str, int]]:
+  return [(paths[index], index) for index in range(shard.index, len(paths), shard.count)]
 
 
-def _rgb(image: tf.Tensor) -> tf.Tensor:
-  """uint8 [H, W, 1|3|4] -> [H, W, 3], as `images.decode` does for files."""
-  channels = image.shape[-1]
-  if channels == 1:
-    return tf.image.grayscale_to_rgb(image)
-  return image[..., :3]
+def _tfds_lists(config: DataConfig, shard: Shard, pad_multiple: int):
+  splits = sources.tfds_splits(config)
+  lists = []
+  for name, encoded, labels in (("train", splits.train, splits.train_labels),
+                                ("val", splits.val, splits.val_labels)):
+    ids = tuple(range(shard.index, len(labels), shard.count))
+    mine = encoded.enumerate().filter(lambda index, example: index % shard.count == shard.index)
+    mine = mine.map(lambda index, example: example[0])
+    length = padded_length(len(labels), shard.count, pad_multiple)
+    # The labels stand in for the content: TFDS records have no file to hash.
+    identity = _digest([f"tfds:{config.tfds}:{config.tfds_data_dir}:{name}:{config.validation_split}:{config.seed}",
+                        ",".join(map(str, labels)), f"share {shard.index}/{shard.count} padded to {length}"])
+    own_labels = tuple(labels[index] for index in ids)
+    lists.append(_SplitList(_padded(mine, own_labels, ids, length), own_labels, ids, tuple(labels), length,
+                            identity))
+  return splits.classes, lists[0], lists[1]
+
+
+def _tfrecord_lists(config: DataConfig, shard: Shard, pad_multiple: int):
+  from trainer import tfrecords  # Only TFRecord sources need it.
+  train_scan = tfrecords.scan(config.tfrecord, config.strict_data)
+  if config.tfrecord_val:
+    val_scan = tfrecords.scan(config.tfrecord_val, config.strict_data)
+    classes = tfrecords.merged_classes(train_scan, val_scan)
+    parts = [(train_scan, None), (val_scan, None)]
+  else:
+    classes = train_scan.classes
+    carved = sources.stratified_split(
+        {name: [index for index, label in enumerate(train_scan.labels) if label == number]
+         for number, name in enumerate(classes)}, config.validation_split, config.seed,
+        where=f"--tfrecord={config.tfrecord}")
+    is_val = np.zeros(len(train_scan.labels), bool)
+    for indices in carved[1].values():
+      is_val[indices] = True
+    parts = [(train_scan, ~is_val), (train_scan, is_val)]
+  lists = []
+  for name, (scan, keep) in zip(("train", "val"), parts):
+    records = tfrecords.dataset(scan)  # (bytes, label) of every good record, in order
+    labels = np.asarray(scan.labels)
+    positions = np.flatnonzero(keep) if keep is not None else np.arange(len(labels))
+    if keep is not None:
+      keep_table = tf.constant(keep)
+      records = records.enumerate().filter(lambda i, r: tf.gather(keep_table, i)).map(lambda i, r: r)
+    ids = tuple(range(shard.index, len(positions), shard.count))
+    mine = records.enumerate().filter(lambda i, r: i % shard.count == shard.index).map(lambda i, r: r[0])
+    all_labels = tuple(int(label) for label in labels[positions])
+    own_labels = tuple(all_labels[index] for index in ids)
+    length = padded_length(len(all_labels), shard.count, pad_multiple)
+    identity = _digest([scan.identity, name, f"{config.validation_split}:{config.seed}",
+                        f"share {shard.index}/{shard.count} padded to {length}"])
+    lists.append(_SplitList(_padded(mine, own_labels, ids, length), own_labels, ids, all_labels, length, identity))
+  return tuple(classes), lists[0], lists[1], dict(train_scan.skipped)
+
+
+def padded_length(total: int, workers: int, multiple: int) -> int:
+  """Elements of every worker's share: its examples, padded to the largest share, rounded up to `multiple`."""
+  return math.ceil(math.ceil(total / workers) / multiple) * multiple if total else 0
+
+
+def _padded(encoded: tf.data.Dataset, labels: Sequence[int], ids: Sequence[int], length: int) -> tf.data.Dataset:
+  """(encoded, label, weight, id) of the share, then copies of its first examples with weight 0 up to `length`."""
+  count = len(labels)
+  pad = length - count
+  real = tf.data.Dataset.zip(encoded, tf.data.Dataset.from_tensor_slices(
+      (tf.constant(labels, tf.int32), tf.ones([count], tf.float32), tf.constant(ids, tf.int64))))
+  real = real.map(lambda item, rest: (item, *rest))
+  if pad <= 0 or not count:
+    return real
+  # A share can be shorter than `pad` (its worker skipped many files): repeat it as often as needed.
+  padding = real.repeat(math.ceil(pad / count)).take(pad)
+  return real.concatenate(padding.map(lambda item, label, weight, index: (item, label, 0.0 * weight, index)))
+
+
+# Decoding and caching -------------------------------------------------------------------------------------------
+
+
+def _decoded(split: _SplitList, image_size: int, config: DataConfig, budget: int, folder: str) -> Examples:
+  cache = choose_cache(config.cache, split.padded_length, image_size, budget, folder, split.identity)
+
+  def decode(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    # deterministic=True: the decoded order is the list's order whatever finishes first, so a seeded shuffle is
+    # the same permutation in every process and after a restart (measured: no slower, see BUILD_NOTES.md).
+    return dataset.map(lambda item, label, weight, index: (images.load(item, image_size), label, weight, index),
+                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+  bytes_per_image = _bytes_per_image(image_size)
+  if cache.mode == "none":
+    # Shuffle what is cheap to hold (file names), then decode; records are shuffled in a bounded buffer.
+    buffer = (split.padded_length if split.cheap_to_shuffle
+              else min(split.padded_length, _MAX_SHUFFLE_BUFFER, max(1, budget // 4 // bytes_per_image)))
+
+    def epoch(seed):
+      encoded = split.encoded if seed is None else split.encoded.shuffle(max(buffer, 1), seed=seed,
+                                                                          reshuffle_each_iteration=False)
+      return _with_options(decode(encoded))
+  else:
+    decoded = decode(split.encoded)
+    if cache.mode == "memory":
+      decoded, buffer = decoded.cache(), split.padded_length
+    else:
+      _remove_unfinished_cache(cache.path)
+      decoded = decoded.cache(cache.path)
+      buffer = min(split.padded_length, _MAX_SHUFFLE_BUFFER, max(1, budget // 4 // bytes_per_image))
+
+    def epoch(seed):
+      shuffled = decoded if seed is None else decoded.shuffle(max(buffer, 1), seed=seed,
+                                                              reshuffle_each_iteration=False)
+      return _with_options(shuffled)
+  return Examples(split.labels, split.all_labels, split.ids, split.padded_length, cache, epoch, split.paths)
+
+
+def choose_cache(mode: str, count: int, image_size: int, budget: int, folder: str, identity: str) -> CacheChoice:
+  """--cache: auto picks memory when the decoded images fit the budget, else disk when the disk has room, else
+  none (decode every epoch)."""
+  needed = count * _bytes_per_image(image_size)
+  path = os.path.join(folder, f"images_{image_size}_{identity}") if folder else ""
+  size = f"{count} images x {_bytes_per_image(image_size):,} B = {needed / 2**20:.1f} MiB"
+  if mode == "memory" or (mode == "auto" and needed <= budget):
+    fits = "fit" if needed <= budget else "exceed"
+    return CacheChoice("memory", f"{size} {fits} the memory budget of {budget / 2**20:.0f} MiB")
+  if mode == "none":
+    return CacheChoice("none", "--cache=none: decoded every epoch")
+  if not folder:
+    return CacheChoice("none", f"{size} exceed the memory budget and there is no cache folder")
+  free = _free_bytes(folder)
+  if mode == "disk":
+    if free < needed:
+      raise UserInputError(f"--cache=disk: {folder} has {free / 2**20:.0f} MiB free and the cache needs "
+                           f"{needed / 2**20:.0f} MiB. Free some space, pass --cache_dir=FOLDER on a larger disk, "
+                           "or --cache=none to decode every epoch.")
+    return CacheChoice("disk", f"--cache=disk: {size} in {folder}", path)
+  if free >= needed + _DISK_MARGIN:
+    return CacheChoice("disk", f"{size} exceed the memory budget of {budget / 2**20:.0f} MiB; {folder} has room",
+                       path)
+  return CacheChoice("none", f"{size} fit neither the memory budget of {budget / 2**20:.0f} MiB nor the "
+                     f"{free / 2**20:.0f} MiB free in {folder}: decoded every epoch")
+
+
+def _bytes_per_image(image_size: int) -> int:
+  return image_size * image_size * 3
+
+
+def _free_bytes(folder: str) -> int:
+  probe = folder
+  while probe and not os.path.exists(probe):
+    probe = os.path.dirname(probe)
+  return shutil.disk_usage(probe or ".").free
+
+
+def _remove_unfinished_cache(prefix: str) -> None:
+  """A cache that a killed run left half-written has a lock file and no index: tf.data would refuse it."""
+  os.makedirs(os.path.dirname(prefix), exist_ok=True)
+  if not os.path.exists(f"{prefix}.index"):
+    for path in glob.glob(glob.escape(prefix) + "*"):
+      if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+      else:
+        os.remove(path)
+
+
+def _default_memory_budget() -> int:
+  try:
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * _MEMORY_SHARE)
+  except (ValueError, OSError, AttributeError):  # No sysconf (Windows): assume a modest machine.
+    return 2 << 30
+
+
+def _with_options(dataset: tf.data.Dataset) -> tf.data.Dataset:
+  options = tf.data.Options()
+  options.deterministic = True
+  # Every worker already reads only its own share (see `Shard`).
+  options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+  return dataset.with_options(options)
+
+
+def _digest(lines: Sequence[str]) -> str:
+  return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+
+
+# Batches, labels and samples ------------------------------------------------------------------------------------
+
+
+def batches(decoded: tf.data.Dataset, batch_size: int, shuffle_seed: int | None = None,
+            deterministic: bool = True) -> tf.data.Dataset:
+  """Batches of an unbatched dataset held in memory (features, `Examples.images`); shuffled when seeded."""
+  del deterministic  # Every pipeline keeps its order now; kept for callers.
+  dataset = decoded
+  if shuffle_seed is not None:
+    dataset = dataset.shuffle(buffer_size=_MAX_SHUFFLE_BUFFER, seed=shuffle_seed, reshuffle_each_iteration=False)
+  return _with_options(dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE))
 
 
 def class_counts(labels: Sequence[int], num_classes: int) -> list[int]:
@@ -126,58 +387,12 @@ def class_weights(choice: str, labels: Sequence[int], num_classes: int) -> list[
 
 def sample_files(examples: Examples, folder: str, count: int) -> tuple[str, ...]:
   """Up to `count` images of a split as files: the source's own files, or lossless PNGs of its decoded images
-  written to `folder` (TFDS has no files). The export is checked on them."""
+  written to `folder` (TFDS and TFRecord have no files). The export is checked on them."""
   if examples.paths is not None:
     return examples.paths[:count]
   os.makedirs(folder, exist_ok=True)
   paths = []
   for index, (image, _) in enumerate(examples.images.take(count)):
     paths.append(os.path.join(folder, f"{index}.png"))
-    tf.io.write_file(paths[-1], tf.io.encode_png(tf.cast(tf.round(image), tf.uint8)))
+    tf.io.write_file(paths[-1], tf.io.encode_png(tf.cast(image, tf.uint8)))
   return tuple(paths)
-
-
-def decoded_images(split: sources.Split, image_size: int, in_order: bool | None = None) -> tf.data.Dataset:
-  """(image float32 [S, S, 3] in 0..255, label int32) for every file, read and decoded in parallel.
-
-  in_order: True keeps the files' order whatever the pipeline's options; None lets tf.data's option decide.
-  """
-  dataset = tf.data.Dataset.from_tensor_slices((list(split.paths), tf.constant(split.labels, tf.int32)))
-  return dataset.map(lambda path, label: (images.decode_and_resize(tf.io.read_file(path), image_size), label),
-                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=in_order)
-
-
-def _cache(dataset: tf.data.Dataset, count: int, image_size: int, cache_dir: str, cache_root: str,
-           identity: str) -> tf.data.Dataset:
-  """Caches decoded images in memory when they fit, else in a file named after what it holds.
-
-  The file name carries a hash of the examples and the image size: tf.data reads an existing cache file whatever
-  it holds, so a changed dataset must never find the old file.
-  """
-  folder = cache_dir or (cache_root if count * image_size * image_size * 3 * 4 > _memory_budget() else "")
-  if not folder:
-    return dataset.cache()
-  os.makedirs(folder, exist_ok=True)
-  digest = hashlib.sha256(f"{image_size}\n{identity}".encode()).hexdigest()[:16]
-  logging.info("Caching %d decoded images in %s.", count, folder)
-  return dataset.cache(os.path.join(folder, f"images_{image_size}_{digest}"))
-
-
-def _memory_budget() -> int:
-  try:
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * _MEMORY_SHARE)
-  except (ValueError, OSError, AttributeError):  # No sysconf (Windows): assume a modest machine.
-    return 2 << 30
-
-
-def batches(decoded: tf.data.Dataset, batch_size: int, shuffle_seed: int | None = None,
-            deterministic: bool = False) -> tf.data.Dataset:
-  """Batches of a decoded dataset; shuffled (with the given seed, so an epoch can be replayed) when seeded."""
-  dataset = decoded
-  if shuffle_seed is not None:
-    dataset = dataset.shuffle(buffer_size=10_000, seed=shuffle_seed, reshuffle_each_iteration=False)
-  dataset = dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
-  options = tf.data.Options()
-  options.deterministic = deterministic or shuffle_seed is None
-  options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-  return dataset.with_options(options)

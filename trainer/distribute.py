@@ -123,6 +123,17 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
                                                    and "chief" not in resolver.cluster_spec().as_dict())
 
 
+def input_shard(strategy: tf.distribute.Strategy) -> tuple[int, int]:
+  """(index, count) of this worker's input pipeline: the chief first, then the workers, as TensorFlow's
+  multi-worker strategy numbers them (InputContext.input_pipeline_id); (0, 1) without a cluster."""
+  resolver = _cluster(strategy)
+  if resolver is None or not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    return 0, 1
+  spec = resolver.cluster_spec().as_dict()
+  tasks = [(job, index) for job in ("chief", "worker") for index in range(len(spec.get(job, [])))]
+  return tasks.index((resolver.task_type, resolver.task_id)), len(tasks)
+
+
 def write_dir(workdir: str, strategy: tf.distribute.Strategy) -> str:
   """Where this process writes the run's files: the workdir on the chief, workdir/workertemp_<id> elsewhere."""
   if is_chief(strategy):

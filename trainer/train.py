@@ -1,10 +1,16 @@
-"""The training loop: a frozen phase, then a fine-tune phase, checkpointed every epoch, then the export.
+"""The training loop: the run's phases (frozen then fine-tune, or one from scratch), checkpointed every epoch,
+then the export. `train_and_evaluate` reads in three parts, as Flax's train.py does: `setup` (strategy, data,
+model, restore), `train_epochs` (the loop) and `finalize` (export and report).
 
 One loop for every tf.distribute strategy (Keras 3 `model.fit` fails under MultiWorkerMirroredStrategy,
-keras-team/keras#20585). Augmentation runs inside the train step, on the replica's device.
+keras-team/keras#20585). Each worker reads its own share of the data (`data.Shard`) through
+`distribute_datasets_from_function`; padding examples of weight 0 keep the workers in step and out of the
+numbers. Augmentation runs inside the train step on the replica's device, with seeds derived from
+(seed, epoch, step, replica) (`trainer.randomness`), so a resumed run continues the random streams it left.
 """
 
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -16,21 +22,27 @@ import tensorflow as tf
 from absl import logging
 
 from export import saved_model
-from trainer import augment, backbones, data, distribute, features, reporting, workdir as workdir_lib
+from trainer import augment, backbones, checkpoints, data, distribute, features, randomness, reporting
+from trainer import progress as progress_lib
 from trainer import model as model_lib
+from trainer import workdir as workdir_lib
 from trainer.config import Config
+from trainer.errors import UserInputError
 
 
 def resolve(config: Config) -> Config:
-  """Fills the settings whose default depends on the backbone."""
+  """Fills the settings whose default depends on the backbone or its weights. A backbone cut at --feature_layer
+  has lost its last block, so by default its fine-tune phase trains every layer it keeps."""
   spec = backbones.get(config.model.backbone)
+  unfreeze_from = model_lib.UNFREEZE_ALL if config.model.feature_layer else spec.default_unfreeze_from
   return config.replace(image_size=config.data.image_size or spec.default_image_size,
-                        unfreeze_from=config.model.unfreeze_from or spec.default_unfreeze_from)
+                        unfreeze_from=config.model.unfreeze_from or unfreeze_from,
+                        batchnorm=model_lib.batchnorm_mode(config.model))
 
 
 def phase_of_epoch(epoch: int, config: Config) -> str:
-  """Phase of the 0-based epoch index; epochs are numbered continuously across both phases."""
-  return model_lib.FROZEN if epoch < config.train.frozen_epochs else model_lib.FINETUNE
+  """Phase of the 0-based epoch index (see model_lib.phases)."""
+  return model_lib.phase_of_epoch(epoch, config)
 
 
 class Trainer:
@@ -38,27 +50,33 @@ class Trainer:
 
   def __init__(self, config: Config, num_classes: int, strategy: tf.distribute.Strategy, lr_scale: float = 1.0,
                class_weights: list[float] | None = None):
-    """`lr_scale` multiplies both learning rates (see distribute.plan_batches); float16 gets loss scaling.
+    """`lr_scale` multiplies the learning rates (see distribute.plan_batches); float16 gets loss scaling.
     `class_weights` weighs each example's loss by its class (--class_weight)."""
     self.config = config
     self.strategy = strategy
+    self.seeds = randomness.StepSeeds(config.data.seed)
     with strategy.scope():
       self.model = model_lib.build_classifier(config.model, num_classes, config.data.image_size, config.data.seed)
       self.augmenter = augment.build(config.train, config.data.seed)
-      self.optimizers = {model_lib.FROZEN: keras.optimizers.Adam(config.train.frozen_lr * lr_scale),
-                         model_lib.FINETUNE: keras.optimizers.Adam(config.train.finetune_lr * lr_scale)}
+      self.optimizers = {phase: keras.optimizers.Adam(model_lib.learning_rate(phase, config.train) * lr_scale)
+                         for phase, _ in model_lib.phases(config)}
       if distribute.needs_loss_scaling(keras.config.dtype_policy().name):
         self.optimizers = {phase: keras.optimizers.LossScaleOptimizer(optimizer)
                            for phase, optimizer in self.optimizers.items()}
-      # Both optimizers are built before any restore so that their slots load from the checkpoint.
-      for phase in (model_lib.FINETUNE, model_lib.FROZEN):
+      # Every optimizer is built before any restore so that its slots load from the checkpoint; the first last.
+      for phase in reversed(self.optimizers):
         self.set_phase(phase)
         self.optimizers[phase].build(self.model.trainable_variables)
+    for owner in (self.model, self.augmenter):
+      if owner is not None:
+        randomness.install(owner, self.seeds)
     self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="completed_epochs")
-    # Train steps done in the epoch after `epoch`: non-zero only in a checkpoint saved on SIGTERM mid-epoch.
+    # Train steps done in the epoch after `epoch`, and their sums (loss, correct, examples, seconds): non-zero
+    # only in a checkpoint saved on SIGTERM mid-epoch, so that the resumed epoch reports all of its steps.
     self.epoch_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch_steps")
+    self.epoch_sums = tf.Variable(tf.zeros([4], tf.float64), trainable=False, name="epoch_sums")
     self.checkpoint = tf.train.Checkpoint(model=self.model, epoch=self.epoch, epoch_step=self.epoch_step,
-                                          **self.optimizers)
+                                          epoch_sums=self.epoch_sums, **self.optimizers)
     self.class_weights = None if class_weights is None else tf.constant(class_weights, tf.float32)
     self.train_on_features(None)
 
@@ -70,7 +88,8 @@ class Trainer:
     self._eval_step = self._make_eval_step()
 
   def set_phase(self, phase: str) -> None:
-    model_lib.set_phase(self.model, phase, self.config.model.unfreeze_from)
+    model_lib.set_phase(self.model, phase, self.config.model.unfreeze_from,
+                        model_lib.batchnorm_mode(self.config.model))
     self.phase = phase
     self._train_step = None
 
@@ -78,225 +97,433 @@ class Trainer:
     model, optimizer = self.network, self.optimizers[self.phase]
     # Cached features were augmented (or not) when they were computed.
     augmenter = self.augmenter if model is self.model else None
-    class_weights, variables = self.class_weights, model.trainable_variables
+    class_weights, variables, seed = self.class_weights, model.trainable_variables, self.config.data.seed
 
-    def replica_step(images, labels):
-      with tf.GradientTape() as tape:
-        probabilities = _predict(model, images, training=True, augmenter=augmenter)
+    def replica_step(images, labels, weights, ids):
+      replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+      with tf.GradientTape() as tape, self.seeds.scope(randomness.step_seed(seed, replica, self.epoch,
+                                                                            self.epoch_step)):
+        inputs = tf.cast(images, tf.float32)
+        if augmenter is not None:
+          inputs = augmenter(inputs, training=True)
+        probabilities = tf.cast(model(inputs, training=True), tf.float32)
         per_example = keras.losses.sparse_categorical_crossentropy(labels, probabilities)
-        weights = None if class_weights is None else tf.gather(class_weights, labels)
-        loss = tf.nn.compute_average_loss(per_example, sample_weight=weights,
-                                          global_batch_size=_global_batch_size(labels))
-        # Identity unless the optimizer is a LossScaleOptimizer (float16), which unscales in apply_gradients.
+        loss_weights = weights if class_weights is None else weights * tf.gather(class_weights, labels)
+        # The mean over the real examples of the whole step, over every replica: padding weighs nothing.
+        real = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, tf.reduce_sum(weights))
+        loss = tf.reduce_sum(per_example * loss_weights) / tf.maximum(real, 1.0)
+        # Identity unless the optimizer is a LossScaleOptimizer (float16), which unscales in apply_gradients and
+        # skips a step whose gradients are not finite.
         scaled_loss = optimizer.scale_loss(loss)
       gradients = tape.gradient(scaled_loss, variables)
       optimizer.apply_gradients(zip(gradients, variables))
-      return _sums(per_example, probabilities, labels)
+      return _sums(per_example, probabilities, labels, weights), tf.where(weights > 0, ids, -1)
 
     @tf.function(reduce_retracing=True)
-    def train_step(images, labels):
-      return self._reduce(self.strategy.run(replica_step, args=(images, labels)))
+    def train_step(images, labels, weights, ids):
+      sums, seen = self.strategy.run(replica_step, args=(images, labels, weights, ids))
+      return self._reduce(sums), seen
     return train_step
 
   def _make_eval_step(self):
     model = self.network
 
-    def replica_step(images, labels):
-      probabilities = _predict(model, images, training=False)
+    def replica_step(images, labels, weights, ids):
+      probabilities = tf.cast(model(tf.cast(images, tf.float32), training=False), tf.float32)
       # Confusion counts add up over replicas and batches like the sums, so they reduce the same way.
       confusion = tf.math.confusion_matrix(labels, tf.argmax(probabilities, axis=-1),
-                                           num_classes=probabilities.shape[-1], dtype=tf.float32)
-      sums = _sums(keras.losses.sparse_categorical_crossentropy(labels, probabilities), probabilities, labels)
-      return (*sums, confusion)
+                                           num_classes=probabilities.shape[-1], weights=weights, dtype=tf.float32)
+      per_example = keras.losses.sparse_categorical_crossentropy(labels, probabilities)
+      return (*_sums(per_example, probabilities, labels, weights), confusion), tf.where(weights > 0, ids, -1)
 
     @tf.function(reduce_retracing=True)
-    def eval_step(images, labels):
-      return self._reduce(self.strategy.run(replica_step, args=(images, labels)))
+    def eval_step(images, labels, weights, ids):
+      sums, seen = self.strategy.run(replica_step, args=(images, labels, weights, ids))
+      return self._reduce(sums), seen
     return eval_step
 
   def _reduce(self, per_replica):
     return [self.strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None) for value in per_replica]
 
-  def run_epoch(self, batches: tf.data.Dataset, training: bool, steps: int, progress: bool,
+  def run_epoch(self, batches, training: bool, steps: int, progress: bool,
                 preemption: tf.distribute.experimental.PreemptionCheckpointHandler | None = None) -> dict:
-    """Sums of one pass over `batches`; a training pass under `preemption` may save and exit between steps."""
+    """Sums of one pass over the distributed `batches`; a training pass under `preemption` may save and exit
+    between steps (with the epoch's sums so far in the checkpoint). Returns loss, accuracy, examples, seconds,
+    the ids this worker trained on, and (evaluation) the confusion matrix."""
     if training and self._train_step is None:
       self._train_step = self._make_train_step()
     step = self._train_step if training else self._eval_step
-    bar = keras.utils.Progbar(steps, verbose=1 if progress else 0,
-                              stateful_metrics=["loss", "accuracy"], unit_name="step")
-    totals, confusion = np.zeros(3), 0
-    for index, (images, labels) in enumerate(self.strategy.experimental_distribute_dataset(batches)):
+    resumed = training and int(self.epoch_step) > 0
+    totals = self.epoch_sums.numpy()[:3].copy() if resumed else np.zeros(3)
+    earlier_seconds = float(self.epoch_sums.numpy()[3]) if resumed else 0.0
+    bar = progress_lib.bar(steps, progress)
+    confusion, seen, first_step = 0, [], None
+    start = time.perf_counter()
+    for index, batch in enumerate(batches):
       if training and preemption is not None:
-        loss, correct, count, *eval_only = preemption.run(step, images, labels)
+        sums, ids = preemption.run(step, *batch)
       else:
-        loss, correct, count, *eval_only = step(images, labels)
-      if training:
-        self.epoch_step.assign_add(1)
+        sums, ids = step(*batch)
+      loss, correct, count, *eval_only = sums
       totals += [float(loss), float(correct), float(count)]
+      if first_step is None:
+        first_step = (time.perf_counter() - start, float(count))
+      seen.extend(int(i) for part in self.strategy.experimental_local_results(ids) for i in part.numpy() if i >= 0)
       if eval_only:
         confusion = confusion + eval_only[0].numpy()
-      bar.update(index + 1, [("loss", totals[0] / totals[2]), ("accuracy", totals[1] / totals[2])])
-    metrics = {"loss": totals[0] / totals[2], "accuracy": totals[1] / totals[2], "examples": int(totals[2])}
+      if training:
+        self.epoch_step.assign_add(1)
+        self.epoch_sums.assign([*totals, earlier_seconds + time.perf_counter() - start])
+      bar.update(index + 1, [("loss", totals[0] / max(totals[2], 1)), ("accuracy", totals[1] / max(totals[2], 1))])
+    seconds = time.perf_counter() - start
+    metrics = {"loss": totals[0] / max(totals[2], 1), "accuracy": totals[1] / max(totals[2], 1),
+               "examples": int(totals[2]), "seconds": earlier_seconds + seconds, "earlier_seconds": earlier_seconds,
+               "ids": seen,
+               "first_step_seconds": first_step[0] if first_step else 0.0,
+               # Without the first step, which traces and compiles the step function.
+               "steady_images_per_sec": ((totals[2] - first_step[1]) / (seconds - first_step[0])
+                                         if first_step and seconds > first_step[0] and index > 0 else None)}
     if not training:
       metrics["confusion_matrix"] = np.asarray(confusion, np.int64)
     return metrics
 
 
-def _predict(model: keras.Model, images, training: bool, augmenter: keras.Layer | None = None):
-  """Probabilities of a replica's share of a batch, which is empty when a short last batch has fewer examples
-  than there are replicas: Keras' MobileNet fails on an empty batch on CPU ("Incompatible shapes: [0,32,32,3] vs.
-  [8]" in its first BatchNorm), so an empty share skips the model and contributes zero gradients."""
-  def predict():
-    inputs = images if augmenter is None else augmenter(images, training=True)
-    return tf.cast(model(inputs, training=training), tf.float32)
-  return tf.cond(tf.shape(images)[0] > 0, predict, lambda: tf.zeros([0, model.output_shape[-1]], tf.float32))
-
-
-def _global_batch_size(labels):
-  """Examples of this step over all replicas: an epoch's last batch is partial and splits unevenly, and the mean
-  must still be over the whole batch for every strategy to compute the same step."""
-  return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, tf.shape(labels)[0])
-
-
-def _sums(per_example_loss, probabilities, labels):
+def _sums(per_example_loss, probabilities, labels, weights):
   correct = tf.equal(tf.argmax(probabilities, axis=-1, output_type=tf.int32), tf.cast(labels, tf.int32))
-  return (tf.reduce_sum(tf.cast(per_example_loss, tf.float32)), tf.reduce_sum(tf.cast(correct, tf.float32)),
-          tf.cast(tf.size(labels), tf.float32))
+  return (tf.reduce_sum(tf.cast(per_example_loss, tf.float32) * weights),
+          tf.reduce_sum(tf.cast(correct, tf.float32) * weights), tf.reduce_sum(weights))
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything `setup` builds for the loop and the finish of one run in one process."""
+  config: Config
+  workdir: str
+  strategy: tf.distribute.Strategy
+  plan: distribute.BatchPlan
+  shard: data.Shard
+  inputs: data.InputData
+  run_dir: workdir_lib.RunDir
+  chief: bool
+  trainer: Trainer
+  manager: tf.train.CheckpointManager
+  own_manager: tf.train.CheckpointManager
+  history: list
+  tensorboard: reporting.TensorBoardLog
+  policy: str
+
+  @property
+  def total_epochs(self) -> int:
+    return sum(epochs for _, epochs in model_lib.phases(self.config))
+
+  @property
+  def examples_per_step(self) -> int:
+    """Elements one step takes from this worker's share: a per-replica batch for each of its replicas."""
+    return self.plan.per_replica_batch_size * (self.plan.num_replicas // self.shard.count)
 
 
 def train_and_evaluate(config: Config, workdir: str) -> dict:
-  """Trains both phases (resuming from the workdir's last checkpoint), exports, and returns the metrics."""
+  """Trains every phase (resuming from the workdir's last checkpoint), exports, and returns the metrics."""
+  run = setup(config, workdir)
+  finished = _finished_export(run)
+  if finished:
+    return finished
+  val_metrics = train_epochs(run)
+  return finalize(run, val_metrics)
+
+
+def setup(config: Config, workdir: str) -> Run:
+  """Strategy and precision, this worker's data, the model, and the run's checkpoint restored."""
   config = resolve(config)
   strategy = distribute.create_strategy(config.runtime)
   policy = distribute.resolve_precision(config.runtime, strategy)
   distribute.set_precision(policy)
   plan = distribute.plan_batches(config.data.batch_size, strategy.num_replicas_in_sync,
                                  config.train.lr_base_batch_size)
-  # A worker's own file cache: two workers writing one cache file collide.
-  inputs = data.load(config.data, config.data.image_size,
-                     os.path.join(distribute.write_dir(workdir, strategy), "cache"))
-  class_weights = data.class_weights(config.train.class_weight, inputs.train.labels, len(inputs.classes))
-  run = workdir_lib.RunDir(workdir)
+  shard = data.Shard(*distribute.input_shard(strategy))
+  # Padded so that every step of every worker is whole: no replica waits for, or lacks, a batch.
+  pad_multiple = plan.per_replica_batch_size * (plan.num_replicas // shard.count) if plan.num_replicas > 1 else 1
+  inputs = data.load(config.data, config.data.image_size, os.path.join(workdir, "cache"), shard, pad_multiple)
+  class_weights = data.class_weights(config.train.class_weight, inputs.train.all_labels, len(inputs.classes))
+  run_dir = workdir_lib.RunDir(workdir)
   chief = distribute.is_chief(strategy)
-  if chief:
-    run.save_config(config, {
-        "classes": list(inputs.classes), "train_examples": len(inputs.train), "val_examples": len(inputs.val),
-        "class_weights": class_weights, "skipped_files": len(inputs.skipped),
-        "strategy": type(strategy).__name__, "dtype_policy": policy, **dataclasses.asdict(plan),
-        "frozen_lr": config.train.frozen_lr * plan.lr_scale, "finetune_lr": config.train.finetune_lr * plan.lr_scale})
-  else:
-    run.check_config(config)
-  logging.info("Classes %s; %d training and %d validation images.", list(inputs.classes), len(inputs.train),
-               len(inputs.val))
+  _check_run_facts(run_dir, inputs.classes, policy)
+  logging.info("Classes %s; %d training and %d validation images%s.", list(inputs.classes),
+               len(inputs.train.all_labels), len(inputs.val.all_labels),
+               f" (this worker: {len(inputs.train)} and {len(inputs.val)})" if shard.count > 1 else "")
+  model_lib.announce_plan(config, plan.per_replica_batch_size)
 
   trainer = Trainer(config, len(inputs.classes), strategy, plan.lr_scale, class_weights)
-  manager, own_manager = _restore_checkpoint(trainer, run, workdir, strategy)
-  history = run.load_history()[:int(trainer.epoch)]
-  preemption = distribute.preemption_handler(strategy, manager, save_fn=own_manager.save,
-                                             exit_fn=lambda: _exit_preempted(trainer))
-
-  train_images, val_images = inputs.train.images, inputs.val.images
-  batch_size = config.data.batch_size
-  train_steps, val_steps = math.ceil(len(inputs.train) / batch_size), math.ceil(len(inputs.val) / batch_size)
-  val_batches = data.batches(val_images, batch_size)
-  progress = config.runtime.verbosity >= 0
-  total_epochs = config.train.frozen_epochs + config.train.finetune_epochs
-  tensorboard = reporting.TensorBoardLog(run.tensorboard if chief else None, inputs.classes)
-  tensorboard.log_run(config, {"precision": keras.mixed_precision.dtype_policy().name,
-                               "num_replicas": strategy.num_replicas_in_sync, "classes": list(inputs.classes)})
-  if int(trainer.epoch) == 0:
-    tensorboard.log_training_images(*_first_augmented_batch(config, train_images))
-
-  val_metrics = feature_cache = None
-  for epoch in range(int(trainer.epoch), total_epochs):
-    phase = phase_of_epoch(epoch, config)
-    if phase != trainer.phase:
-      trainer.set_phase(phase)
-    if epoch in (0, config.train.frozen_epochs):
-      tensorboard.log_phase_start(epoch + 1, phase, config)
-    if progress:
-      print(f"Epoch {epoch + 1}/{total_epochs} ({phase} phase)", flush=True)
-    start = time.perf_counter()
-    on_features = config.train.cache_features and phase == model_lib.FROZEN
-    if on_features and feature_cache is None:
-      # Computed in this process's first frozen epoch (its time counts there), then reused.
-      feature_cache = features.FeatureCache(trainer.model, train_images, val_images, batch_size,
-                                            augment.build(config.train, config.data.seed),
-                                            config.train.feature_views)
-    if (trainer.network is not trainer.model) != on_features:
-      trainer.train_on_features(feature_cache.head if on_features else None)
-    seeded = dict(shuffle_seed=config.data.seed + epoch, deterministic=config.data.deterministic)
-    train_batches = (feature_cache.train_batches(epoch, batch_size, **seeded) if on_features
-                     else data.batches(train_images, batch_size, **seeded))
-    # The epoch's shuffle is seeded, so a run stopped mid-epoch replays it and skips the steps it had done.
-    done_steps = int(trainer.epoch_step)
-    train_metrics = trainer.run_epoch(train_batches.skip(done_steps), training=True,
-                                      steps=train_steps - done_steps, progress=progress, preemption=preemption)
-    train_seconds = time.perf_counter() - start
-    val_metrics = trainer.run_epoch(feature_cache.val_batches(batch_size) if on_features else val_batches,
-                                    training=False, steps=val_steps, progress=False)
-    record = {"epoch": epoch + 1, "phase": phase,
-              "loss": train_metrics["loss"], "accuracy": train_metrics["accuracy"],
-              "val_loss": val_metrics["loss"], "val_accuracy": val_metrics["accuracy"],
-              "seconds": time.perf_counter() - start, "train_seconds": train_seconds,
-              "images_per_sec": train_metrics["examples"] / train_seconds,
-              "learning_rate": float(tf.convert_to_tensor(trainer.optimizers[phase].learning_rate))}
-    history.append(record)
-    tensorboard.log_epoch(record, val_metrics["confusion_matrix"])
-    if chief:
-      # History first: a run killed between the two files drops the record past the checkpoint on resume.
-      run.save_history(history)
-    trainer.epoch.assign(epoch + 1)
-    trainer.epoch_step.assign(0)
-    own_manager.save()
-    logging.info("epoch %d/%d %s: loss %.4f accuracy %.4f val_loss %.4f val_accuracy %.4f (%.1fs, %.1f img/s)",
-                 epoch + 1, total_epochs, phase, record["loss"], record["accuracy"], record["val_loss"],
-                 record["val_accuracy"], record["seconds"], record["images_per_sec"])
-
-  distribute.end_preemption_handling(preemption)
-  # A run resumed after its last epoch has not validated in this process; the report needs the final model's.
-  # Every worker evaluates: the evaluation reduces over all of them.
-  trainer.train_on_features(None)
-  val_metrics = val_metrics or trainer.run_epoch(val_batches, training=False, steps=val_steps, progress=False)
-  export_path = None
-  if chief:
-    export_path = saved_model.export_saved_model(trainer.model, list(inputs.classes), config, run.export,
-                                                 data.sample_files(inputs.val, os.path.join(workdir, "cache",
-                                                                   "samples"), saved_model.PARITY_FILES),
-                                                 source=manager.latest_checkpoint or "")
-    logging.info("Exported the SavedModel to %s", export_path)
-  metrics = summarize(history, list(inputs.classes), export_path)
-  metrics["skipped_files"] = [{"path": path, "reason": why} for path, why in sorted(inputs.skipped.items())]
-  tensorboard.close()
-  if chief:
-    run.save_metrics(metrics)
-    reporting.write_reports(run.report, history, val_metrics["confusion_matrix"], inputs.classes)
-  distribute.wait_for_all_workers(strategy)
-  distribute.remove_worker_files(workdir, strategy)
-  return metrics
-
-
-def _restore_checkpoint(trainer: Trainer, run: workdir_lib.RunDir, workdir: str, strategy: tf.distribute.Strategy):
-  """Restores the run's latest checkpoint, if any. Returns the manager of the run's checkpoints and the one this
-  process saves with: the same on the chief; a temporary folder of a non-chief worker's own (removed at the end),
-  since two workers writing one checkpoint file collide."""
-  manager = tf.train.CheckpointManager(trainer.checkpoint, run.checkpoints, max_to_keep=2)
+  manager = checkpoints.restore_latest(trainer.checkpoint, run_dir.checkpoints, max_to_keep=2, repair=chief)
   own_manager = manager
-  if not distribute.is_chief(strategy):
+  if not chief:  # Two workers writing one checkpoint file collide: a non-chief saves to its own folder.
     own_checkpoints = workdir_lib.RunDir(distribute.write_dir(workdir, strategy)).checkpoints
     own_manager = tf.train.CheckpointManager(trainer.checkpoint, own_checkpoints, max_to_keep=1)
   if manager.latest_checkpoint:
-    trainer.checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-    logging.info("Resumed from %s after epoch %d, step %d.", manager.latest_checkpoint, int(trainer.epoch),
-                 int(trainer.epoch_step))
-  return manager, own_manager
+    logging.info("Resumed from %s: %d epoch(s) done%s.", manager.latest_checkpoint, int(trainer.epoch),
+                 f", and {int(trainer.epoch_step)} step(s) of epoch {int(trainer.epoch) + 1}"
+                 if int(trainer.epoch_step) else "")
+  _check_phase_change(run_dir, config, int(trainer.epoch) + (int(trainer.epoch_step) > 0))
+  if chief:
+    run_dir.save_config(config, {
+        "classes": list(inputs.classes), "train_examples": len(inputs.train.all_labels),
+        "val_examples": len(inputs.val.all_labels), "class_weights": class_weights,
+        "skipped_files": len(inputs.skipped), "strategy": type(strategy).__name__, "dtype_policy": policy,
+        "workers": shard.count, "cache": {"train": dataclasses.asdict(inputs.train.cache),
+                                          "val": dataclasses.asdict(inputs.val.cache)},
+        **dataclasses.asdict(plan), "frozen_lr": config.train.frozen_lr * plan.lr_scale,
+        "finetune_lr": config.train.finetune_lr * plan.lr_scale, "phases": dict(model_lib.phases(config))})
+  else:
+    run_dir.check_config(config)
+  history = run_dir.load_history()[:int(trainer.epoch)]
+  tensorboard = reporting.TensorBoardLog(run_dir.tensorboard if chief else None, inputs.classes)
+  return Run(config, workdir, strategy, plan, shard, inputs, run_dir, chief, trainer, manager, own_manager, history,
+             tensorboard, policy)
+
+
+def _check_run_facts(run_dir: workdir_lib.RunDir, classes: tuple[str, ...], policy: str) -> None:
+  """Refuses to continue checkpoints trained on another class list or in another precision: the label indices
+  (or the optimizer's loss-scale slots) would no longer mean what they meant."""
+  if not _has_checkpoints(run_dir):
+    return
+  previous = run_dir.load_run_facts()
+  old_classes = previous.get("classes")
+  if old_classes is not None and list(old_classes) != list(classes):
+    raise UserInputError(f"--workdir={run_dir.root} holds checkpoints trained on the classes {old_classes}, and "
+                         f"the data now has {list(classes)}. Restore the class folders, or use a new --workdir "
+                         "to train on the new classes.")
+  old_policy = previous.get("dtype_policy")
+  if old_policy and old_policy != policy:
+    flag = {"mixed_float16": "float16", "mixed_bfloat16": "bfloat16"}.get(old_policy, "float32")
+    raise UserInputError(f"--workdir={run_dir.root} was trained in precision {old_policy}, and this machine "
+                         f"resolves --mixed_precision to {policy}: pass --mixed_precision={flag} to continue it, or "
+                         "use a new --workdir.")
+
+
+def _has_checkpoints(run_dir: workdir_lib.RunDir) -> bool:
+  return os.path.isdir(run_dir.checkpoints) and any(name.endswith(".index")
+                                                      for name in os.listdir(run_dir.checkpoints))
+
+
+def _check_phase_change(run_dir: workdir_lib.RunDir, config: Config, started_epochs: int) -> None:
+  """--frozen_epochs may grow or shrink only while no epoch it would move to another phase has started."""
+  if not started_epochs or not os.path.isfile(run_dir.config_file):
+    return
+  old = run_dir.load_config().train.frozen_epochs
+  new = config.train.frozen_epochs
+  if old != new and started_epochs > min(old, new):
+    raise UserInputError(f"--frozen_epochs={new}: this run has started epoch {started_epochs} with "
+                         f"--frozen_epochs={old}, so the phase of an epoch already trained would change. Keep "
+                         f"--frozen_epochs={old} (change --finetune_epochs freely), or use a new --workdir.")
+
+
+def _finished_export(run: Run) -> dict | None:
+  """A rerun of a finished run: its export of the last checkpoint exists, so nothing is trained or exported."""
+  if int(run.trainer.epoch) < run.total_epochs or not run.manager.latest_checkpoint or not run.chief:
+    return None
+  if run.shard.count > 1:
+    return None  # Every worker must take the same path; a finished cluster run re-exports (rare).
+  exported = _export_of(run.run_dir, run.config, run.manager.latest_checkpoint)
+  if not exported or not os.path.isfile(run.run_dir.metrics_file):
+    return None
+  logging.warning("The run is complete (%d epochs) and its export of %s is at %s: nothing to do. Raise "
+                  "--finetune_epochs to train more, or run python -m export.main --workdir=%s to export again.",
+                  run.total_epochs, os.path.basename(run.manager.latest_checkpoint), exported, run.workdir)
+  run.tensorboard.close()
+  return workdir_lib.read_json(run.run_dir.metrics_file)
+
+
+def _export_of(run_dir: workdir_lib.RunDir, config: Config, checkpoint: str) -> str | None:
+  model_dir = os.path.join(run_dir.export, config.export.model_name)
+  if not os.path.isdir(model_dir):
+    return None
+  for version in sorted((v for v in os.listdir(model_dir) if v.isdigit()), key=int, reverse=True):
+    metadata = os.path.join(model_dir, version, saved_model.METADATA_FILE)
+    if os.path.isfile(metadata) and workdir_lib.read_json(metadata).get("source") == checkpoint:
+      return os.path.join(model_dir, version)
+  return None
+
+
+def train_epochs(run: Run) -> dict | None:
+  """The epochs left to train; returns the last validation's metrics (None when no epoch ran here)."""
+  config, trainer = run.config, run.trainer
+  preemption = distribute.preemption_handler(run.strategy, run.manager, save_fn=run.own_manager.save,
+                                             exit_fn=lambda: _exit_preempted(trainer))
+  progress = config.runtime.verbosity >= 0
+  run.tensorboard.log_run(config, {"precision": run.policy, "num_replicas": run.strategy.num_replicas_in_sync,
+                                   "classes": list(run.inputs.classes), "run_name": os.path.basename(
+                                       os.path.normpath(run.workdir))})
+  if int(trainer.epoch) == 0 and int(trainer.epoch_step) == 0:
+    run.tensorboard.log_training_images(*_first_augmented_batch(config, run.inputs.train.images))
+  val_metrics = feature_cache = None
+  for epoch in range(int(trainer.epoch), run.total_epochs):
+    phase = phase_of_epoch(epoch, config)
+    if phase != trainer.phase:
+      trainer.set_phase(phase)
+    if epoch == 0 or phase_of_epoch(epoch - 1, config) != phase:
+      run.tensorboard.log_phase_start(epoch + 1, phase, config)
+    if progress:
+      print(f"Epoch {epoch + 1}/{run.total_epochs} ({phase} phase)", flush=True)
+    start = time.perf_counter()
+    on_features = config.train.cache_features and phase == model_lib.FROZEN
+    if on_features and feature_cache is None:
+      feature_cache = _feature_cache(run)  # Computed once in this process (its time counts in this epoch).
+    if (trainer.network is not trainer.model) != on_features:
+      trainer.train_on_features(feature_cache.head if on_features else None)
+    done_steps = int(trainer.epoch_step)
+    train_metrics = trainer.run_epoch(_train_batches(run, epoch, feature_cache if on_features else None, done_steps),
+                                      training=True, steps=_steps(run, run.inputs.train) - done_steps,
+                                      progress=progress, preemption=preemption)
+    val_metrics = trainer.run_epoch(_val_batches(run, feature_cache if on_features else None), training=False,
+                                    steps=_steps(run, run.inputs.val), progress=False)
+    _log_examples(run, epoch, train_metrics["ids"])
+    record = {"epoch": epoch + 1, "phase": phase,
+              "loss": train_metrics["loss"], "accuracy": train_metrics["accuracy"],
+              "val_loss": val_metrics["loss"], "val_accuracy": val_metrics["accuracy"],
+              # With the seconds of the epoch's steps done before a resume.
+              "seconds": time.perf_counter() - start + train_metrics["earlier_seconds"],
+              "train_seconds": train_metrics["seconds"],
+              "images_per_sec": train_metrics["examples"] / max(train_metrics["seconds"], 1e-9),
+              "first_step_seconds": train_metrics["first_step_seconds"],
+              "steady_images_per_sec": train_metrics["steady_images_per_sec"],
+              "learning_rate": float(tf.convert_to_tensor(trainer.optimizers[phase].learning_rate))}
+    run.history.append(record)
+    run.tensorboard.log_epoch(run.history, val_metrics["confusion_matrix"])
+    if run.chief:
+      # History first: a run killed between the two files drops the record past the checkpoint on resume.
+      run.run_dir.save_history(run.history)
+    trainer.epoch.assign(epoch + 1)
+    trainer.epoch_step.assign(0)
+    trainer.epoch_sums.assign(tf.zeros([4], tf.float64))
+    checkpoints.save(run.own_manager)
+    logging.info("epoch %d/%d %s: loss %.4f accuracy %.4f val_loss %.4f val_accuracy %.4f (%.1fs, %.1f img/s)",
+                 epoch + 1, run.total_epochs, phase, record["loss"], record["accuracy"], record["val_loss"],
+                 record["val_accuracy"], record["seconds"], record["images_per_sec"])
+  distribute.end_preemption_handling(preemption)
+  return val_metrics
+
+
+def _steps(run: Run, examples: data.Examples) -> int:
+  return math.ceil(examples.padded_length / run.examples_per_step)
+
+
+def _distributed(run: Run, dataset_of_share) -> tf.distribute.DistributedDataset:
+  """Batches of this worker's share at the per-replica size, each worker reading only its own share."""
+  def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
+    if (context.input_pipeline_id, context.num_input_pipelines) != (run.shard.index, run.shard.count):
+      raise RuntimeError(f"input pipeline {context.input_pipeline_id}/{context.num_input_pipelines} is not this "
+                         f"worker's share {run.shard}")
+    return dataset_of_share().batch(run.plan.per_replica_batch_size).prefetch(tf.data.AUTOTUNE)
+  return run.strategy.distribute_datasets_from_function(dataset_fn)
+
+
+def _train_batches(run: Run, epoch: int, feature_cache, done_steps: int):
+  """Epoch `epoch`'s batches, shuffled with seed + epoch, so a run stopped mid-epoch replays them and skips the
+  steps it had done."""
+  seed = run.config.data.seed + epoch
+  if feature_cache is None:
+    def share():
+      return run.inputs.train.epoch(seed).skip(done_steps * run.examples_per_step)
+  else:
+    def share():
+      return feature_cache.train_share(epoch, seed).skip(done_steps * run.examples_per_step)
+  return _distributed(run, share)
+
+
+def _val_batches(run: Run, feature_cache):
+  return _distributed(run, (lambda: run.inputs.val.epoch(None)) if feature_cache is None
+                      else feature_cache.val_share)
+
+
+class _SharedFeatures:
+  """The frozen phase's cached features of this worker's share, padded and weighted like its images."""
+
+  def __init__(self, cache, train: data.Examples, val: data.Examples):
+    self.head = cache.head
+    self._train = _padded_arrays(cache.train_features, cache.train_labels, train)
+    self._val = _padded_arrays(cache.val_features[np.newaxis], cache.val_labels, val)
+
+  def train_share(self, epoch: int, seed: int) -> tf.data.Dataset:
+    views, labels, weights, ids = self._train
+    dataset = tf.data.Dataset.from_tensor_slices((views[epoch % len(views)], labels, weights, ids))
+    return dataset.shuffle(max(len(labels), 1), seed=seed, reshuffle_each_iteration=False)
+
+  def val_share(self) -> tf.data.Dataset:
+    views, labels, weights, ids = self._val
+    return tf.data.Dataset.from_tensor_slices((views[0], labels, weights, ids))
+
+
+def _padded_arrays(views: np.ndarray, labels: np.ndarray, examples: data.Examples):
+  """[views, N, D] features of the share's real examples -> padded to the share's length with weight 0."""
+  count, length = len(labels), examples.padded_length
+  order = np.concatenate([np.arange(count), np.resize(np.arange(count), max(length - count, 0))]).astype(int)
+  weights = np.concatenate([np.ones(count, np.float32), np.zeros(max(length - count, 0), np.float32)])
+  ids = np.asarray(examples.ids, np.int64)[order]
+  return views[:, order], np.asarray(labels, np.int32)[order], weights, ids
+
+
+def _feature_cache(run: Run) -> _SharedFeatures:
+  """The frozen backbone's features of this worker's share, read from the run's cache when a run (or its --tune
+  search) already extracted them."""
+  config = run.config
+  cache = features.load_or_extract(run.trainer.model, run.inputs.train.images, run.inputs.val.images,
+                                   config.data.batch_size, augment.build(config.train, config.data.seed),
+                                   config.train.feature_views,
+                                   os.path.join(distribute.write_dir(run.workdir, run.strategy), "cache"),
+                                   features.cache_key(config, run.inputs.identity, run.policy))
+  return _SharedFeatures(cache, run.inputs.train, run.inputs.val)
+
+
+def _log_examples(run: Run, epoch: int, ids: list[int]) -> None:
+  """--example_log: the ids this worker trained on in the epoch, one JSON line per epoch."""
+  folder = run.config.runtime.example_log
+  if folder:
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"worker_{run.shard.index}.jsonl"), "a", encoding="utf-8") as f:
+      f.write(json.dumps({"epoch": epoch + 1, "worker": run.shard.index, "ids": sorted(ids)}) + "\n")
+
+
+def finalize(run: Run, val_metrics: dict | None) -> dict:
+  """Exports on the chief and writes the report; every worker takes part in the last evaluation."""
+  trainer = run.trainer
+  # A run resumed after its last epoch has not validated in this process; the report needs the final model's.
+  trainer.train_on_features(None)
+  val_metrics = val_metrics or trainer.run_epoch(_val_batches(run, None), training=False,
+                                                 steps=_steps(run, run.inputs.val), progress=False)
+  export_path = None
+  if run.chief:
+    samples = data.sample_files(run.inputs.val, os.path.join(run.workdir, "cache", "samples"),
+                                saved_model.PARITY_FILES)
+    export_path = _export(run, samples)
+  metrics = summarize(run.history, list(run.inputs.classes), export_path,
+                      [phase for phase, _ in model_lib.phases(run.config)])
+  metrics["skipped_files"] = [{"path": path, "reason": why} for path, why in sorted(run.inputs.skipped.items())]
+  run.tensorboard.close()
+  if run.chief:
+    run.run_dir.save_metrics(metrics)
+    reporting.write_reports(run.run_dir.report, run.history, val_metrics["confusion_matrix"], run.inputs.classes)
+  distribute.wait_for_all_workers(run.strategy)
+  distribute.remove_worker_files(run.workdir, run.strategy)
+  return metrics
+
+
+def _export(run: Run, samples) -> str:
+  """The SavedModel of the last checkpoint. A failed export check never loses the training: the checkpoint stays
+  and `python -m export.main` retries."""
+  try:
+    path = saved_model.export_saved_model(run.trainer.model, list(run.inputs.classes), run.config,
+                                          run.run_dir.export, samples, source=run.manager.latest_checkpoint or "")
+  except saved_model.ExportParityError as e:
+    raise UserInputError(f"{e} Training is complete and kept in {run.run_dir.checkpoints}; retry the export with "
+                         f"python -m export.main --workdir={run.workdir}.") from None
+  logging.info("Exported the SavedModel to %s", path)
+  return path
 
 
 def _exit_preempted(trainer: Trainer) -> None:
   """After the checkpoint PreemptionCheckpointHandler saved on SIGTERM: exit with a code schedulers retry."""
-  logging.warning("Stopped by SIGTERM: saved a checkpoint at epoch %d, step %d. Run the same command again to "
-                  "continue.", int(trainer.epoch) + 1, int(trainer.epoch_step))
+  logging.warning("Stopped by SIGTERM: saved a checkpoint after %d step(s) of epoch %d. Run the same command again "
+                  "to continue.", int(trainer.epoch_step), int(trainer.epoch) + 1)
   sys.exit(distribute.PREEMPTED_EXIT_CODE)
 
 
@@ -310,9 +537,9 @@ def _first_augmented_batch(config: Config, train_images: tf.data.Dataset, count:
   return np.asarray(images), labels.numpy()
 
 
-def summarize(history: list[dict], classes: list[str], export_path: str | None) -> dict:
+def summarize(history: list[dict], classes: list[str], export_path: str | None, phase_names: list[str]) -> dict:
   phases = {}
-  for phase in (model_lib.FROZEN, model_lib.FINETUNE):
+  for phase in phase_names:
     records = [r for r in history if r["phase"] == phase]
     train_seconds = sum(r["train_seconds"] for r in records)
     examples = sum(r["images_per_sec"] * r["train_seconds"] for r in records)
