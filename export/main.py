@@ -11,7 +11,7 @@ import os
 from absl import app, flags
 
 from export import saved_model
-from trainer import data, restore
+from trainer import data, restore, usage
 from trainer import flags as trainer_flags
 from trainer import workdir as workdir_lib
 from trainer.config import ExportConfig
@@ -42,11 +42,15 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   given = trainer_flags.FLAGS
   with exit_on_user_error():
-    print(export_run(given.workdir, restore.flag_overrides(given, _OVERRIDABLE), given.version))
+    if not given.workdir or not os.path.isdir(given.workdir):
+      raise UserInputError(f"--workdir={given.workdir or ''} is not a folder: pass the workdir of a trained run.")
+    with workdir_lib.lock(given.workdir):  # A run still training there would export into the same folder.
+      print(export_run(given.workdir, restore.flag_overrides(given, _OVERRIDABLE), given.version))
 
 
 def run_script():
-  app.run(main)
+  usage.run(main, __doc__, {"export": ["workdir", "version", *ExportConfig.__dataclass_fields__],
+                            "data (where the run's validation files are now)": list(restore.DATA_SOURCE_FIELDS)})
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import tensorflow as tf
 
 from trainer import checkpoints
 from trainer.errors import UserInputError
+from trainer.workdir import RunDir
 
 
 class TinyRun:
@@ -176,3 +177,23 @@ def test_a_full_disk_ends_the_save_in_one_line_and_the_run_resumes(small_disk):
   resumed = TinyRun(units=20_000)
   checkpoints.restore_latest(resumed.checkpoint, str(directory), max_to_keep=2)
   assert resumed.restored_epoch() == 1
+
+
+def test_a_run_whose_newest_checkpoint_is_corrupt_resumes_from_the_one_before(tiny_config, color_folder, tmp_path,
+                                                                              caplog):
+  from trainer import train  # Imported here: the other tests need no model.
+  config = tiny_config.replace(data_dir=str(color_folder), frozen_epochs=2, finetune_epochs=0)
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(config, str(workdir))
+  first = RunDir(str(workdir)).load_history()
+  _truncate(glob.glob(str(workdir / "checkpoints" / "ckpt-2.data-*"))[0])
+
+  with caplog.at_level(logging.WARNING):
+    metrics = train.train_and_evaluate(config, str(workdir))
+
+  assert metrics["epochs"] == 2 and np.isfinite(metrics["val_loss"])
+  assert glob.glob(str(workdir / "checkpoints" / "corrupt" / "ckpt-2-*" / "ckpt-2.data-*"))
+  assert any("ckpt-2 is unreadable" in r.getMessage() for r in caplog.records)
+  history = RunDir(str(workdir)).load_history()
+  assert history[0] == first[0] and history[1]["seconds"] != first[1]["seconds"]  # Epoch 1 kept, epoch 2 rerun.
+  assert checkpoints.newest_readable(str(workdir / "checkpoints")).endswith("ckpt-2")
