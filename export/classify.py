@@ -29,16 +29,19 @@ class Prediction:
   error: str = ""
 
 
-def image_paths(paths: Iterable[str]) -> list[str]:
-  """Files as given (whatever their name), and the image files found below folders, in sorted order."""
-  found = []
+def image_paths(paths: Iterable[str]) -> tuple[list[str], list[str]]:
+  """Files as given (whatever their name), and the image files found below folders, in sorted order; and the
+  files below those folders that are not named as images (hidden files aside), which are not classified."""
+  found, not_images = [], []
   for path in paths:
-    if os.path.isdir(path):
-      found.extend(sorted(os.path.join(folder, name) for folder, _, names in os.walk(path)
-                          for name in names if sources.is_image_file(name)))
-    else:
+    if not os.path.isdir(path):
       found.append(path)
-  return found
+      continue
+    below = sorted(os.path.join(folder, name) for folder, _, names in os.walk(path)
+                   for name in names if not name.startswith("."))
+    found.extend(p for p in below if sources.is_image_file(os.path.basename(p)))
+    not_images.extend(p for p in below if not sources.is_image_file(os.path.basename(p)))
+  return found, not_images
 
 
 class Classifier:

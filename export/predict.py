@@ -1,7 +1,8 @@
 """python -m export.predict --model=EXPORT_DIR PATH... [--top_k=3] [--format=table|json|csv]
 
-Prints the top-k labels and scores of every image file given, or found below the folders given. Unreadable files
-are reported (in the output, with the reason) and the rest still classified; the exit code is then 1.
+Prints the top-k labels and scores of every image file given, or found below the folders given (files there not
+named as images are counted on stderr). Unreadable files are reported (in the output, with the reason) and the rest
+still classified; the exit code is then 1.
 """
 
 import sys
@@ -9,7 +10,7 @@ import sys
 from absl import flags
 
 from export import classify
-from trainer import usage
+from trainer import images, usage
 from trainer.errors import UserInputError, exit_on_user_error
 
 flags.DEFINE_string("model", None, "Export folder of one version: WORKDIR/export/<model_name>/<version>.")
@@ -22,12 +23,17 @@ def main(argv):
   with exit_on_user_error():
     if not FLAGS.model:
       raise UserInputError("Pass --model=WORKDIR/export/<model_name>/<version>.")
-    paths = classify.image_paths(argv[1:])
+    paths, not_images = classify.image_paths(argv[1:])
     if not paths:
-      raise UserInputError("Give image files or folders to classify after the flags.")
+      raise UserInputError("Give image files or folders to classify after the flags" + (
+          f" (the folders given hold no file named as an image, e.g. {not_images[0]})." if not_images else "."))
     if FLAGS.top_k < 1:
       raise UserInputError(f"--top_k={FLAGS.top_k}: must be at least 1.")
     predictions = classify.Classifier(FLAGS.model).classify(paths, FLAGS.top_k)
+  if not_images:
+    print(f"Not classified: {len(not_images)} file(s) below the folders given that are not named as images (read: "
+          f"{', '.join(images.IMAGE_EXTENSIONS)}), e.g. {'; '.join(not_images[:3])}. Name them to classify them.",
+          file=sys.stderr)
   sys.stdout.write(classify.format_predictions(predictions, FLAGS.format))
   if any(p.error for p in predictions):
     sys.exit(1)

@@ -1,6 +1,7 @@
 """Evaluation of a trained run: the metrics are right, and the report files describe the data evaluated."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ from PIL import Image
 from conftest import CLASS_COLORS, write_image
 from trainer import evaluate
 from trainer import flags as trainer_flags
+from trainer import usage
 from trainer.errors import UserInputError
 
 
@@ -138,3 +140,12 @@ def test_the_command_prints_accuracy_and_ends_mistakes_in_one_line(trained_workd
       run(*args)
     errors = capsys.readouterr().err.splitlines()
     assert exit_.value.code == 2 and len(errors) == 1 and message in errors[0]
+
+
+def test_help_lists_only_the_flags_evaluation_reads(capsys):
+  with pytest.raises(SystemExit) as exit_:
+    usage.parse(["evaluate", "--help"], evaluate.__doc__, evaluate.HELP_GROUPS)
+
+  listed = re.findall(r"^  --(?:\[no\])?(\w+):", capsys.readouterr().out, re.MULTILINE)
+  assert exit_.value.code == 0
+  assert {"workdir", "data_dir", "csv", "top_k"} <= set(listed) and "frozen_epochs" not in listed

@@ -18,6 +18,7 @@ def photos(tmp_path):
   folder = tmp_path / "photos"
   write_image(folder / "a.jpg", (220, 40, 40))
   write_image(folder / "nested" / "b.png", (40, 200, 60), mode="L")
+  (folder / "nested" / "scan.tif").write_bytes(b"II*\0")
   (folder / "notes.txt").write_text("not an image, and not named like one")
   (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
   (folder / "fake.gif").write_text("hello")
@@ -25,8 +26,9 @@ def photos(tmp_path):
 
 
 def test_bad_files_are_reported_and_the_others_classified_as_the_model_does(trained_export_dir, photos):
-  paths = classify.image_paths([str(photos), str(photos / "missing.jpg")])
+  paths, not_images = classify.image_paths([str(photos), str(photos / "missing.jpg")])
   assert sorted(p.rsplit("/", 1)[-1] for p in paths) == ["a.jpg", "b.png", "broken.jpg", "fake.gif", "missing.jpg"]
+  assert sorted(p.rsplit("/", 1)[-1] for p in not_images) == ["notes.txt", "scan.tif"]
 
   predictions = {p.path.rsplit("/", 1)[-1]: p for p in classify.Classifier(str(trained_export_dir)).classify(paths, top_k=2)}
 
@@ -58,17 +60,12 @@ def test_csv_and_json_formats_hold_every_file():
 
 def test_command_prints_json_and_exits_1_when_a_file_failed(trained_export_dir, photos):
   result = subprocess.run([sys.executable, "-m", "export.predict", f"--model={trained_export_dir}", "--format=json",
-                           "--top_k=1", str(photos / "a.jpg"), str(photos / "fake.gif")],
+                           "--top_k=1", str(photos / "a.jpg"), str(photos / "fake.gif"), str(photos / "nested")],
                           capture_output=True, text=True)
 
   assert result.returncode == 1, result.stderr
   parsed = json.loads(result.stdout)
-  assert [len(p["predictions"]) for p in parsed] == [1, 0]
+  assert [len(p["predictions"]) for p in parsed] == [1, 0, 1]
   assert parsed[1]["error"]
+  assert "Not classified: 1 file(s)" in result.stderr and "scan.tif" in result.stderr
 
-
-def test_help_lists_the_commands_flags_and_exits_0():
-  result = subprocess.run([sys.executable, "-m", "export.predict", "--help"], capture_output=True, text=True)
-
-  assert result.returncode == 0, result.stderr
-  assert "\npredict:\n  --model:" in result.stdout and "  --format: <table|json|csv>" in result.stdout

@@ -132,9 +132,12 @@ def main(argv):
   print(summary(metrics, report_dir))
 
 
+HELP_GROUPS = {"evaluate": ["workdir", "top_k", "batch_size"],
+               "data (default: the run's validation split)": list(_DATA_FLAGS)}
+
+
 def run_script():
-  usage.run(main, __doc__, {"evaluate": ["workdir", "top_k", "batch_size"],
-                            "data (default: the run's validation split)": list(_DATA_FLAGS)})
+  usage.run(main, __doc__, HELP_GROUPS)
 
 
 if __name__ == "__main__":
