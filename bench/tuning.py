@@ -1,14 +1,24 @@
-"""python -m bench.tuning: a 20-trial head search on hymenoptera at 224 px, and what the best values buy.
+"""python -m bench.tuning: cross-validated search against the defaults, and --feature_views, on cached features.
 
-Prints the one-time feature extraction time, the search wall time, the best trial's val accuracy, and the final
-val accuracy of a full default run next to one with the best values (both --cache_features off, defaults else).
+For each dataset: extracts the frozen MobileNetV2 features once (max(--views) augmented views of every training
+image, plus the validation images), then, for each of --seeds seeds:
+  - trains the frozen-phase head with the defaults on the first K views, for every K of --views (what
+    --cache_features --feature_views=K trains), and with the tutorial recipe's head and rate (Dense 256, no
+    dropout, Adam 2e-5);
+  - runs the --tune search (--tuner, --max_trials, --tune_folds, scored inside the training split) on the
+    --tune_views views, and trains the head with the values it chose.
+Every head is scored on the validation split, which the search never sees. The seed varies the head's
+initialisation, dropout, shuffling and folds; the features (and their augmentation draws) are extracted once with
+seed 42, so that the comparison fits the CPU budget. The fine-tune phase is bench.finetune.
 """
 
+import copy
 import json
 import os
 import tempfile
 import time
 
+import numpy as np
 from absl import app, flags
 
 from bench import write_figures
@@ -16,40 +26,100 @@ from bench import write_figures
 from trainer import train, tuning
 from trainer.config import Config
 
-flags.DEFINE_string("data_dir", "../shared/datasets/hymenoptera", "Dataset (train/ + val/).")
+flags.DEFINE_list("data_dirs", ["../shared/datasets/hymenoptera", "../shared/datasets/sign_language_digits"],
+                  "Datasets (train/ + val/).")
+flags.DEFINE_list("max_trials", ["20", "10"], "Trials of the search, per dataset (the last repeats).")
 flags.DEFINE_string("weights", "../shared/weights/mobilenet_v2_1.0_224_coral-tf2ptq-dequant_no_top.h5",
                     "MobileNetV2 no-top weights file.")
-flags.DEFINE_integer("image_size", 224, "Input size (the issue's benchmark is at 224 px).")
+flags.DEFINE_integer("image_size", 224, "Input size.")
+flags.DEFINE_integer("seeds", 5, "Seeds per setting.")
+flags.DEFINE_list("views", ["1", "2", "4", "8"], "--feature_views settings to compare.")
+flags.DEFINE_integer("tune_views", 1, "--feature_views of the search and of the runs it is compared with.")
 flags.DEFINE_string("tuner", "random", "hyperband | random | bayesian.")
-flags.DEFINE_integer("max_trials", 20, "Trials of the search.")
-flags.DEFINE_bool("full_runs", True, "Also train with the defaults and with the best values, and compare.")
+flags.DEFINE_integer("tune_folds", 5, "Folds of the search's cross-validation.")
 flags.DEFINE_string("json", "", "Write the figures to this file.")
 FLAGS = flags.FLAGS
+
+TUTORIAL_HEAD = {"head_units": 256, "dropout": 0.0, "frozen_lr": 2e-5}
+
+
+def frozen_head(cache, config: Config, values: dict, seed: int) -> dict:
+  """The run's frozen phase on cached features: epoch e on view e mod K, shuffled per epoch, Adam at the run's
+  rate. Returns the val accuracy and the accuracy on the last epoch's training view."""
+  head = tuning.HeadHyperModel(cache.train_features.shape[-1], cache.head.output.shape[-1], seed).build(values)
+  for epoch in range(config.train.frozen_epochs):
+    head.fit(cache.train_batches(epoch, config.data.batch_size, shuffle_seed=seed + epoch, deterministic=False),
+             verbose=0)
+  last_view = cache.train_features[(config.train.frozen_epochs - 1) % cache.views]
+  return {"val_accuracy": _accuracy(head, cache.val_features, cache.val_labels),
+          "train_accuracy": _accuracy(head, last_view, cache.train_labels)}
+
+
+def _accuracy(head, features, labels) -> float:
+  return float(np.mean(np.argmax(head.predict(features, batch_size=4096, verbose=0), -1) == labels))
+
+
+def _views(cache, count: int):
+  """The cache with its first `count` views: what an extraction of `count` views with the same seed gives."""
+  prefix = copy.copy(cache)
+  prefix.train_features = cache.train_features[:count]
+  return prefix
+
+
+def _summary(values: list[float]) -> dict:
+  return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+          "min": float(np.min(values)), "max": float(np.max(values)), "runs": values}
+
+
+def bench_dataset(data_dir: str, max_trials: int) -> dict:
+  views = [int(v) for v in FLAGS.views]
+  base = train.resolve(Config().replace(
+      data_dir=data_dir, weights=FLAGS.weights, image_size=FLAGS.image_size, feature_views=max(views),
+      tune=True, tuner=FLAGS.tuner, max_trials=max_trials, tune_folds=FLAGS.tune_folds, verbosity=-1))
+  root = tempfile.mkdtemp(prefix="bench_tuning_")
+  start = time.perf_counter()
+  cache = tuning.cached_features(base, root)
+  figures = {"data_dir": data_dir, "train_images": len(cache.train_labels), "val_images": len(cache.val_labels),
+             "extraction_seconds": time.perf_counter() - start, "extracted_views": max(views)}
+  seeds = [42 + i for i in range(FLAGS.seeds)]
+  defaults = {"head_units": base.model.head_units, "dropout": base.model.dropout,
+              "frozen_lr": base.train.frozen_lr}
+  figures["feature_views"] = {}
+  for count in views:
+    runs = [frozen_head(_views(cache, count), base, defaults, seed) for seed in seeds]
+    figures["feature_views"][count] = {key: _summary([run[key] for run in runs])
+                                       for key in ("val_accuracy", "train_accuracy")}
+    print(data_dir, "views", count, json.dumps({k: round(v["mean"], 4) for k, v in
+                                                figures["feature_views"][count].items()}), flush=True)
+  tune_cache = _views(cache, FLAGS.tune_views)
+  figures["tutorial_head"] = _summary([frozen_head(tune_cache, base, TUTORIAL_HEAD, seed)["val_accuracy"]
+                                       for seed in seeds])
+  tuned, default_runs, seconds, decisions = [], [], [], []
+  for seed in seeds:
+    config = base.replace(seed=seed, feature_views=FLAGS.tune_views)
+    start = time.perf_counter()
+    chosen = tuning.search(config, os.path.join(root, f"seed_{seed}"), feature_cache=tune_cache)
+    seconds.append(time.perf_counter() - start)
+    summary = json.load(open(os.path.join(root, f"seed_{seed}", "tuning", "best_hparams.json"), encoding="utf-8"))
+    decisions.append({"decision": summary["decision"], "reason": summary["reason"], "hparams": chosen})
+    default_runs.append(frozen_head(tune_cache, config, defaults, seed)["val_accuracy"])
+    tuned.append(frozen_head(tune_cache, config, chosen, seed)["val_accuracy"])
+    print(data_dir, "seed", seed, summary["reason"], f"defaults {default_runs[-1]:.4f} tune {tuned[-1]:.4f}",
+          f"{seconds[-1]:.0f}s", flush=True)
+  figures["tune"] = {"max_trials": max_trials, "folds": FLAGS.tune_folds, "views": FLAGS.tune_views,
+                     "defaults": _summary(default_runs), "tune": _summary(tuned),
+                     "worst_seed_difference": float(np.min(np.subtract(tuned, default_runs))),
+                     "search_seconds": _summary(seconds), "decisions": decisions}
+  return figures
 
 
 def main(argv):
   del argv
-  workdir = tempfile.mkdtemp(prefix="bench_tuning_")
-  config = train.resolve(Config().replace(data_dir=FLAGS.data_dir, weights=FLAGS.weights, image_size=FLAGS.image_size, tune=True,
-                                          tuner=FLAGS.tuner, max_trials=FLAGS.max_trials, verbosity=-1))
-  start = time.perf_counter()
-  splits = tuning.cached_features(config, os.path.join(workdir, "cache"))
-  extraction_seconds = time.perf_counter() - start
-  start = time.perf_counter()
-  best = tuning.search(config, workdir, splits=splits)
-  search_seconds = time.perf_counter() - start
-  with open(os.path.join(workdir, "tuning", "best_hparams.json"), encoding="utf-8") as f:
-    summary = json.load(f)
-  figures = {"feature_extraction_seconds": extraction_seconds, "search_seconds": search_seconds,
-             "trials": summary["trials"], "best_trial_val_accuracy": summary["val_accuracy"], "best": best}
-  print(json.dumps(figures, indent=2), flush=True)
-  if FLAGS.full_runs:
-    for name, run_config in (("defaults", config), ("tuned", config.replace(**best))):
-      start = time.perf_counter()
-      metrics = train.train_and_evaluate(run_config.replace(tune=False), os.path.join(workdir, name))
-      figures[f"{name}_val_accuracy"] = metrics["val_accuracy"]
-      figures[f"{name}_seconds"] = time.perf_counter() - start
-      print(name, figures[f"{name}_val_accuracy"], f"{figures[f'{name}_seconds']:.0f}s", flush=True)
+  figures = {"load_average_before": os.getloadavg()[0], "image_size": FLAGS.image_size, "seeds": FLAGS.seeds}
+  for index, data_dir in enumerate(FLAGS.data_dirs):
+    trials = int(FLAGS.max_trials[min(index, len(FLAGS.max_trials) - 1)])
+    figures[os.path.basename(data_dir.rstrip("/"))] = bench_dataset(data_dir, trials)
+  figures["load_average_after"] = os.getloadavg()[0]
   print(json.dumps(figures, indent=2))
   write_figures(figures, FLAGS.json)
 

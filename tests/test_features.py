@@ -4,6 +4,7 @@ from it."""
 import json
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from trainer import augment, data, features, train
@@ -70,3 +71,37 @@ def test_augmented_views_differ_and_unaugmented_ones_are_one(tiny_config, color_
   np.testing.assert_array_equal(epoch_batches[0], epoch_batches[2])
   assert not np.allclose(epoch_batches[0], epoch_batches[1])
   assert tf.reduce_all(tf.equal(cache.val_features.shape, plain[0].shape))
+
+
+def test_load_or_extract_extracts_once_and_reads_the_same_features_back(tiny_config, color_folder, tmp_path,
+                                                                          monkeypatch):
+  config, model, images = _model_and_images(tiny_config, color_folder, tmp_path)
+  augmenter = augment.build(config.replace(augment="classic").train, seed=0)
+  first = features.load_or_extract(model, images, images, 8, augmenter, 2, str(tmp_path / "cache"), "k1")
+  monkeypatch.setattr(features, "extract_views", lambda *args: pytest.fail("extracted again"))
+  again = features.load_or_extract(model, images, images, 8, augmenter, 2, str(tmp_path / "cache"), "k1")
+  for name in ("train_features", "train_labels", "val_features", "val_labels"):
+    np.testing.assert_array_equal(getattr(again, name), getattr(first, name), err_msg=name)
+  assert again.views == 2
+  assert [p.name for p in (tmp_path / "cache").iterdir() if p.name.startswith("features_")] == ["features_k1.npz"]
+
+
+def test_the_cache_key_changes_with_what_the_features_depend_on_only(tiny_config, tmp_path):
+  weights = tmp_path / "weights.h5"
+  weights.write_bytes(b"weights")
+  config = train.resolve(tiny_config.replace(weights=str(weights), augment="light", feature_views=2))
+  key = features.cache_key(config, "data-a", "float32")
+  assert features.cache_key(config.replace(head_units=64, dropout=0.5, frozen_lr=0.1, finetune_epochs=9),
+                            "data-a", "float32") == key
+  changed = [config.replace(image_size=40), config.replace(seed=1), config.replace(feature_views=3),
+             config.replace(augment="classic"), config.replace(rotation=5.0), config.replace(alpha=0.5),
+             config.replace(batch_size=4), config.replace(feature_layer="conv_pw_12")]
+  keys = {features.cache_key(other, "data-a", "float32") for other in changed}
+  keys |= {features.cache_key(config, "data-b", "float32"), features.cache_key(config, "data-a", "mixed_float16")}
+  weights.write_bytes(b"other weights")  # the same file name, replaced
+  keys.add(features.cache_key(config, "data-a", "float32"))
+  assert key not in keys and len(keys) == len(changed) + 3
+  # Without augmentation the views setting does not change the one plain view computed.
+  plain = config.replace(augment="none")
+  assert features.cache_key(plain, "d", "float32") == features.cache_key(plain.replace(feature_views=4), "d",
+                                                                          "float32")

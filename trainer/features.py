@@ -7,6 +7,9 @@ head alone on them. The head is the classifier's own layers after the pooling la
 starts from it, and with augmentation off it receives the same inputs in the same batches as end-to-end frozen
 training: the same head comes out, in a fraction of the time.
 
+The features can be kept on disk (`load_or_extract`), in a file named after everything they depend on
+(`cache_key`), so that a resumed run, or a --tune search and the training after it, extract them once.
+
 API, also for hyper-parameter search on cached features:
 
   feature_model(model) -> keras.Model       images 0..255 [N, S, S, 3] -> pooled features [N, D]
@@ -14,19 +17,29 @@ API, also for hyper-parameter search on cached features:
   extract(model, images, batch_size) -> (features float32 [N, D], labels int32 [N])
   extract_views(model, images, batch_size, augmenter, views) -> (features [views, N, D], labels [N])
   FeatureCache(model, train_images, val_images, batch_size, augmenter, views): both splits, batched per epoch
+  cache_key(config, data_identity, dtype_policy) -> str
+  load_or_extract(model, train_images, val_images, batch_size, augmenter, views, cache_dir, key) -> FeatureCache
 
 `images` is an unbatched tf.data.Dataset of (float32 image [S, S, 3] in 0..255, int32 label), as in
 `trainer.data.Examples.images`.
 """
 
+import dataclasses
+import hashlib
+import json
+import os
+
 import keras
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
-from trainer import data
+from trainer import augment, data
+from trainer.config import Config
 
 # The layer of the classifier (trainer.model.build_classifier) whose output the head starts from.
 POOL_LAYER = "pool"
+_ARRAYS = ("train_features", "train_labels", "val_features", "val_labels")
 
 
 def feature_model(model: keras.Model) -> keras.Model:
@@ -74,13 +87,26 @@ def extract(model: keras.Model, images: tf.data.Dataset, batch_size: int) -> tup
 
 
 class FeatureCache:
-  """Train features (one or more views) and val features of a classifier, and its head to train on them."""
+  """Train features (one or more views) and val features of a classifier, and its head to train on them.
+
+  path: an .npz file of exactly these features (see `load_or_extract`): read when it exists, else written after
+  the extraction. '' keeps them in memory only.
+  """
 
   def __init__(self, model: keras.Model, train_images: tf.data.Dataset, val_images: tf.data.Dataset,
-               batch_size: int, augmenter: keras.Layer | None = None, views: int = 1):
+               batch_size: int, augmenter: keras.Layer | None = None, views: int = 1, path: str = ""):
     self.head = head_of(model)
+    if path and os.path.isfile(path):
+      with np.load(path) as stored:
+        self.train_features, self.train_labels, self.val_features, self.val_labels = (
+            stored[name] for name in _ARRAYS)
+      logging.info("Read the cached features of %d training images (%d views) from %s.",
+                   len(self.train_labels), self.views, path)
+      return
     self.train_features, self.train_labels = extract_views(model, train_images, batch_size, augmenter, views)
     self.val_features, self.val_labels = extract(model, val_images, batch_size)
+    if path:
+      _save_arrays(path, {name: getattr(self, name) for name in _ARRAYS})
 
   @property
   def views(self) -> int:
@@ -93,3 +119,44 @@ class FeatureCache:
 
   def val_batches(self, batch_size: int) -> tf.data.Dataset:
     return data.batches(tf.data.Dataset.from_tensor_slices((self.val_features, self.val_labels)), batch_size)
+
+
+def cache_key(config: Config, data_identity: str, dtype_policy: str) -> str:
+  """A hash of everything the cached features depend on, for the file name of `load_or_extract`.
+
+  data_identity: the examples and their order (trainer.data.InputData.identity). The head, the learning rates and
+  the epochs are not part of it: they do not change the features. The batch size is: augmentation draws its
+  random transforms batch by batch.
+  """
+  factors = augment.factors(config.train)
+  parts = {"data": data_identity, "backbone": config.model.backbone, "weights": _file_identity(config.model.weights),
+           "alpha": config.model.alpha, "image_size": config.data.image_size,
+           "feature_layer": config.model.feature_layer, "augment": dataclasses.asdict(factors),
+           "views": config.train.feature_views if factors.any() else 1, "seed": config.data.seed,
+           "batch_size": config.data.batch_size, "dtype_policy": dtype_policy}
+  return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_or_extract(model: keras.Model, train_images: tf.data.Dataset, val_images: tf.data.Dataset,
+                    batch_size: int, augmenter: keras.Layer | None, views: int, cache_dir: str,
+                    key: str) -> FeatureCache:
+  """The features in cache_dir/features_<key>.npz, extracted and written there first if the file is missing."""
+  return FeatureCache(model, train_images, val_images, batch_size, augmenter, views,
+                      os.path.join(cache_dir, f"features_{key}.npz"))
+
+
+def _file_identity(weights: str) -> str | list:
+  """A weights file by path, size and modification time (a file replaced in place gets new features)."""
+  if not os.path.isfile(weights):
+    return weights  # imagenet or none
+  status = os.stat(weights)
+  return [os.path.abspath(weights), status.st_size, status.st_mtime_ns]
+
+
+def _save_arrays(path: str, arrays: dict) -> None:
+  """Atomic: a run killed while writing leaves no partial file under the final name."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  partial = f"{path}.partial.npz"
+  np.savez(partial, **arrays)
+  os.replace(partial, path)
+  logging.info("Cached the features of %d training images in %s.", len(arrays["train_labels"]), path)
