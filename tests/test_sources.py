@@ -164,3 +164,12 @@ def test_test_folders_that_hold_no_test_set_are_refused(tmp_path, make, message)
 
   with pytest.raises(UserInputError, match=message):
     sources.find_test_files(_data(data_dir=str(tmp_path / "d")))
+
+
+def test_a_csv_that_is_not_utf8_and_a_data_dir_that_is_a_file_are_named(tmp_path):
+  (tmp_path / "labels.csv").write_bytes("caf\u00e9.jpg,cat\n".encode("latin-1"))
+
+  with pytest.raises(UserInputError, match=r"labels.csv is not UTF-8 text \(it holds the byte 0xe9\)"):
+    sources.find_files(_data(csv=str(tmp_path / "labels.csv")))
+  with pytest.raises(UserInputError, match=r"labels.csv is a file: pass the folder .* --csv"):
+    sources.find_files(_data(data_dir=str(tmp_path / "labels.csv")))

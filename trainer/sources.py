@@ -10,7 +10,7 @@ import dataclasses
 import difflib
 import os
 import random
-from typing import Collection, Hashable, Sequence
+from typing import Collection, Hashable, Iterable, Iterator, Sequence
 
 import tensorflow as tf
 
@@ -128,9 +128,20 @@ def find_test_files(config: DataConfig) -> TestFiles:
 
 
 def _existing_folder(root: str) -> str:
+  if os.path.isfile(root):
+    raise UserInputError(f"--data_dir={root} is a file: pass the folder that holds the class folders (a CSV of "
+                         "path,label rows goes to --csv).")
   if not os.path.isdir(root):
     raise UserInputError(f"--data_dir={root}: no such folder.")
   return root
+
+
+def _listdir(folder: str) -> list[str]:
+  try:
+    return os.listdir(folder)
+  except OSError as e:
+    raise UserInputError(f"{folder} cannot be read ({e.strerror}): give this user read access or remove it.") \
+        from None
 
 
 # Folder names of a layout split into train, validation and test (rather than class folders).
@@ -186,7 +197,7 @@ def is_image_file(name: str) -> bool:
 def class_folders(folder: str, min_classes: int = 2) -> tuple[list[str], dict[str, list[str]], dict[str, str]]:
   """Class names (sorted), the image paths of each class folder directly below `folder`, and the other entries
   of those class folders with why they are not used. Hidden files and folders are ignored."""
-  classes = sorted(d for d in os.listdir(folder)
+  classes = sorted(d for d in _listdir(folder)
                    if not d.startswith(".") and os.path.isdir(os.path.join(folder, d)))
   files, skipped = {}, {}
   for name in classes:
@@ -209,7 +220,7 @@ def class_folders(folder: str, min_classes: int = 2) -> tuple[list[str], dict[st
 def _class_folder_files(class_dir: str) -> tuple[list[str], dict[str, str]]:
   """The image files directly in a class folder, and its other (not hidden) entries with why they are skipped."""
   found, skipped = [], {}
-  for name in sorted(os.listdir(class_dir)):
+  for name in sorted(_listdir(class_dir)):
     path = os.path.join(class_dir, name)
     if name.startswith("."):
       continue
@@ -268,6 +279,19 @@ def _csv_columns(row: list[str], csv_path: str) -> tuple[int, int] | None:
   return paths[0], labels[0]
 
 
+def _csv_rows(f: Iterable[str], csv_path: str) -> Iterator[tuple[int, list[str]]]:
+  """(line number, cells) of every row, or UserInputError for a file that is not UTF-8 CSV text."""
+  rows = csv.reader(f)
+  try:
+    yield from enumerate(rows, start=1)
+  except UnicodeDecodeError as e:
+    # Text is decoded in chunks, so the line is not known: the byte says enough (0xe9 is a Latin-1 é).
+    raise UserInputError(f"{csv_path} is not UTF-8 text (it holds the byte 0x{e.object[e.start]:02x}). Save the CSV "
+                         "as UTF-8 (spreadsheets: 'CSV UTF-8').") from None
+  except csv.Error as e:
+    raise UserInputError(f"{csv_path} line {rows.line_num}: not CSV text ({e}).") from None
+
+
 def _csv_files(csv_path: str, min_classes: int) -> tuple[list[str], dict[str, list[str]]]:
   """Class names (sorted) and image paths per class of a CSV of `path,label` rows (paths relative to the CSV; a
   header row may name the columns in either order). Every file named is used whatever its name: the file checks
@@ -279,7 +303,7 @@ def _csv_files(csv_path: str, min_classes: int) -> tuple[list[str], dict[str, li
   path_column, label_column = 0, 1
   # utf-8-sig: spreadsheet tools put a byte-order mark before the first cell.
   with open(csv_path, newline="", encoding="utf-8-sig") as f:
-    for line, row in enumerate(csv.reader(f), start=1):
+    for line, row in _csv_rows(f, csv_path):
       if not any(cell.strip() for cell in row):
         continue
       if line == 1:
