@@ -210,8 +210,6 @@ class FoldScorer:
 
 def _check_folds(labels: np.ndarray, folds: int) -> None:
   counts = np.bincount(labels)
-  if folds < 2:
-    raise UserInputError(f"--tune_folds={folds}: cross-validation needs at least 2 folds (5 is usual).")
   if folds > counts[counts > 0].min():
     raise UserInputError(f"--tune_folds={folds} is more than the {counts[counts > 0].min()} training images of the "
                          "smallest class: every fold needs an image of every class. Use a smaller --tune_folds.")
