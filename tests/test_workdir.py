@@ -74,6 +74,16 @@ def test_workers_of_one_cluster_share_the_workdir_but_not_a_lock(tmp_path, monke
         pass
 
 
+def _tmpfs(folder, options: str):
+  """Mounts a tmpfs on `folder` (root only: a user's chmod cannot make root's writes fail); yields, unmounts."""
+  if os.geteuid() != 0 or shutil.which("mount") is None:
+    pytest.skip("mounting a tmpfs needs root")
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True).returncode:
+    pytest.skip("cannot mount a tmpfs here")
+  yield folder
+  subprocess.run(["umount", str(folder)], check=True)
+
+
 @pytest.fixture
 def unwritable_folder(tmp_path):
   """A folder this process cannot write: read-only for a user, a read-only tmpfs for root (root writes anyway)."""
@@ -84,11 +94,14 @@ def unwritable_folder(tmp_path):
     yield folder
     folder.chmod(0o700)
     return
-  if shutil.which("mount") is None or subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs",
-                                                      str(folder)], capture_output=True).returncode:
-    pytest.skip("cannot mount a read-only tmpfs here")
-  yield folder
-  subprocess.run(["umount", str(folder)], check=True)
+  yield from _tmpfs(folder, "ro,size=64k")
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+  folder = tmp_path / "disk"
+  folder.mkdir()
+  yield from _tmpfs(folder, "size=64k")
 
 
 @pytest.mark.parametrize("case", ["a file", "under a file", "unwritable", "unwritable, existing"])
@@ -127,3 +140,21 @@ def test_concurrent_json_writers_never_collide(tmp_path):
   assert not errors
   assert workdir.read_json(path) in values
   assert os.listdir(os.path.dirname(path)) == ["history.json"]
+
+
+def test_a_json_write_on_a_full_disk_ends_in_one_line_and_keeps_the_previous_file(full_disk):
+  path = str(full_disk / "report" / "history.json")
+  workdir.write_json(path, [{"epoch": 1}])
+  filler = os.open(full_disk / "filler", os.O_WRONLY | os.O_CREAT)
+  with pytest.raises(OSError, match="No space left"):
+    while True:
+      os.write(filler, b"\0" * 4096)
+  os.close(filler)
+
+  with pytest.raises(UserInputError) as raised:
+    workdir.write_json(path, [{"epoch": 1}, {"epoch": 2, "padding": "x" * 100_000}])
+
+  message = str(raised.value)
+  assert "\n" not in message and str(full_disk / "report") in message and "full" in message
+  assert workdir.read_json(path) == [{"epoch": 1}]
+  assert os.listdir(full_disk / "report") == ["history.json"]

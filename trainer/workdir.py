@@ -1,6 +1,7 @@
 """The layout of a run's workdir (see WORKSPACE.md) and the files a run keeps there."""
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -137,6 +138,12 @@ def write_json(path: str, value) -> None:
     with open(partial, "x", encoding="utf-8") as f:
       json.dump(value, f, indent=2, ensure_ascii=False)
     os.replace(partial, path)
+  except OSError as e:
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+      raise
+    raise UserInputError(f"The disk holding {os.path.dirname(path)} is full: {os.path.basename(path)} could not be "
+                         "written (the previous one is intact). Free space there and run the same command again.") \
+        from None
   finally:
     if os.path.exists(partial):
       os.remove(partial)
