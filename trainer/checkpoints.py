@@ -69,7 +69,7 @@ def newest_readable(directory: str, move_aside: bool = False) -> str | None:
       done = "skipped it"
     logging.warning("Checkpoint %s is unreadable (%s): %s, falling back to the one before.", prefix, problem, done)
   if found:
-    logging.warning("No checkpoint in %s is readable: training starts again from epoch 1.", directory)
+    logging.warning("No checkpoint in %s is readable: there is nothing to resume from.", directory)
   return None
 
 
@@ -105,7 +105,7 @@ def _unreadable(prefix: str) -> str | None:
     for name in reader.get_variable_to_shape_map():
       reader.get_tensor(name)
   except (tf.errors.OpError, IndexError) as e:  # A truncated data file raises IndexError.
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return (str(e).strip() or type(e).__name__).splitlines()[0]
   return None
 
 
