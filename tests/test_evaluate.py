@@ -135,7 +135,8 @@ def test_the_command_prints_accuracy_and_ends_mistakes_in_one_line(trained_workd
   assert printed.startswith(f"accuracy {written['accuracy']:.4f} (top-{written['top_k']} ")
   assert " on 6 images of --data_dir=" in printed
   for args, message in (([f"--data_dir={tmp_path / 'only_train'}"], "holds only train/"),
-                        (["--image_size=64"], "--image_size: not used by trainer.evaluate")):
+                        (["--image_size=64"], "--image_size: not used by trainer.evaluate"),
+                        (["--batch_size=0"], "--batch_size=0: must be at least 1")):
     with pytest.raises(SystemExit) as exit_:
       run(*args)
     errors = capsys.readouterr().err.splitlines()

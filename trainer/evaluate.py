@@ -31,6 +31,9 @@ _OVERRIDABLE = _DATA_FLAGS + ("batch_size", "top_k")
 def evaluate(workdir: str, overrides: dict | None = None) -> dict:
   """Evaluates the latest checkpoint of `workdir`, writes the report files and returns the metrics."""
   overrides = overrides or {}
+  for name in ("batch_size", "top_k"):
+    if overrides.get(name, 1) < 1:
+      raise UserInputError(f"--{name}={overrides[name]}: must be at least 1.")
   trained = restore.restore(workdir, overrides)
   config, classes = trained.config, trained.classes
   run = workdir_lib.RunDir(workdir)
