@@ -9,11 +9,26 @@ import pathlib
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from PIL import Image
 
 from trainer.config import Config
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
+
+# Two logical CPUs, set before TensorFlow initialises its devices: MirroredStrategy runs in-process over them
+# (default-strategy code runs on the first).
+tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0],
+                                           [tf.config.LogicalDeviceConfiguration()] * 2)
+
+# The one tiny run of the mechanics tests: MobileNet alpha 0.25 at 32 px, a frozen and a fine-tune epoch, with the
+# defaults' randomness (augmentation, dropout, shuffled non-deterministic input) left on.
+TINY_RUN = {"backbone": "mobilenet", "alpha": 0.25, "image_size": 32, "batch_size": 4, "frozen_epochs": 1,
+            "finetune_epochs": 1, "head_units": 8, "verbosity": -1}
+
+
+def tiny_run(weights: str, **overrides) -> Config:
+  return Config().replace(**{**TINY_RUN, "weights": weights, **overrides})
 
 
 @pytest.fixture(scope="session")

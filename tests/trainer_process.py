@@ -8,16 +8,14 @@ import socket
 import subprocess
 import sys
 
-from conftest import REPO
+from conftest import REPO, TINY_RUN
 
 TIMEOUT_SECONDS = 300
 
 
 def tiny_flags(data_dir, weights: str, **overrides) -> list[str]:
-  """MobileNet alpha 0.25 at 32 px, no randomness left (no augmentation or dropout, deterministic input)."""
-  flags = {"data_dir": data_dir, "backbone": "mobilenet", "alpha": 0.25, "weights": weights, "image_size": 32,
-           "batch_size": 4, "frozen_epochs": 1, "finetune_epochs": 1, "head_units": 8, "augment": "none",
-           "dropout": 0.0, "deterministic": True, "verbosity": -1, **overrides}
+  """conftest.TINY_RUN as flags: the defaults' augmentation, dropout and input order."""
+  flags = {"data_dir": data_dir, "weights": weights, **TINY_RUN, **overrides}
   return [f"--{name}={str(value).lower() if isinstance(value, bool) else value}" for name, value in flags.items()]
 
 

@@ -40,8 +40,14 @@ def create_strategy(config: RuntimeConfig) -> tf.distribute.Strategy:
     return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
   if name == "mirrored":
     # Every GPU; without GPUs every logical CPU device (one, unless the CPU was split into logical devices).
-    devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
-    return tf.distribute.MirroredStrategy([device.name for device in devices])
+    gpus = tf.config.list_logical_devices("GPU")
+    if gpus:
+      return tf.distribute.MirroredStrategy([device.name for device in gpus])
+    # Logical CPUs share one memory: reducing on one device is all they need, and collective ops keyed per
+    # process collide when a process creates a second strategy (seen in the tests: "Shape mismatch in the
+    # collective instance").
+    return tf.distribute.MirroredStrategy([device.name for device in tf.config.list_logical_devices("CPU")],
+                                          cross_device_ops=tf.distribute.ReductionToOneDevice())
   if name == "multi_worker":
     if "TF_CONFIG" not in os.environ:
       logging.warning("--strategy=multi_worker without TF_CONFIG: this process trains alone. "
