@@ -32,8 +32,8 @@ def main(argv):
     predictions = classify.Classifier(FLAGS.model).classify(paths, FLAGS.top_k)
   if not_images:
     print(f"Not classified: {len(not_images)} file(s) below the folders given that are not named as images (read: "
-          f"{', '.join(images.IMAGE_EXTENSIONS)}), e.g. {'; '.join(not_images[:3])}. Name them to classify them.",
-          file=sys.stderr)
+          f"{', '.join(images.IMAGE_EXTENSIONS)}), e.g. {'; '.join(not_images[:3])}. Give them as files to classify "
+          "them anyway.", file=sys.stderr)
   sys.stdout.write(classify.format_predictions(predictions, FLAGS.format))
   if any(p.error for p in predictions):
     sys.exit(1)
