@@ -116,3 +116,22 @@ def test_saved_model_cli_runs_on_a_npy_of_jpeg_bytes(loaded, trained_export_dir,
       capture_output=True, text=True, check=True)
 
   assert f"Result for output key classes:\n[b'{expected}']" in result.stdout
+
+
+def test_a_failed_export_check_keeps_the_training_and_export_main_retries(tiny_config, color_folder, tmp_path,
+                                                                          monkeypatch):
+  from trainer import train  # Imported here: the other tests share one trained run.
+  workdir = tmp_path / "run"
+  checked = saved_model.check_parity
+  monkeypatch.setattr(saved_model, "check_parity", lambda *args: {name: 1.0 for name in checked(*args)})
+
+  with pytest.raises(UserInputError) as raised:
+    train.train_and_evaluate(tiny_config.replace(data_dir=str(color_folder), finetune_epochs=0), str(workdir))
+
+  message = str(raised.value)
+  assert "\n" not in message and f"python -m export.main --workdir={workdir}" in message
+  assert not (workdir / "export" / "classifier" / "1").exists()  # Nothing unchecked reaches a model server.
+  monkeypatch.undo()
+  path = export_main.export_run(str(workdir))
+  assert path == str(workdir / "export" / "classifier" / "1")
+  assert json.loads((workdir / "export" / "classifier" / "1" / "export_metadata.json").read_text())["source"]
