@@ -1,23 +1,31 @@
 """What a run shows: TensorBoard event files read back with TensorBoard's own reader, and the report files."""
 
 import contextlib
+import dataclasses
 import io
 import json
+import math
 import shutil
 import subprocess
 import sys
 import textwrap
 
+import warnings
+
 import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
-from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.backend import application
+from tensorboard.backend.event_processing import data_provider, event_accumulator, plugin_event_multiplexer
+from tensorboard.plugins import base_plugin
+from tensorboard.plugins.hparams import hparams_plugin
 from tensorboard.plugins.hparams import metadata as hparams_metadata
+from werkzeug import test as werkzeug_test
 
 from tests.conftest import CLASS_COLORS, REPO, write_color_dataset
 from trainer import reporting, train
-from trainer.config import Config
+from trainer.config import Config, section_fields
 
 CLASSES = sorted(CLASS_COLORS)
 
@@ -78,9 +86,17 @@ def test_epoch_scalars_of_both_phases_share_one_epoch_axis(run):
     for tag in ("epoch_loss", "epoch_accuracy"):
       assert sorted(_scalars(accumulator, tag)) == [1, 2, 3]
   assert _scalars(train_events, "epoch_phase") == {1: 0.0, 2: 0.0, 3: 1.0}
+  # Each phase's charts hold its epochs only, so the boundary shows on the loss and accuracy charts themselves.
+  for accumulator in (train_events, val_events):
+    for tag in ("epoch_loss", "epoch_accuracy"):
+      every_epoch = _scalars(accumulator, tag)
+      assert _scalars(accumulator, f"frozen/{tag}") == {epoch: every_epoch[epoch] for epoch in (1, 2)}
+      assert _scalars(accumulator, f"finetune/{tag}") == {3: every_epoch[3]}
   learning_rates = _scalars(train_events, "epoch_learning_rate")
   assert learning_rates == pytest.approx({1: config.train.frozen_lr, 2: config.train.frozen_lr,
                                           3: config.train.finetune_lr})
+  assert _scalars(train_events, "epoch_learning_rate_log10") == pytest.approx(
+      {epoch: math.log10(rate) for epoch, rate in learning_rates.items()})
   assert all(value > 0 for value in _scalars(train_events, "epoch_images_per_sec").values())
   history = json.loads((workdir / "report" / "history.json").read_text())
   assert _scalars(val_events, "epoch_accuracy") == pytest.approx({r["epoch"]: r["val_accuracy"] for r in history})
@@ -99,30 +115,122 @@ def test_augmented_training_images_and_a_confusion_matrix_per_validation(run):
   _, workdir, _, _ = run
   grid = _images(_events(workdir / "tensorboard" / "train"), "augmented_training_images")
   assert list(grid) == [0] and min(grid[0].size) >= 200
+  # TensorBoard's image card is about twice as wide as tall: a wide grid fills it, a square one shrinks.
+  width, height = grid[0].size
+  assert width >= 1.4 * height
   confusions = _images(_events(workdir / "tensorboard" / "validation"), "confusion_matrix")
   assert sorted(confusions) == [1, 2, 3]
 
 
-def test_hparams_and_config_text_describe_the_run(run):
-  config, workdir, _, _ = run
-  accumulator = _events(workdir / "tensorboard")
+def _session_start(folder):
+  accumulator = _events(folder)
   plugin_data = accumulator.SummaryMetadata(hparams_metadata.SESSION_START_INFO_TAG).plugin_data.content
-  hparams = hparams_metadata.parse_session_start_info_plugin_data(plugin_data).hparams
+  return hparams_metadata.parse_session_start_info_plugin_data(plugin_data)
+
+
+def _changed(value):
+  """Another value of a config field's type."""
+  return (not value if isinstance(value, bool) else value + 1 if isinstance(value, (int, float))
+          else value + "x")
+
+
+def test_hparams_name_the_trial_after_the_run_and_hold_every_setting_runs_differ_in(run):
+  config, workdir, _, _ = run
+  start = _session_start(workdir / "tensorboard" / reporting.HPARAMS_DIR)
+  assert start.group_name == workdir.name
+  hparams = start.hparams
   assert hparams["backbone"].string_value == "mobilenet"
   assert hparams["image_size"].number_value == 32
   assert hparams["head_units"].number_value == config.model.head_units
   assert hparams["finetune_lr"].number_value == pytest.approx(config.train.finetune_lr)
   assert hparams["augment"].string_value == "light"
   assert hparams["precision"].string_value == "float32"
-  experiment = hparams_metadata.parse_experiment_plugin_data(
-      accumulator.SummaryMetadata(hparams_metadata.EXPERIMENT_TAG).plugin_data.content)
-  assert {(m.name.group, m.name.tag) for m in experiment.metric_infos} >= {("validation", "epoch_accuracy"),
-                                                                          ("validation", "epoch_loss")}
+  assert hparams["cache_features"].bool_value is config.train.cache_features
+  # Every setting that makes two runs different runs (the workdir refuses to mix them) is an hparam.
+  defaults = Config()
+  identity = {field.name for section, field in section_fields()
+              if defaults.replace(**{field.name: _changed(getattr(getattr(defaults, section), field.name))})
+              .identity_hash() != defaults.identity_hash()}
+  assert {"class_weight", "cache_features", "feature_views", "batchnorm", "feature_layer"} <= identity
+  assert identity <= set(hparams)
+
+
+def test_config_text_describes_the_run(run):
+  config, workdir, _, _ = run
+  accumulator = _events(workdir / "tensorboard")
   text = tf.make_ndarray(accumulator.Tensors("config")[0].tensor_proto).item().decode()
   logged = json.loads(textwrap.dedent(text))
   assert logged["data"]["data_dir"] == config.data.data_dir
   assert logged["model"]["unfreeze_from"] == "conv_dw_13"
   assert logged["run"]["classes"] == CLASSES
+
+
+def _hparams_dashboard(logdir) -> tuple[dict, list[dict]]:
+  """What TensorBoard's HParams dashboard gets from its backend for `logdir`: the experiment (hparams, metrics)
+  and the session groups with their hparams and metric values."""
+  multiplexer = plugin_event_multiplexer.EventMultiplexer()
+  multiplexer.AddRunsFromDirectory(str(logdir))
+  multiplexer.Reload()
+  provider = data_provider.MultiplexerDataProvider(multiplexer, str(logdir))
+  plugin = hparams_plugin.HParamsPlugin(base_plugin.TBContext(logdir=str(logdir), multiplexer=multiplexer,
+                                                              data_provider=provider))
+  client = werkzeug_test.Client(application.TensorBoardWSGI([plugin], data_provider=provider))
+  experiment = client.post("/data/plugin/hparams/experiment", json={"experimentName": ""}).get_json()
+  request = {"startIndex": 0, "sliceSize": 100, "allowedStatuses": ["STATUS_UNKNOWN"],
+             "colParams": [{"metric": metric["name"]} for metric in experiment["metricInfos"]]}
+  groups = client.post("/data/plugin/hparams/session_groups", json=request).get_json()["sessionGroups"]
+  return experiment, groups
+
+
+def test_hparams_dashboard_of_a_single_run_shows_its_metrics(run):
+  _, workdir, _, _ = run
+  experiment, groups = _hparams_dashboard(workdir / "tensorboard")
+  history = json.loads((workdir / "report" / "history.json").read_text())
+  assert [group["name"] for group in groups] == [workdir.name]
+  values = {value["name"]["tag"]: value["value"] for value in groups[0]["metricValues"]}
+  assert len(values) == len(experiment["metricInfos"]) >= 5
+  assert values["hparams/val_accuracy"] == pytest.approx(history[-1]["val_accuracy"])
+  assert values["hparams/train_loss"] == pytest.approx(history[-1]["loss"], rel=1e-6)
+  assert values["hparams/images_per_sec"] == pytest.approx(reporting.mean_images_per_sec(history), rel=1e-6)
+
+
+def _record(epoch, phase="frozen", **fields):
+  return {"epoch": epoch, "phase": phase, "loss": 1.0 / epoch, "accuracy": 0.5, "val_loss": 1.0,
+          "val_accuracy": 0.5,
+          "learning_rate": 1e-3, "images_per_sec": 10.0, "train_seconds": 10.0, **fields}
+
+
+def _log(log_dir, config, history, classes=("a", "b")):
+  log = reporting.TensorBoardLog(str(log_dir), classes)
+  log.log_run(config, {"precision": "float32", "num_replicas": 1, "classes": list(classes)})
+  for end in range(1, len(history) + 1):
+    log.log_epoch(history[:end], np.eye(len(classes), dtype=np.int64))
+  log.close()
+
+
+def test_hparams_dashboard_of_several_runs_shows_first_what_differs(tmp_path):
+  history = [_record(1), _record(2)]
+  _log(tmp_path / "plain" / "tensorboard", Config(), history)
+  _log(tmp_path / "balanced" / "tensorboard", Config().replace(class_weight="balanced"), history)
+  experiment, groups = _hparams_dashboard(tmp_path)
+  differs = {info["name"] for info in experiment["hparamInfos"] if info["differs"]}
+  assert differs == {"class_weight"}
+  assert {group["name"] for group in groups} == {"plain", "balanced"}
+  assert all(len(group["metricValues"]) == len(experiment["metricInfos"]) for group in groups)
+
+
+def test_steady_images_per_sec_and_first_step_time_are_logged_when_recorded(tmp_path):
+  # Epoch 1 compiled for 9 of its 10 seconds; epoch 2 (an older record) has no steady figures.
+  history = [_record(1, first_step_seconds=9.0, steady_images_per_sec=90.0), _record(2)]
+  _log(tmp_path / "tensorboard", Config(), history)
+  train_events = _events(tmp_path / "tensorboard" / "train")
+  assert _scalars(train_events, "epoch_steady_images_per_sec") == {1: 90.0}
+  assert _scalars(train_events, "epoch_first_step_seconds") == {1: 9.0}
+  assert _scalars(train_events, "epoch_images_per_sec") == {1: 10.0, 2: 10.0}
+  # The run's images/s: its 200 images over the time of the steady steps (100/90 s, then 10 s).
+  run_rate = _scalars(_events(tmp_path / "tensorboard" / reporting.HPARAMS_DIR), "hparams/images_per_sec")
+  assert run_rate[2] == pytest.approx(200 / (100 / 90 + 10))
+  assert reporting.mean_images_per_sec(history[:1]) == pytest.approx(90.0)
 
 
 def test_metrics_json_matches_the_last_logged_scalars(run):
@@ -146,7 +254,7 @@ def test_report_files_decode_and_agree_with_the_metrics(run):
   lines = (report / "classification_report.txt").read_text().splitlines()
   rows = {line.split()[0]: line.split()[1:] for line in lines if line.split() and line.split()[0] in CLASSES}
   # One validation image per class (5 images, validation_split 0.2).
-  assert {name: int(values[-1]) for name, values in rows.items()} == {name: 1 for name in CLASSES}
+  assert {name: int(values[3]) for name, values in rows.items()} == {name: 1 for name in CLASSES}
   accuracy = next(line.split() for line in lines if line.strip().startswith("accuracy"))
   assert float(accuracy[1]) == pytest.approx(metrics["val_accuracy"], abs=5e-5) and accuracy[2] == "3"
 
@@ -156,6 +264,11 @@ def test_progress_names_the_phase_of_every_epoch(run):
   for header in ("Epoch 1/3 (frozen phase)", "Epoch 2/3 (frozen phase)", "Epoch 3/3 (finetune phase)"):
     assert header in printed
   assert "accuracy:" in printed and "loss:" in printed
+  # Not a terminal: no escapes or redraws, one progress line per epoch after its header.
+  assert not {"\x1b", "\r", "\b"} & set(printed)
+  lines = printed.splitlines()
+  headers = [index for index, line in enumerate(lines) if line.startswith("Epoch ")]
+  assert all("accuracy:" in lines[index + 1] for index in headers) and len(lines) == 2 * len(headers)
 
 
 def test_a_quiet_continued_run_prints_nothing_and_extends_the_epoch_axis(run, tmp_path):
@@ -185,6 +298,84 @@ def test_per_class_metrics_follow_their_definitions():
   assert accuracy[1:] == [f"{5 / 8:.4f}", "8"]
 
 
+def _report_row(report: str, name: str) -> str:
+  return next(line for line in report.splitlines() if line.split() and line.split()[0] == name)
+
+
+def test_classification_report_notes_undefined_ratios_and_shows_shares_beside_counts():
+  # Class c is never predicted; class d has no example (and is never predicted either).
+  confusion = np.array([[3, 1, 0, 0], [0, 2, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0]])
+  report = reporting.classification_report(confusion, ["a", "b", "c", "d"])
+  assert "never predicted" not in _report_row(report, "a") + _report_row(report, "b")
+  assert "never predicted" in _report_row(report, "c") and "absent" not in _report_row(report, "c")
+  assert "never predicted" in _report_row(report, "d") and "absent" in _report_row(report, "d")
+  assert "precision is undefined" in report and "recall is undefined" in report
+  # The matrix: class ids head the columns, rows name the class; each count with its share of the true class.
+  matrix = report[report.index("Confusion matrix"):].splitlines()
+  assert matrix[1].split() == ["#0", "#1", "#2", "#3"]
+  assert matrix[2].split() == ["#0", "a", "3", "(75.0%)", "1", "(25.0%)", "0", "(0.0%)", "0", "(0.0%)"]
+  assert matrix[4].split()[:6] == ["#2", "c", "1", "(50.0%)", "1", "(50.0%)"]
+
+
+def test_a_report_with_every_class_predicted_has_no_notes():
+  report = reporting.classification_report(np.array([[2, 1], [0, 3]]), ["a", "b"])
+  assert "never predicted" not in report and "undefined" not in report
+
+
+def _drawn_with_missing_glyphs(figure) -> list[str]:
+  """The warnings matplotlib gives for characters the figure's fonts have no glyph for (drawn as empty boxes)."""
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    reporting.write_png(figure, io.BytesIO())
+  return [str(warning.message) for warning in caught if "missing from font" in str(warning.message)]
+
+
+# Cat in French and Chinese; dog in Russian and Chinese.
+NON_LATIN = ["chat", "\u732b", "\u0441\u043e\u0431\u0430\u043a\u0430 \u72ac"]
+
+
+def test_non_latin_class_names_draw_without_empty_boxes_whatever_fonts_are_installed():
+  images = np.zeros((3, 8, 8, 3))
+  for figure in (reporting.confusion_matrix_figure(np.eye(3, dtype=np.int64), NON_LATIN, "t"),
+                 reporting.image_grid_figure(images, [0, 1, 2], NON_LATIN)):
+    assert _drawn_with_missing_glyphs(figure) == []
+  labels = reporting.figure_labels(NON_LATIN)
+  assert labels.texts[0] == "chat"
+  for index in (1, 2):  # Drawn by name where some font has the glyphs, else by class id with a legend.
+    assert labels.texts[index] in (NON_LATIN[index], f"#{index}")
+    assert (labels.texts[index] == f"#{index}") == (f"#{index} = {NON_LATIN[index]}" in labels.legend())
+
+
+def test_a_name_no_installed_font_draws_shows_as_its_class_id_with_a_legend(monkeypatch):
+  # A fresh machine: only matplotlib's own fonts (DejaVu Sans has Cyrillic, no CJK).
+  default = reporting.rcParams["font.sans-serif"][0]
+  monkeypatch.setattr(reporting, "_charmaps", lambda: {default: frozenset(range(0x3000))})
+  labels = reporting.figure_labels(NON_LATIN)
+  assert labels.texts == ("chat", "#1", "#2") and labels.by_id == (1, 2)
+  assert "\u732b" in labels.legend() and "#1" in labels.note() and "#2" in labels.note()
+  report = reporting.classification_report(np.eye(3, dtype=np.int64), NON_LATIN)
+  assert "#1 \u732b " in report and "#2 \u0441\u043e\u0431\u0430\u043a\u0430 \u72ac " in report
+  figure = reporting.confusion_matrix_figure(np.eye(3, dtype=np.int64), NON_LATIN, "t")
+  assert labels.note() in [text.get_text() for text in figure.texts]
+
+
+def test_a_font_with_the_glyphs_draws_the_name(monkeypatch):
+  default = reporting.rcParams["font.sans-serif"][0]
+  monkeypatch.setattr(reporting, "_charmaps", lambda: {default: frozenset(range(0x3000)),
+                                                       "Some CJK": frozenset({0x732B, 0x72AC})})
+  labels = reporting.figure_labels(NON_LATIN)
+  assert labels.texts == tuple(NON_LATIN) and labels.by_id == () and labels.fonts == (default, "Some CJK")
+
+
+def test_long_class_names_end_in_an_ellipsis_on_figures():
+  name = "a_very_long_class_name_for_blue_things"
+  short = reporting.figure_labels([name]).texts[0]
+  assert short.endswith("\u2026") and len(short) <= reporting.MAX_LABEL_CHARS and name.startswith(short[:-1])
+  assert reporting.figure_labels(["red"]).texts == ("red",)
+  report = reporting.classification_report(np.eye(1, dtype=np.int64), [name])
+  assert name in report
+
+
 def test_validation_confusion_matrix_sums_over_replicas():
   """Under a two-replica MirroredStrategy (two logical CPUs, so in a fresh process), the confusion matrix of
   `run_epoch` counts every example once and matches the model's own predictions."""
@@ -201,7 +392,9 @@ def test_validation_confusion_matrix_sums_over_replicas():
       rng = np.random.default_rng(0)
       images = rng.uniform(0, 255, (14, 32, 32, 3)).astype(np.float32)
       labels = rng.integers(0, 3, 14).astype(np.int32)
-      batches = tf.data.Dataset.from_tensor_slices((images, labels)).batch(4)
+      # (images, labels, weights, ids) batches, as the training loop distributes them.
+      examples = (images, labels, np.ones(14, np.float32), np.arange(14, dtype=np.int32))
+      batches = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensor_slices(examples).batch(4))
       metrics = trainer.run_epoch(batches, training=False, steps=4, progress=False)
       predicted = np.argmax(trainer.model.predict(images, verbose=0), axis=-1)
       expected = np.zeros((3, 3), np.int64)

@@ -1,123 +1,260 @@
 """Seeing a run: its TensorBoard summaries while it trains, and the plots and tables of WORKDIR/report/ after.
 
-Everything here takes plain Python and numpy values (an epoch record of the training history, a confusion matrix
+Everything here takes plain Python and numpy values (the epoch records of the training history, a confusion matrix
 of counts with true classes as rows), so that evaluation can draw the same figures for any model. Figures are
 drawn on `matplotlib.figure.Figure` objects, which render with the Agg backend and leave pyplot's global state
 (and an interactive backend) alone.
 """
 
+import dataclasses
+import functools
 import io
 import json
+import math
 import os
 from typing import Sequence
 
 import numpy as np
 import tensorflow as tf
+from matplotlib import font_manager, ft2font, rcParams
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from tensorboard.plugins.hparams import api as hp
 
 from trainer.config import Config
-from trainer.model import FINETUNE, FROZEN
+from trainer.model import FINETUNE, FROZEN, SCRATCH
 
 # The model phases as a scalar, so the phase boundary shows as a step on TensorBoard's epoch axis.
-PHASE_VALUES = {FROZEN: 0, FINETUNE: 1}
+PHASE_VALUES = {FROZEN: 0, FINETUNE: 1, SCRATCH: 2}
 
 # Confusion matrices with more classes than this are drawn without a count in every cell (it would be illegible).
 _MAX_ANNOTATED_CLASSES = 25
+
+# Figures cut longer class names with an ellipsis (the report text keeps them whole).
+MAX_LABEL_CHARS = 18
+
+# TensorBoard's image card shows an image at most about 400 x 210 pixels (a wider one at full width when expanded):
+# a grid of two rows of four tiles, with titles of GRID_LABEL_CHARS, fills it and reads there.
+GRID_COLUMNS, GRID_IMAGES, GRID_LABEL_CHARS = 4, 8, 13
+
+# Config fields that change neither what a run learns nor how fast, left out of the HParams.
+_NOT_HPARAMS = frozenset({"verbosity", "cache_dir", "tpu", "top_k", "tflite", "tflite_quantization"})
+
+# The metrics of the HParams dashboard, logged beside the hparams in their own folder. The dashboard looks a
+# metric up in the hparams' folder joined with the metric's group, and with --logdir at a run's own tensorboard/
+# that join gives "./validation", which is no run (a single run's metric columns stayed empty); a folder of its own
+# also keeps the dashboard from listing every scalar of train/ and validation/ as a metric. No hparams_config
+# either: without it TensorBoard sees which settings differ between the runs and shows those first.
+HPARAMS_DIR = "hparams"
+HPARAMS_METRICS = ("hparams/val_accuracy", "hparams/val_loss", "hparams/train_accuracy", "hparams/train_loss",
+                   "hparams/images_per_sec")
+
+# Fonts whose glyphs are placeholders (a box naming the Unicode block), not letters.
+_PLACEHOLDER_FONTS = ("Last Resort",)
 
 
 class TensorBoardLog:
   """The summaries of one run under WORKDIR/tensorboard.
 
   `train/` and `validation/` hold the per-epoch scalars under the same tags (so TensorBoard draws train and
-  validation on one chart), with the 1-based epoch number as step, continuous across both phases. The folder itself
-  holds what belongs to the run as a whole: its config as text and its HParams, whose metrics are the validation
-  and train scalars (the HParams dashboard shows their last value).
+  validation on one chart), with the 1-based epoch number as step, continuous across the phases; each phase's loss
+  and accuracy are also under `PHASE/` tags, so the charts of a phase start and end at its epochs. The folder
+  itself holds what belongs to the run as a whole: its config as text and a Markdown note where each phase starts;
+  `hparams/` its HParams and their metrics.
   """
 
   def __init__(self, log_dir: str | None, classes: Sequence[str]):
-    """`log_dir` None logs nothing (a worker that is not the chief of a multi-worker run)."""
+    """`log_dir` None logs nothing (a worker that is not the chief of a multi-worker run). The HParams trial is
+    named after the folder holding `log_dir` (the workdir)."""
     self.classes = list(classes)
+    self._labels = figure_labels(self.classes)
     if log_dir is None:
-      self._run = self._train = self._validation = tf.summary.create_noop_writer()
+      self.name = ""
+      self._run = self._train = self._validation = self._hparams = tf.summary.create_noop_writer()
     else:
+      self.name = os.path.basename(os.path.dirname(os.path.abspath(log_dir)))
       self._run = tf.summary.create_file_writer(log_dir)
       self._train = tf.summary.create_file_writer(os.path.join(log_dir, "train"))
       self._validation = tf.summary.create_file_writer(os.path.join(log_dir, "validation"))
+      self._hparams = tf.summary.create_file_writer(os.path.join(log_dir, HPARAMS_DIR))
 
   def log_run(self, config: Config, facts: dict) -> None:
     """The config (and the run's resolved facts: precision, replicas, classes) as text, and the HParams."""
-    values = hparams_of(config, facts)
+    with self._hparams.as_default(step=0):
+      hp.hparams(hparams_of(config, facts), trial_id=self.name)
+    self._hparams.flush()
     with self._run.as_default(step=0):
-      hp.hparams_config(hparams=[hp.HParam(name) for name in values], metrics=_HPARAMS_METRICS)
-      hp.hparams(values)
       text = json.dumps({**config.to_dict(), "run": facts}, indent=2, default=str)
       # Indented by four spaces: TensorBoard renders text summaries as Markdown, and this keeps the JSON verbatim.
       tf.summary.text("config", "\n".join("    " + line for line in text.splitlines()))
     self._run.flush()
 
   def log_training_images(self, images: np.ndarray, labels: np.ndarray) -> None:
-    """A grid of training images after augmentation (what the model sees), as one image at step 0."""
-    figure = image_grid_figure(images, [self.classes[label] for label in labels])
+    """The first GRID_IMAGES training images after augmentation (what the model sees) in a grid, at step 0."""
+    figure = image_grid_figure(images[:GRID_IMAGES], labels[:GRID_IMAGES], self.classes)
     with self._train.as_default(step=0):
       tf.summary.image("augmented_training_images", _png_tensor(figure),
-                       description="The first training batch after augmentation, before the backbone's "
-                                   "preprocessing.")
+                       description="The first training images after augmentation, before the backbone's "
+                                   "preprocessing. " + self._labels.legend())
     self._train.flush()
 
-  def log_epoch(self, record: dict, confusion: np.ndarray) -> None:
-    """The scalars of one epoch record (see `trainer.train`), and the validation confusion matrix as an image."""
-    step = record["epoch"]
+  def log_epoch(self, history: Sequence[dict], confusion: np.ndarray) -> None:
+    """The scalars of the last epoch record of `history` (see `trainer.train`), the validation confusion matrix as
+    an image, and the run's metrics so far for the HParams dashboard."""
+    record = history[-1]
+    step, phase = record["epoch"], record["phase"]
     with self._train.as_default(step=step):
-      tf.summary.scalar("epoch_loss", record["loss"])
-      tf.summary.scalar("epoch_accuracy", record["accuracy"])
-      tf.summary.scalar("epoch_learning_rate", record["learning_rate"])
+      _log_loss_and_accuracy(phase, record["loss"], record["accuracy"])
+      _log_learning_rate(record["learning_rate"])
       tf.summary.scalar("epoch_images_per_sec", record["images_per_sec"],
-                        description="Training images per second (input, augmentation and train step).")
-      tf.summary.scalar("epoch_phase", PHASE_VALUES[record["phase"]], description="0: frozen, 1: fine-tune.")
+                        description="Training images per second over the whole epoch (input, augmentation and "
+                                    "train step), its first step included.")
+      if record.get("steady_images_per_sec") is not None:
+        tf.summary.scalar("epoch_steady_images_per_sec", record["steady_images_per_sec"],
+                          description="Training images per second without the epoch's first step, which compiles "
+                                      "the step in the first epoch of a process or phase.")
+      if record.get("first_step_seconds") is not None:
+        tf.summary.scalar("epoch_first_step_seconds", record["first_step_seconds"],
+                          description="Seconds of the epoch's first train step: compilation (first epoch of a "
+                                      "process or phase) and the first batch.")
+      tf.summary.scalar("epoch_phase", PHASE_VALUES[phase], description="0: frozen, 1: fine-tune, 2: from scratch.")
     with self._validation.as_default(step=step):
-      tf.summary.scalar("epoch_loss", record["val_loss"])
-      tf.summary.scalar("epoch_accuracy", record["val_accuracy"])
-      figure = confusion_matrix_figure(confusion, self.classes, f"Validation after epoch {step} ({record['phase']})")
-      tf.summary.image("confusion_matrix", _png_tensor(figure))
-    self._train.flush()
-    self._validation.flush()
+      _log_loss_and_accuracy(phase, record["val_loss"], record["val_accuracy"])
+      figure = confusion_matrix_figure(confusion, self.classes, f"Validation after epoch {step} ({phase})")
+      tf.summary.image("confusion_matrix", _png_tensor(figure), description=self._labels.legend())
+    with self._hparams.as_default(step=step):
+      for tag, value in zip(HPARAMS_METRICS, hparams_metrics(history)):
+        tf.summary.scalar(tag, value, description="The run's metric in the HParams dashboard.")
+    for writer in (self._train, self._validation, self._hparams):
+      writer.flush()
 
   def log_phase_start(self, epoch: int, phase: str, config: Config) -> None:
-    """A text marker at the first epoch of a phase (the 1-based `epoch`), beside the step of `epoch_phase`."""
+    """A Markdown note at the first epoch of a phase (the 1-based `epoch`), beside the step of `epoch_phase`."""
     if phase == FROZEN:
       what = f"Only the head trains, learning rate {config.train.frozen_lr:g}."
+    elif phase == SCRATCH:
+      what = f"Every layer trains from random weights, learning rate {config.train.frozen_lr:g}."
     else:
-      what = (f"The backbone from layer {config.model.unfreeze_from} up trains too, learning rate "
+      what = (f"The backbone from layer `{config.model.unfreeze_from}` up trains too, learning rate "
               f"{config.train.finetune_lr:g}.")
     with self._run.as_default(step=epoch):
-      tf.summary.text("phase", f"Epoch {epoch}: the {phase} phase starts. {what}")
+      tf.summary.text("phase", f"**Epoch {epoch}: the {phase} phase starts.** {what} The charts under "
+                               f"`{phase}/` hold this phase's epochs only.")
     self._run.flush()
 
   def close(self) -> None:
-    for writer in (self._run, self._train, self._validation):
+    for writer in (self._run, self._train, self._validation, self._hparams):
       writer.close()
 
 
-_HPARAMS_METRICS = [
-    hp.Metric("epoch_accuracy", group="validation", display_name="val accuracy"),
-    hp.Metric("epoch_loss", group="validation", display_name="val loss"),
-    hp.Metric("epoch_accuracy", group="train", display_name="train accuracy"),
-    hp.Metric("epoch_loss", group="train", display_name="train loss"),
-    hp.Metric("epoch_images_per_sec", group="train", display_name="images/sec"),
-]
+def _log_loss_and_accuracy(phase: str, loss: float, accuracy: float) -> None:
+  for name, value in (("epoch_loss", loss), ("epoch_accuracy", accuracy)):
+    tf.summary.scalar(name, value)
+    tf.summary.scalar(f"{phase}/{name}", value)
+
+
+def _log_learning_rate(learning_rate: float) -> None:
+  tf.summary.scalar("epoch_learning_rate", learning_rate)
+  if learning_rate > 0:
+    tf.summary.scalar("epoch_learning_rate_log10", math.log10(learning_rate),
+                      description="log10 of the learning rate (-3 is 1e-3, -5 is 1e-5): on a linear axis a "
+                                  "fine-tune rate reads as 0.")
 
 
 def hparams_of(config: Config, facts: dict) -> dict:
-  """The settings that make runs differ in what they learn, for TensorBoard's HParams dashboard."""
-  return {"backbone": config.model.backbone, "alpha": config.model.alpha, "image_size": config.data.image_size,
-          "batch_size": config.data.batch_size, "head_units": config.model.head_units,
-          "dropout": config.model.dropout, "unfreeze_from": config.model.unfreeze_from,
-          "frozen_epochs": config.train.frozen_epochs, "finetune_epochs": config.train.finetune_epochs,
-          "frozen_lr": config.train.frozen_lr, "finetune_lr": config.train.finetune_lr,
-          "augment": config.train.augment, "strategy": config.runtime.strategy,
-          "precision": facts["precision"], "num_replicas": facts["num_replicas"]}
+  """Every setting that can make runs differ in what they learn or how fast, by its flag name, and the run's
+  resolved precision and replicas, for TensorBoard's HParams dashboard."""
+  values = {name: value for section in config.to_dict().values() for name, value in section.items()
+            if name not in _NOT_HPARAMS}
+  return {**values, "precision": facts["precision"], "num_replicas": facts["num_replicas"]}
+
+
+def hparams_metrics(history: Sequence[dict]) -> tuple[float, ...]:
+  """The values of HPARAMS_METRICS: the last epoch's validation and train metrics, and the run's images/s."""
+  last = history[-1]
+  return last["val_accuracy"], last["val_loss"], last["accuracy"], last["loss"], mean_images_per_sec(history)
+
+
+def mean_images_per_sec(history: Sequence[dict]) -> float:
+  """Training images per second over all the run's epochs: their images over the time of their steady steps (an
+  epoch's first step, with compilation, left out where its record has `steady_images_per_sec`)."""
+  images = [record["images_per_sec"] * record["train_seconds"] for record in history]
+  seconds = sum(count / (record.get("steady_images_per_sec") or record["images_per_sec"])
+                for count, record in zip(images, history))
+  return sum(images) / seconds if seconds else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Labels:
+  """Class names as a figure can draw them: `texts[i]` is class i's name, cut to MAX_LABEL_CHARS, or `#i` (its
+  class id, as serving's class_ids) for the classes `by_id`, whose names have a character no installed font has;
+  `fonts` are the font families that draw every text (glyph by glyph, the first that has it)."""
+  classes: tuple[str, ...]
+  texts: tuple[str, ...]
+  fonts: tuple[str, ...]
+  by_id: tuple[int, ...]
+
+  def note(self) -> str:
+    """The line a figure shows under classes it names by id ('' if none)."""
+    if not self.by_id:
+      return ""
+    ids = ", ".join(f"#{index}" for index in self.by_id)
+    if len(self.by_id) == 1:
+      return f"{ids}: the class id of a name no installed font draws (classification_report.txt names it)"
+    return f"{ids}: class ids of names no installed font draws (classification_report.txt names them)"
+
+  def legend(self) -> str:
+    """The names of the classes shown by id, as Markdown for a TensorBoard description ('' if none)."""
+    if not self.by_id:
+      return ""
+    return "Classes shown by id: " + ", ".join(f"#{index} = {self.classes[index]}" for index in self.by_id) + "."
+
+
+def figure_labels(classes: Sequence[str], max_chars: int = MAX_LABEL_CHARS) -> Labels:
+  default = rcParams["font.sans-serif"][0]
+  texts, fonts, by_id = [], [default], []
+  for index, name in enumerate(classes):
+    short = shorten(name, max_chars)
+    families = _families_drawing(short, default)
+    if families is None:
+      texts.append(f"#{index}")
+      by_id.append(index)
+    else:
+      texts.append(short)
+      fonts += [family for family in families if family not in fonts]
+  return Labels(tuple(classes), tuple(texts), tuple(fonts), tuple(by_id))
+
+
+def shorten(text: str, max_chars: int) -> str:
+  return text if len(text) <= max_chars else text[:max_chars - 1] + "…"
+
+
+def _families_drawing(text: str, default: str) -> list[str] | None:
+  """Font families that together have a glyph for every character of `text` (besides `default`, which has most),
+  or None if no installed font has some character."""
+  charmaps = _charmaps()
+  families = []
+  for code in {ord(char) for char in text} - charmaps.get(default, frozenset()):
+    family = next((family for family, codes in charmaps.items() if code in codes), None)
+    if family is None:
+      return None
+    families.append(family)
+  return sorted(set(families))
+
+
+@functools.cache
+def _charmaps() -> dict[str, frozenset[int]]:
+  """The code points of each font family matplotlib finds (its own and the system's), by family name."""
+  charmaps = {}
+  for font in font_manager.fontManager.ttflist:
+    if font.name.startswith(_PLACEHOLDER_FONTS):
+      continue
+    try:
+      codes = frozenset(ft2font.FT2Font(font.fname).get_charmap())
+    except (OSError, RuntimeError):  # A font file matplotlib listed but FreeType cannot read.
+      continue
+    charmaps[font.name] = charmaps.get(font.name, frozenset()) | codes
+  return charmaps
 
 
 def write_reports(report_dir: str, history: Sequence[dict], confusion: np.ndarray, classes: Sequence[str]) -> None:
@@ -159,50 +296,93 @@ def per_class_metrics(confusion: np.ndarray) -> dict[str, np.ndarray]:
   return {"precision": precision, "recall": recall, "f1": f1, "support": support.astype(np.int64)}
 
 
+_NEVER_PREDICTED = "never predicted"
+_ABSENT = "absent"
+_NOTES = {_NEVER_PREDICTED: "no image was classified as the class, so its precision is undefined",
+          _ABSENT: "the data has no image of the class, so its recall is undefined"}
+
+
 def classification_report(confusion: np.ndarray, classes: Sequence[str]) -> str:
   """Per-class precision, recall, F1 and support, then accuracy and the macro and weighted averages, in the layout
-  of scikit-learn's `classification_report`."""
+  of scikit-learn's `classification_report`; a note on each class whose precision or recall is undefined; then the
+  confusion matrix with each cell's share of its true class."""
+  confusion = np.asarray(confusion)
   metrics = per_class_metrics(confusion)
   support = metrics["support"]
   total = int(support.sum())
   width = max(len("weighted avg"), *(len(name) for name in classes))
   lines = [f"{'':>{width}}  precision    recall  f1-score   support", ""]
+  noted = set()
   for index, name in enumerate(classes):
-    lines.append(f"{name:>{width}}  {metrics['precision'][index]:9.4f} {metrics['recall'][index]:9.4f} "
-                 f"{metrics['f1'][index]:9.4f} {support[index]:9d}")
-  accuracy = np.trace(np.asarray(confusion)) / total if total else 0.0
+    notes = [note for note, applies in ((_NEVER_PREDICTED, confusion[:, index].sum() == 0),
+                                        (_ABSENT, support[index] == 0)) if applies]
+    noted.update(notes)
+    lines.append((f"{name:>{width}}  {metrics['precision'][index]:9.4f} {metrics['recall'][index]:9.4f} "
+                  f"{metrics['f1'][index]:9.4f} {support[index]:9d}  {', '.join(notes)}").rstrip())
+  accuracy = np.trace(confusion) / total if total else 0.0
   weights = support / total if total else np.zeros(len(support))
   lines += ["", f"{'accuracy':>{width}}  {'':9} {'':9} {accuracy:9.4f} {total:9d}"]
   for label, average in (("macro avg", np.mean), ("weighted avg", lambda v: np.sum(v * weights))):
     lines.append(f"{label:>{width}}  {average(metrics['precision']):9.4f} {average(metrics['recall']):9.4f} "
                  f"{average(metrics['f1']):9.4f} {total:9d}")
-  return "\n".join(lines) + "\n"
+  if noted:
+    lines.append("")
+    lines += [f"{note}: {_NOTES[note]};\n  it shows (and is averaged) as 0, as scikit-learn does."
+              for note in _NOTES if note in noted]
+  return "\n".join(lines + [""] + _confusion_matrix_text(confusion, classes)) + "\n"
+
+
+def _confusion_matrix_text(confusion: np.ndarray, classes: Sequence[str]) -> list[str]:
+  """The confusion matrix with class ids as column heads, or (too many classes for text) the ids of the classes
+  the figure names by id."""
+  if len(classes) > _MAX_ANNOTATED_CLASSES:
+    legend = [f"#{index} {classes[index]}" for index in figure_labels(classes).by_id]
+    return ["Confusion matrix: in confusion_matrix.png (too many classes for text)."] + (
+        ["Classes it shows by id:"] + legend if legend else [])
+  rows = confusion.sum(axis=1, keepdims=True)
+  shares = np.divide(confusion, rows, out=np.zeros(confusion.shape), where=rows > 0)
+  cells = [[f"{int(count)} ({share:.1%})" for count, share in zip(*row)] for row in zip(confusion, shares)]
+  heads = [f"#{index} {name}" for index, name in enumerate(classes)]
+  head_width = max(len(head) for head in heads)
+  cell_width = max(len(cell) for row in cells for cell in row)
+  lines = ["Confusion matrix (rows: true class, columns: predicted class id; a count and its share of the row):",
+           " " * head_width + "".join(f"  {f'#{index}':>{cell_width}}" for index in range(len(classes)))]
+  lines += [f"{head:<{head_width}}" + "".join(f"  {cell:>{cell_width}}" for cell in row)
+            for head, row in zip(heads, cells)]
+  return lines
 
 
 def confusion_matrix_figure(confusion: np.ndarray, classes: Sequence[str], title: str) -> Figure:
-  """Counts in the cells; colour by the share of the true class (the row), so rare classes read as clearly."""
+  """A count and its share of the true class (the row) in each cell; colour by that share, so rare classes read as
+  clearly."""
   confusion = np.asarray(confusion)
+  labels = figure_labels(classes)
   rows = confusion.sum(axis=1, keepdims=True)
   shares = np.divide(confusion, rows, out=np.zeros(confusion.shape), where=rows > 0)
   annotated = len(classes) <= _MAX_ANNOTATED_CLASSES
-  # Cells big enough for a count, or (many classes) just for a small class name on each axis.
-  size = 4 + 0.45 * len(classes) if annotated else min(4 + 0.16 * len(classes), 24)
+  # Cells big enough for a count and a share, or (many classes) just for a small class name on each axis.
+  size = 4 + 0.5 * len(classes) if annotated else min(4 + 0.16 * len(classes), 24)
   figure = Figure(figsize=(size + 1.5, size), dpi=80, layout="constrained")
   axes = figure.add_subplot()
   image = axes.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
   figure.colorbar(image, ax=axes, label="share of the true class")
   ticks = np.arange(len(classes))
   font_size = 10 if annotated else 6
-  axes.set_xticks(ticks, labels=classes, fontsize=font_size, rotation=45 if len(classes) > 4 else 0,
-                  ha="right" if len(classes) > 4 else "center")
-  axes.set_yticks(ticks, labels=classes, fontsize=font_size)
+  slanted = len(classes) > 4
+  axes.set_xticks(ticks, labels=labels.texts, fontsize=font_size, fontfamily=labels.fonts,
+                  rotation=45 if slanted else 0, ha="right" if slanted else "center")
+  axes.set_yticks(ticks, labels=labels.texts, fontsize=font_size, fontfamily=labels.fonts)
   axes.set_xlabel("predicted")
   axes.set_ylabel("true")
   axes.set_title(title)
   if annotated:
+    cell_font = 10 if len(classes) <= 12 else 7
     for (row, column), count in np.ndenumerate(confusion):
-      axes.text(column, row, str(int(count)), ha="center", va="center",
+      text = f"{int(count)}\n{shares[row, column]:.0%}" if rows[row, 0] else str(int(count))
+      axes.text(column, row, text, ha="center", va="center", fontsize=cell_font, linespacing=1.1,
                 color="white" if shares[row, column] > 0.5 else "black")
+  if labels.note():
+    figure.supxlabel(labels.note(), fontsize=8)
   return figure
 
 
@@ -227,15 +407,20 @@ def curves_figure(history: Sequence[dict]) -> Figure:
   return figure
 
 
-def image_grid_figure(images: np.ndarray, titles: Sequence[str], columns: int = 4) -> Figure:
-  """Images in 0..255 ([N, H, W, 3], float or integer) in a grid, each titled (with its class name)."""
+def image_grid_figure(images: np.ndarray, class_ids: Sequence[int], classes: Sequence[str],
+                      columns: int = GRID_COLUMNS) -> Figure:
+  """Images in 0..255 ([N, H, W, 3], float or integer) in a grid, each titled with its class name."""
+  labels = figure_labels(classes, GRID_LABEL_CHARS)
   rows = max(1, -(-len(images) // columns))
-  figure = Figure(figsize=(2.2 * columns, 2.4 * rows), dpi=80, layout="constrained")
-  for index, (image, title) in enumerate(zip(images, titles)):
+  figure = Figure(figsize=(1.6 * columns, 1.95 * rows + (0.25 if labels.note() else 0)), dpi=100,
+                  layout="constrained")
+  for index, (image, class_id) in enumerate(zip(images, class_ids)):
     axes = figure.add_subplot(rows, columns, index + 1)
     axes.imshow(np.clip(np.asarray(image), 0, 255).astype(np.uint8))
-    axes.set_title(title, fontsize=9)
+    axes.set_title(labels.texts[int(class_id)], fontsize=15, fontfamily=labels.fonts)
     axes.axis("off")
+  if labels.note():
+    figure.supxlabel(labels.note(), fontsize=10)
   return figure
 
 
