@@ -54,7 +54,8 @@ def parse(argv: Sequence[str], usage: str, groups: Mapping[str, Sequence[str]]) 
   try:
     return flags.FLAGS(list(argv))
   except flags.Error as e:
-    message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    # absl prefixes some messages (an unreadable --flagfile) with its own "ERROR::".
+    message = " ".join(line.strip() for line in str(e).splitlines() if line.strip()).removeprefix("ERROR:: ")
     print(f"error: {message} (--help lists the flags)", file=sys.stderr)
     sys.exit(2)
 
