@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import checkpoints
+from trainer import checkpoints, restore
 from trainer.errors import UserInputError
 from trainer.workdir import RunDir
 
@@ -187,6 +187,8 @@ def test_a_run_whose_newest_checkpoint_is_corrupt_resumes_from_the_one_before(ti
   train.train_and_evaluate(config, str(workdir))
   first = RunDir(str(workdir)).load_history()
   _truncate(glob.glob(str(workdir / "checkpoints" / "ckpt-2.data-*"))[0])
+  # Export and evaluation read the run too: they skip the corrupt checkpoint and leave it where it is.
+  assert restore.restore(str(workdir)).checkpoint == str(workdir / "checkpoints" / "ckpt-1")
 
   with caplog.at_level(logging.WARNING):
     metrics = train.train_and_evaluate(config, str(workdir))
