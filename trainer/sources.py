@@ -13,6 +13,7 @@ import random
 from typing import Collection, Hashable, Iterable, Iterator, Sequence
 
 import tensorflow as tf
+from absl import logging
 
 from trainer import images
 from trainer.config import DataConfig
@@ -92,6 +93,9 @@ def find_files(config: DataConfig) -> LabelledFiles:
             f"The class folders of {splits['train']} and {splits['val']} differ: only in train: "
             f"{sorted(set(classes) - set(val_classes)) or 'none'}, only in validation: "
             f"{sorted(set(val_classes) - set(classes)) or 'none'}. Give both the same class sub-folders.")
+      if "test" in splits:
+        logging.info("%s is held out: not used for training or validation (python -m trainer.evaluate "
+                     "--data_dir=%s evaluates a run on it).", splits["test"], splits["test"])
       return LabelledFiles(tuple(classes), as_split(train, classes), as_split(val, classes),
                            {**skipped, **val_skipped})
     if splits:
