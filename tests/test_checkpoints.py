@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import subprocess
+import threading
 
 import keras
 import numpy as np
@@ -129,6 +130,21 @@ def test_a_reader_skips_a_corrupt_checkpoint_without_moving_it(tmp_path):
 
   assert checkpoints.newest_readable(str(directory)) == str(directory / "ckpt-2")
   assert os.path.exists(directory / "ckpt-3.index") and not os.path.exists(directory / "corrupt")
+
+
+def test_a_worker_restores_what_the_chief_repairs_to(tmp_path):
+  directory = tmp_path / "checkpoints"
+  _saved_run(directory)
+  _truncate(str(directory / "ckpt-3.index"))
+  chief = threading.Timer(0.5, checkpoints.restore_latest, (TinyRun().checkpoint, str(directory), 3))
+  chief.start()
+
+  worker = TinyRun()
+  manager = checkpoints.restore_latest(worker.checkpoint, str(directory), max_to_keep=3, repair=False)
+  chief.join()
+
+  # The worker's manager read the state file after the chief's repair: what the preemption handler restores.
+  assert manager.latest_checkpoint == str(directory / "ckpt-2") and worker.restored_epoch() == 2
 
 
 def test_unfinished_saves_are_removed_at_start(tmp_path):

@@ -12,6 +12,7 @@ import glob
 import os
 import re
 import shutil
+import time
 
 import tensorflow as tf
 from absl import logging
@@ -28,6 +29,8 @@ _INDEX = re.compile(r"ckpt-(\d+)\.index")
 _UNFINISHED_SAVE = "ckpt-*_temp"
 # TensorFlow reports ENOSPC and EDQUOT as ResourceExhaustedError, as it does running out of memory.
 _DISK_FULL = ("No space left on device", "Disk quota exceeded")
+# How long a worker waits for the chief to repair the state file: repairing takes the chief a few file moves.
+REPAIR_WAIT_SECONDS = 60
 
 
 def restore_latest(checkpoint: tf.train.Checkpoint, directory: str, max_to_keep: int,
@@ -37,9 +40,14 @@ def restore_latest(checkpoint: tf.train.Checkpoint, directory: str, max_to_keep:
 
   repair: this process writes `directory` (the chief): it first removes unfinished saves, moves unreadable
   checkpoints and a bad state file to `directory`/corrupt/, and rewrites the state file to name the checkpoint
-  restored. Another process only reads, skipping what is unreadable.
+  restored. Another process only reads, skipping what is unreadable, and waits (up to REPAIR_WAIT_SECONDS) for
+  the state file to name the same checkpoint: TensorFlow's preemption handler restores what the manager read there.
   """
-  prefix = _repair(directory) if repair else newest_readable(directory)
+  if repair:
+    prefix = _repair(directory)
+  else:
+    prefix = newest_readable(directory)
+    _wait_for_state(directory, prefix)
   manager = tf.train.CheckpointManager(checkpoint, directory, max_to_keep=max_to_keep)
   if prefix:
     checkpoint.restore(prefix).assert_existing_objects_matched()
@@ -71,6 +79,12 @@ def newest_readable(directory: str, move_aside: bool = False) -> str | None:
   if found:
     logging.warning("No checkpoint in %s is readable: there is nothing to resume from.", directory)
   return None
+
+
+def _wait_for_state(directory: str, prefix: str | None) -> None:
+  deadline = time.monotonic() + REPAIR_WAIT_SECONDS
+  while _named_latest(_read_state(directory), directory) != prefix and time.monotonic() < deadline:
+    time.sleep(0.1)
 
 
 def remove_unfinished_saves(directory: str) -> None:
@@ -114,13 +128,8 @@ def _valid_state_or_move_aside(directory: str) -> CheckpointState | None:
   state_file = os.path.join(directory, STATE_FILE)
   if not os.path.isfile(state_file):
     return None
-  state = CheckpointState()
-  try:
-    with open(state_file, encoding="utf-8") as f:
-      text_format.Parse(f.read(), state)
-  except (text_format.ParseError, UnicodeDecodeError):
-    state = None
-  if state is None or not os.path.isfile(os.path.join(directory, state.model_checkpoint_path or "-") + ".index"):
+  state = _read_state(directory)
+  if state is None or not os.path.isfile(_named_latest(state, directory) + ".index"):
     logging.warning("The checkpoint state file %s is invalid: moved it to %s.", state_file,
                     _move_aside(directory, STATE_FILE, [state_file]))
     return None
@@ -134,7 +143,7 @@ def _point_state_at(directory: str, prefix: str | None, state: CheckpointState |
     if os.path.exists(state_file):
       os.remove(state_file)
     return
-  if state is not None and os.path.join(directory, state.model_checkpoint_path) == prefix:
+  if _named_latest(state, directory) == prefix:
     return
   latest = int(prefix.rsplit("-", 1)[1])
   kept = [os.path.basename(path) for number, path in reversed(_on_disk(directory)) if number <= latest]
@@ -144,6 +153,22 @@ def _point_state_at(directory: str, prefix: str | None, state: CheckpointState |
   with open(partial, "w", encoding="utf-8") as f:
     f.write(text)
   os.replace(partial, state_file)
+
+
+def _read_state(directory: str) -> CheckpointState | None:
+  """The parsed state file, None when it is missing, cannot be parsed or names no checkpoint."""
+  state = CheckpointState()
+  try:
+    with open(os.path.join(directory, STATE_FILE), encoding="utf-8") as f:
+      text_format.Parse(f.read(), state)
+  except (OSError, text_format.ParseError, UnicodeDecodeError):
+    return None
+  return state if state.model_checkpoint_path else None
+
+
+def _named_latest(state: CheckpointState | None, directory: str) -> str | None:
+  """The prefix in `directory` of the checkpoint `state` names (by its name: a workdir may have been moved)."""
+  return os.path.join(directory, os.path.basename(state.model_checkpoint_path)) if state else None
 
 
 def _on_disk(directory: str) -> list[tuple[int, str]]:
