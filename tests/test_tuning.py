@@ -70,7 +70,8 @@ def test_the_decision_follows_the_one_standard_error_rule(searched):
   summary = _summary(workdir)
   defaults, *trials = summary["candidates"]
   leader = max(trials, key=lambda c: c["fold_mean"])
-  beats = leader["fold_mean"] - defaults["fold_mean"] > np.std(leader["fold_accuracy"], ddof=1) / np.sqrt(3)
+  standard_errors = [np.std(c["fold_accuracy"], ddof=1) / np.sqrt(3) for c in (leader, defaults)]
+  beats = leader["fold_mean"] - defaults["fold_mean"] > np.sqrt(np.sum(np.square(standard_errors)))
   assert summary["decision"] == ("tuned" if beats else "defaults")
   assert best == (leader if beats else defaults)["hparams"]
 
@@ -81,10 +82,12 @@ def _candidate(trial, accuracies, epochs=4):
 
 
 def test_tuned_values_win_only_by_more_than_one_standard_error():
-  defaults = _candidate(0, [0.80, 0.80, 0.80, 0.80])
+  defaults = _candidate(0, [0.78, 0.82, 0.80, 0.80])  # mean 0.80, standard error 0.008
   noisy_lead = _candidate(1, [0.70, 0.95, 0.75, 0.96])  # mean 0.84, standard error 0.07
   clear_lead = _candidate(2, [0.89, 0.91, 0.90, 0.90])  # mean 0.90, standard error 0.004
+  near_lead = _candidate(3, [0.80, 0.81, 0.81, 0.81])  # +0.0075: above its own standard error, not the pair's
   assert tuning.decide([defaults, noisy_lead], 4)["decision"] == "defaults"
+  assert tuning.decide([defaults, near_lead], 4)["decision"] == "defaults"
   chosen = tuning.decide([defaults, noisy_lead, clear_lead], 4)
   assert chosen["decision"] == "tuned" and chosen["hparams"] == {"head_units": 2} and chosen["chosen_trial"] == 2
   # A trial trained for less than the full budget (a Hyperband round) is not comparable with the defaults.

@@ -5,9 +5,9 @@ file the training after the search reads), so a trial costs seconds. Each trial 
 K-fold cross-validation (`--tune_folds`) inside the training split, folds split by image (every augmented view of
 a held-out image is held out): the validation split is never seen by the search and stays the honest final
 number. The run's own values are always trial 0 ("the defaults"), and the best trial replaces them only when its
-fold mean beats theirs by more than one standard error of its fold scores (the one-standard-error rule of
-Hastie, Tibshirani & Friedman, ESL 7.10): the best of many noisy scores is biased upwards, and a lead smaller
-than the noise is more likely luck than a better setting.
+fold mean beats theirs by more than one standard error of the difference of the two fold means (in the spirit of
+the one-standard-error rule of Hastie, Tibshirani & Friedman, ESL 7.10): the best of many noisy scores is biased
+upwards, and a lead smaller than the noise is more likely luck than a better setting.
 
 The search lives in WORKDIR/tuning/ (KerasTuner's project directory): rerunning the same command resumes it
 without repeating finished trials, and a larger --max_trials continues it; another search space is refused. Each
@@ -84,24 +84,26 @@ def search(config: Config, workdir: str, strategy: tf.distribute.Strategy | None
 
 
 def decide(candidates: list[dict], full_epochs: int) -> dict:
-  """The one-standard-error rule: the best full-budget trial's values if its fold mean is more than one standard
-  error (of its fold scores) above the defaults' fold mean, else the defaults. candidates[0] is the defaults."""
+  """The best full-budget trial's values if its fold mean beats the defaults' (candidates[0]) by more than one
+  standard error of the difference of the two fold means, else the defaults."""
   defaults = candidates[0]
   searched = [c for c in candidates[1:] if c["epochs"] == full_epochs]
   rule = ("tuned values replace the defaults only if the best trial's fold mean exceeds the defaults' by more "
-          "than one standard error of the best trial's fold scores")
+          "than one standard error of the difference, sqrt(se_best^2 + se_defaults^2)")
   if not searched:
     return {"hparams": defaults["hparams"], "decision": "defaults", "chosen_trial": 0, "rule": rule,
             "reason": "no trial finished with the full budget; kept the defaults"}
   best = max(searched, key=lambda c: (c["fold_mean"], -float(np.mean(c["fold_loss"])), -c["trial"]))
   margin = best["fold_mean"] - defaults["fold_mean"]
-  tuned = margin > best["fold_standard_error"]
+  threshold = math.hypot(best["fold_standard_error"], defaults["fold_standard_error"])
+  tuned = margin > threshold
   chosen = best if tuned else defaults
+  outcome = f"used trial {best['trial']}" if tuned else "kept the defaults"
   reason = (f"best trial {best['trial']} fold mean {best['fold_mean']:.4f} vs the defaults' "
             f"{defaults['fold_mean']:.4f}: {margin:+.4f}, {'more' if tuned else 'not more'} than one standard "
-            f"error ({best['fold_standard_error']:.4f}); {'used trial ' + str(best['trial']) if tuned else 'kept the defaults'}")
+            f"error of the difference ({threshold:.4f}); {outcome}")
   return {"hparams": chosen["hparams"], "decision": "tuned" if tuned else "defaults", "chosen_trial": chosen["trial"],
-          "rule": rule, "reason": reason}
+          "rule": rule, "threshold": threshold, "reason": reason}
 
 
 def cached_features(config: Config, workdir: str, inputs: data.InputData | None = None) -> features.FeatureCache:
@@ -253,7 +255,9 @@ class _TrialLog:
   """One printed line and one TensorBoard HParams run per scored candidate."""
 
   def __init__(self, folder: str, config: Config, verbose: bool):
-    self.folder, self.verbose, self.max_trials = folder, verbose, config.tune.max_trials
+    self.folder, self.verbose = folder, verbose
+    # Hyperband sizes itself from --tune_epochs; --max_trials counts the other tuners' trials.
+    self.of_trials = "" if config.tune.tuner == "hyperband" else f"/{config.tune.max_trials}"
     from tensorboard.plugins.hparams import api as hparams_api
     self._api = hparams_api
     with tf.summary.create_file_writer(folder).as_default():
@@ -272,7 +276,7 @@ class _TrialLog:
       tf.summary.scalar("cv_accuracy_std", candidate["fold_std"], step=candidate["epochs"])
     if self.verbose:
       values = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in candidate["hparams"].items())
-      label = "0 (defaults)" if candidate["default"] else f"{candidate['trial']}/{self.max_trials}"
+      label = "0 (defaults)" if candidate["default"] else f"{candidate['trial']}{self.of_trials}"
       print(f"tuning trial {label}: {values}: fold accuracy {candidate['fold_mean']:.4f} +- "
             f"{candidate['fold_std']:.4f} ({len(candidate['fold_accuracy'])} folds, {candidate['epochs']} epochs), "
             f"{seconds:.1f}s", flush=True)
