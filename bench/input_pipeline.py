@@ -86,7 +86,7 @@ def _round(split: sources.Split, size: int, batch_size: int) -> dict:
 def main(argv):
   del argv
   size, batch_size = FLAGS.image_size, FLAGS.batch_size
-  classes, files = sources.class_folders(FLAGS.data_dir)
+  classes, files, _ = sources.class_folders(FLAGS.data_dir)
   split = sources.as_split(files, classes)
   load_before = os.getloadavg()[0]
   rounds = [_round(split, size, batch_size) for _ in range(FLAGS.repeats)]

@@ -71,8 +71,9 @@ def scan(paths: Sequence[str], max_pixels: int, workers: int | None = None) -> S
   return ScanResult(unreadable, digests)
 
 
-def report_unreadable(unreadable: dict[str, str], strict: bool) -> None:
-  """--strict_data: an error listing every unusable file; otherwise one warning with the count and a few paths."""
+def report_unreadable(unreadable: dict[str, str], strict: bool, listed_in: str = "report/metrics.json") -> None:
+  """--strict_data: an error listing every unusable file; otherwise one warning with the count and a few paths.
+  listed_in: the file of the workdir that lists them all."""
   if not unreadable:
     return
   lines = [f"{path}: {why}" for path, why in sorted(unreadable.items())]
@@ -80,8 +81,8 @@ def report_unreadable(unreadable: dict[str, str], strict: bool) -> None:
     raise UserInputError(f"{len(lines)} image file(s) cannot be used (--strict_data): {'; '.join(lines)}. Fix or "
                          "remove them, or drop --strict_data to skip them.")
   more = f"; and {len(lines) - _LISTED} more" if len(lines) > _LISTED else ""
-  logging.warning("Skipping %d image file(s) that cannot be used (all listed in report/metrics.json): %s%s",
-                  len(lines), "; ".join(lines[:_LISTED]), more)
+  logging.warning("Skipping %d image file(s) that cannot be used (all listed in %s): %s%s",
+                  len(lines), listed_in, "; ".join(lines[:_LISTED]), more)
 
 
 def leaked(train_paths: Sequence[str], val_paths: Sequence[str], digests: dict[str, str]) -> list[tuple[str, str]]:
