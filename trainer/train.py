@@ -276,6 +276,7 @@ def setup(config: Config, workdir: str) -> Run:
   else:
     run_dir.check_config(config)
   history = run_dir.load_history()[:int(trainer.epoch)]
+  _log_share(config.runtime.example_log, shard, inputs)
   tensorboard = reporting.TensorBoardLog(run_dir.tensorboard if chief else None, inputs.classes)
   return Run(config, workdir, strategy, plan, shard, inputs, run_dir, chief, trainer, manager, own_manager, history,
              tensorboard, policy)
@@ -347,7 +348,8 @@ def _export_of(run_dir: workdir_lib.RunDir, config: Config, checkpoint: str) -> 
 def train_epochs(run: Run) -> dict | None:
   """The epochs left to train; returns the last validation's metrics (None when no epoch ran here)."""
   config, trainer = run.config, run.trainer
-  preemption = distribute.preemption_handler(run.strategy, run.manager, save_fn=run.own_manager.save,
+  preemption = distribute.preemption_handler(run.strategy, run.manager,
+                                             save_fn=lambda: checkpoints.save(run.own_manager),
                                              exit_fn=lambda: _exit_preempted(trainer))
   progress = config.runtime.verbosity >= 0
   run.tensorboard.log_run(config, {"precision": run.policy, "num_replicas": run.strategy.num_replicas_in_sync,
@@ -472,6 +474,15 @@ def _feature_cache(run: Run) -> _SharedFeatures:
                                    os.path.join(distribute.write_dir(run.workdir, run.strategy), "cache"),
                                    features.cache_key(config, run.inputs.identity, run.policy))
   return _SharedFeatures(cache, run.inputs.train, run.inputs.val)
+
+
+def _log_share(folder: str, shard: data.Shard, inputs: data.InputData) -> None:
+  """--example_log: how many training images this worker decodes (its share, padding included)."""
+  if folder:
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"worker_{shard.index}.jsonl"), "a", encoding="utf-8") as f:
+      f.write(json.dumps({"worker": shard.index, "decoded": inputs.train.padded_length,
+                          "examples": len(inputs.train), "of": len(inputs.train.all_labels)}) + "\n")
 
 
 def _log_examples(run: Run, epoch: int, ids: list[int]) -> None:
