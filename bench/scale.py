@@ -1,0 +1,193 @@
+"""Input at scale: images/s, peak memory and cache size of trainer.data by dataset size and --cache mode, next to
+keras.utils.image_dataset_from_directory on the same files in the same run.
+
+python -m bench.scale [--sizes=1000,5000,20000] [--phone_photos=200] [--image_size=224] [--epochs=3]
+    [--root=/tmp/bench_scale] [--json=FILE]
+
+Synthetic JPEG folders (bench.synthetic, generated once under --root): `size` photos of 500x375 for each size,
+and --phone_photos photos of 4032x3024. Every row runs in its own process, so its peak RSS (getrusage
+ru_maxrss) is that of the input pipeline alone, measured the same way for every row:
+  first_epoch_images_per_sec   images / (data.load: listing, checks, cache choice + the first epoch), i.e. from
+                               nothing to one full pass, as a training run meets it
+  later_epoch_images_per_sec   mean over epochs 2..--epochs (shuffled, from the cache unless --cache=none)
+  cache_bytes_per_image        disk: the cache files' size; memory: the RSS the first epoch added; none: 0
+`image_dataset_from_directory` rows make one pass (it has no cache). Memory rows are left out where the decoded
+images would exceed --memory_limit. A row prints its figures as one JSON line; the parent collects them.
+"""
+
+import glob
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl import app, flags
+
+from bench import synthetic, write_figures
+from trainer import config_checks
+
+flags.DEFINE_list("sizes", ["1000", "5000", "20000"], "Dataset sizes (500x375 photos).")
+flags.DEFINE_integer("phone_photos", 200, "Number of 4032x3024 photos (0 skips them).")
+flags.DEFINE_integer("image_size", 224, "Square size the images are resized to.")
+flags.DEFINE_integer("batch_size", 32, "Batch size.")
+flags.DEFINE_integer("epochs", 3, "Epochs per row of ours (the first, then the later ones averaged).")
+flags.DEFINE_list("caches", ["memory", "disk", "none"], "--cache modes measured.")
+flags.DEFINE_string("memory_limit", "2GB", "Largest in-memory cache measured (bytes or e.g. 2GB).")
+flags.DEFINE_string("root", os.path.join(tempfile.gettempdir(), "bench_scale"), "Folder of the synthetic photos "
+                    "(kept for the next run) and of the disk caches (removed after each row).")
+flags.DEFINE_string("json", "", "Also write the figures to this JSON file.")
+# One row, in the child process.
+flags.DEFINE_enum("row", "", ["", "ours", "keras"], "Internal: measure one row in this process and print it.")
+flags.DEFINE_string("data_dir", "", "Internal: the row's folder.")
+flags.DEFINE_string("cache", "none", "Internal: the row's --cache.")
+FLAGS = flags.FLAGS
+
+_PHONE_SIZE = (4032, 3024)
+_PHOTO_SIZE = (500, 375)
+# The validation share data.load carves (not iterated): small, so nearly every image is in the measured split.
+_VALIDATION_SPLIT = 0.02
+
+
+def _peak_rss_bytes() -> int:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB.
+
+
+def _current_rss_bytes() -> int:
+  with open("/proc/self/statm", encoding="ascii") as f:
+    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _iterate(dataset) -> int:
+  count = 0
+  for batch in dataset:
+    count += int(batch[0].shape[0])
+  return count
+
+
+def ours_row(folder: str, cache: str, image_size: int, batch_size: int, epochs: int, cache_root: str) -> dict:
+  import tensorflow as tf
+  from trainer import data
+  from trainer.config import Config
+  config = Config().replace(data_dir=folder, cache=cache, validation_split=_VALIDATION_SPLIT,
+                            batch_size=batch_size).data
+  start = time.perf_counter()
+  train = data.load(config, image_size, cache_root).train
+  load_seconds = time.perf_counter() - start
+  rss_before = _current_rss_bytes()
+  seconds, count = [], 0
+  for epoch in range(epochs):
+    begin = time.perf_counter()
+    count = _iterate(train.epoch(epoch).batch(batch_size).prefetch(tf.data.AUTOTUNE))
+    seconds.append(time.perf_counter() - begin)
+    if epoch == 0:
+      memory_cache_bytes = _current_rss_bytes() - rss_before
+  if train.cache.mode == "disk":
+    cache_bytes = sum(os.path.getsize(path) for path in glob.glob(glob.escape(train.cache.path) + "*"))
+  else:
+    cache_bytes = memory_cache_bytes if train.cache.mode == "memory" else 0
+  later = seconds[1:]
+  return {"images_per_epoch": count, "cache": train.cache.mode, "cache_reason": train.cache.reason,
+          "first_epoch_images_per_sec": count / (load_seconds + seconds[0]),
+          "later_epoch_images_per_sec": count * len(later) / sum(later) if later else None,
+          "peak_rss_bytes": _peak_rss_bytes(), "cache_bytes_per_image": cache_bytes / count,
+          "load_seconds": load_seconds, "first_epoch_seconds_after_load": seconds[0]}
+
+
+def keras_row(folder: str, image_size: int, batch_size: int) -> dict:
+  import keras
+  start = time.perf_counter()
+  dataset = keras.utils.image_dataset_from_directory(folder, image_size=(image_size, image_size),
+                                                     batch_size=batch_size, shuffle=True, seed=0, verbose=False)
+  count = _iterate(dataset)
+  return {"images_per_epoch": count, "first_epoch_images_per_sec": count / (time.perf_counter() - start),
+          "peak_rss_bytes": _peak_rss_bytes()}
+
+
+def _run_row(row: str, folder: str, images: int, cache: str = "none") -> dict:
+  """One row on the `images` photos of `folder`, in a fresh process (its own peak RSS); its figures are the last
+  line it prints."""
+  command = [sys.executable, "-m", "bench.scale", f"--row={row}", f"--data_dir={folder}", f"--cache={cache}",
+             f"--image_size={FLAGS.image_size}", f"--batch_size={FLAGS.batch_size}", f"--epochs={FLAGS.epochs}",
+             f"--root={FLAGS.root}"]
+  done = subprocess.run(command, capture_output=True, text=True, check=False,
+                        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+  if done.returncode:
+    raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+  figures = {"images": images, **json.loads(done.stdout.strip().splitlines()[-1])}
+  print(f"  {row:<6} {figures.get('cache', ''):<7} {json.dumps(figures)}", flush=True)
+  return figures
+
+
+def _targets(rows: list[dict], keras_rows: list[dict], phone: dict, image_size: int) -> dict:
+  """The issue's targets as ratios (the figures they come from are in the rows)."""
+  sizes = sorted({row["images"] for row in rows})
+  smallest, largest = sizes[0], sizes[-1]
+  by = {(row["images"], row["cache"]): row for row in rows}
+  targets = {}
+  for mode in ("memory", "disk", "none"):
+    if (smallest, mode) in by and (largest, mode) in by and largest != smallest:
+      low, high = by[(smallest, mode)], by[(largest, mode)]
+      targets[f"{mode}_first_epoch_{largest}_over_{smallest}"] = (high["first_epoch_images_per_sec"] /
+                                                                 low["first_epoch_images_per_sec"])
+      targets[f"{mode}_peak_rss_growth_bytes_{smallest}_to_{largest}"] = (high["peak_rss_bytes"] -
+                                                                          low["peak_rss_bytes"])
+  disk = [row["cache_bytes_per_image"] for row in rows if row["cache"] == "disk"]
+  if disk:
+    targets["disk_cache_bytes_per_image_over_s_s_3"] = max(disk) / (image_size * image_size * 3)
+  for keras_figures in keras_rows:
+    mine = by.get((keras_figures["images"], "none"))
+    if mine:
+      targets[f"none_first_epoch_over_image_dataset_from_directory_{keras_figures['images']}"] = (
+          mine["first_epoch_images_per_sec"] / keras_figures["first_epoch_images_per_sec"])
+  if phone:
+    targets["phone_photos_first_epoch_over_image_dataset_from_directory"] = (
+        phone["ours_first_epoch_images_per_sec"] / phone["image_dataset_from_directory_images_per_sec"])
+  return targets
+
+
+def main(argv):
+  del argv
+  if FLAGS.row:
+    cache_root = tempfile.mkdtemp(dir=FLAGS.root, prefix="cache_")
+    if FLAGS.row == "ours":
+      figures = ours_row(FLAGS.data_dir, FLAGS.cache, FLAGS.image_size, FLAGS.batch_size, FLAGS.epochs, cache_root)
+    else:
+      figures = keras_row(FLAGS.data_dir, FLAGS.image_size, FLAGS.batch_size)
+    shutil.rmtree(cache_root)
+    print(json.dumps(figures))
+    return
+  os.makedirs(FLAGS.root, exist_ok=True)
+  size = FLAGS.image_size
+  rows, keras_rows = [], []
+  print(f"load average {os.getloadavg()[0]:.2f} at the start", flush=True)
+  for images in map(int, FLAGS.sizes):
+    folder = synthetic.folder(os.path.join(FLAGS.root, f"photos_{images}"), images, *_PHOTO_SIZE)
+    print(f"{images} photos of {_PHOTO_SIZE[0]}x{_PHOTO_SIZE[1]} at {size}x{size}:", flush=True)
+    for cache in FLAGS.caches:
+      if cache == "memory" and images * size * size * 3 > (config_checks.memory_budget(FLAGS.memory_limit) or 0):
+        print(f"  memory cache skipped: {images} images exceed --memory_limit={FLAGS.memory_limit}")
+        continue
+      rows.append(_run_row("ours", folder, images, cache))
+    keras_rows.append(_run_row("keras", folder, images))
+  phone = {}
+  if FLAGS.phone_photos:
+    folder = synthetic.folder(os.path.join(FLAGS.root, f"phone_{FLAGS.phone_photos}"), FLAGS.phone_photos,
+                              *_PHONE_SIZE, classes=2)
+    print(f"{FLAGS.phone_photos} photos of {_PHONE_SIZE[0]}x{_PHONE_SIZE[1]} at {size}x{size}:", flush=True)
+    ours = _run_row("ours", folder, FLAGS.phone_photos, "none")
+    keras_figures = _run_row("keras", folder, FLAGS.phone_photos)
+    phone = {"images": FLAGS.phone_photos, "ours_first_epoch_images_per_sec": ours["first_epoch_images_per_sec"],
+             "ours_load_seconds": ours["load_seconds"],
+             "image_dataset_from_directory_images_per_sec": keras_figures["first_epoch_images_per_sec"]}
+  figures = {"image_size": size, "rows": rows, "image_dataset_from_directory": keras_rows, "phone_photos": phone,
+             "targets": _targets(rows, keras_rows, phone, size), "load_average_at_end": os.getloadavg()[0]}
+  print(json.dumps(figures["targets"], indent=2))
+  write_figures(figures, FLAGS.json)
+
+
+if __name__ == "__main__":
+  app.run(main)
