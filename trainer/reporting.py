@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import io
 import json
+import logging
 import math
 import os
 from typing import Sequence
@@ -51,6 +52,10 @@ HPARAMS_METRICS = ("hparams/val_accuracy", "hparams/val_loss", "hparams/train_ac
 
 # Fonts whose glyphs are placeholders (a box naming the Unicode block), not letters.
 _PLACEHOLDER_FONTS = ("Last Resort",)
+
+# Drawing with a fallback font of one weight only (WenQuanYi Zen Hei is 500) makes matplotlib warn "Failed to find
+# font weight normal ..., now using 500" on every figure: the nearest weight is what a label wants.
+logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
 
 
 class TensorBoardLog:
