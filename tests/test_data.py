@@ -258,3 +258,21 @@ def test_balanced_class_weights():
   assert data.class_weights("balanced", [0, 0, 0, 1], 2) == [4 / 6, 2.0]
   with pytest.raises(UserInputError, match="--class_weight"):
     data.class_weights("inverse", [0, 1], 2)
+
+
+def test_tfrecord_shards_give_the_folders_pixels_and_split_by_file_across_workers(color_folder, tmp_path):
+  from trainer import to_tfrecord
+  folder = Config().replace(data_dir=str(color_folder), validation_split=0.34).data
+  to_tfrecord.convert(folder, str(tmp_path / "shards"), shards=2)
+  from_files = data.load(folder, SIZE, str(tmp_path / "cache"))
+  records = Config().replace(tfrecord=str(tmp_path / "shards" / "train-*"),
+                             tfrecord_val=str(tmp_path / "shards" / "val-*")).data
+  from_records = data.load(records, SIZE, str(tmp_path / "cache"))
+  assert from_records.classes == from_files.classes
+  assert sorted(from_records.train.labels) == sorted(from_files.train.labels)
+  as_pixels = lambda examples: sorted(image.tobytes() for image in _epoch(examples, None)[0])  # noqa: E731
+  assert as_pixels(from_records.train) == as_pixels(from_files.train)  # The same images.load: the same pixels.
+  shares = [data.load(records, SIZE, str(tmp_path / "cache"), data.Shard(index, 2), 2) for index in range(2)]
+  assert len({share.train.padded_length for share in shares}) == 1
+  real = [i for share in shares for i, w in zip(*_epoch(share.train, 5)[3:1:-1]) if w > 0]
+  assert sorted(real) == list(range(len(from_records.train.all_labels)))

@@ -5,7 +5,7 @@ import logging as std_logging
 from absl import logging
 
 from trainer import model as model_lib
-from trainer import config_checks, train, tuning
+from trainer import config_checks, distribute, train, tuning
 from trainer import workdir as workdir_lib
 from trainer.config import Config
 from trainer.errors import UserInputError, exit_on_user_error
@@ -22,12 +22,15 @@ def run(config: Config, workdir: str | None, list_layers: bool) -> None:
     if not workdir:
       raise UserInputError("Pass --workdir=FOLDER: where the run keeps its checkpoints, logs, export and report.")
     with workdir_lib.lock(workdir):
+      strategy = None
       if config.tune.tune:
+        # Created before the search: a multi-worker strategy must exist before any other TensorFlow work.
+        strategy = distribute.create_strategy(config.runtime)
         config = train.resolve(config)
-        config = config.replace(**tuning.search(config, workdir, tuning.strategy_for_search(config)))
+        config = config.replace(**tuning.search(config, workdir, tuning.strategy_for_search(config, strategy)))
         if config.tune.tune_only:
           return
-      metrics = train.train_and_evaluate(config, workdir)
+      metrics = train.train_and_evaluate(config, workdir, strategy)
     # Printed, not logged: the one line --verbosity=-1 keeps besides warnings and errors.
     print(done_line(metrics), flush=True)
 

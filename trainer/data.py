@@ -193,39 +193,51 @@ def _tfds_lists(config: DataConfig, shard: Shard, pad_multiple: int):
 
 
 def _tfrecord_lists(config: DataConfig, shard: Shard, pad_multiple: int):
+  """TFRecord shards: each worker reads whole shard files of its own (shard k goes to worker k mod W)."""
   from trainer import tfrecords  # Only TFRecord sources need it.
-  train_scan = tfrecords.scan(config.tfrecord, config.strict_data)
+  if not config.tfrecord:
+    raise UserInputError("--tfrecord_val needs --tfrecord=GLOB, the training shards.")
+  train_scan = tfrecords.scan(config.tfrecord, config.strict_data, flag="--tfrecord")
   if config.tfrecord_val:
-    val_scan = tfrecords.scan(config.tfrecord_val, config.strict_data)
+    val_scan = tfrecords.scan(config.tfrecord_val, config.strict_data, flag="--tfrecord_val")
     classes = tfrecords.merged_classes(train_scan, val_scan)
-    parts = [(train_scan, None), (val_scan, None)]
+    parts = [(train_scan, None, "--tfrecord"), (val_scan, None, "--tfrecord_val")]
   else:
     classes = train_scan.classes
-    carved = sources.stratified_split(
-        {name: [index for index, label in enumerate(train_scan.labels) if label == number]
-         for number, name in enumerate(classes)}, config.validation_split, config.seed,
-        where=f"--tfrecord={config.tfrecord}")
-    is_val = np.zeros(len(train_scan.labels), bool)
-    for indices in carved[1].values():
-      is_val[indices] = True
-    parts = [(train_scan, ~is_val), (train_scan, is_val)]
+    by_class = {name: [i for i, label in enumerate(train_scan.labels) if label == number]
+                for number, name in enumerate(classes)}
+    by_class = {name: members for name, members in by_class.items() if members}
+    train_part, val_part = sources.stratified_split(by_class, config.validation_split, config.seed,
+                                                    where=f"--tfrecord={config.tfrecord}")
+    parts = [(train_scan, sorted(i for members in train_part.values() for i in members), "--tfrecord"),
+             (train_scan, sorted(i for members in val_part.values() for i in members), "--tfrecord")]
   lists = []
-  for name, (scan, keep) in zip(("train", "val"), parts):
-    records = tfrecords.dataset(scan)  # (bytes, label) of every good record, in order
-    labels = np.asarray(scan.labels)
-    positions = np.flatnonzero(keep) if keep is not None else np.arange(len(labels))
-    if keep is not None:
-      keep_table = tf.constant(keep)
-      records = records.enumerate().filter(lambda i, r: tf.gather(keep_table, i)).map(lambda i, r: r)
-    ids = tuple(range(shard.index, len(positions), shard.count))
-    mine = records.enumerate().filter(lambda i, r: i % shard.count == shard.index).map(lambda i, r: r[0])
-    all_labels = tuple(int(label) for label in labels[positions])
+  for name, (scan, select, flag) in zip(("train", "val"), parts):
+    selected = list(range(len(scan.labels))) if select is None else select
+    mine = set(_own_positions(scan, shard))
+    ids = tuple(index for index, position in enumerate(selected) if position in mine)
+    all_labels = tuple(int(scan.labels[position]) for position in selected)
     own_labels = tuple(all_labels[index] for index in ids)
+    context = tf.distribute.InputContext(num_input_pipelines=shard.count, input_pipeline_id=shard.index)
+    records = tfrecords.dataset(scan, context if shard.count > 1 else None, select, flag=flag)
     length = padded_length(len(all_labels), shard.count, pad_multiple)
     identity = _digest([scan.identity, name, f"{config.validation_split}:{config.seed}",
                         f"share {shard.index}/{shard.count} padded to {length}"])
-    lists.append(_SplitList(_padded(mine, own_labels, ids, length), own_labels, ids, all_labels, length, identity))
-  return tuple(classes), lists[0], lists[1], dict(train_scan.skipped)
+    encoded = _padded(records.map(lambda image, label: image), own_labels, ids, length)
+    lists.append(_SplitList(encoded, own_labels, ids, all_labels, length, identity))
+  return tuple(classes), lists[0], lists[1], {**train_scan.skipped, **(val_scan.skipped if config.tfrecord_val
+                                                                       else {})}
+
+
+def _own_positions(scan, shard: Shard) -> list[int]:
+  """Positions in scan.labels of the usable records in this worker's shard files."""
+  positions, start = [], 0
+  for number, file in enumerate(scan.shards):
+    usable = file.readable - len(file.unusable)
+    if number % shard.count == shard.index:
+      positions.extend(range(start, start + usable))
+    start += usable
+  return positions
 
 
 def padded_length(total: int, workers: int, multiple: int) -> int:

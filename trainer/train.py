@@ -222,9 +222,12 @@ class Run:
     return self.plan.per_replica_batch_size * (self.plan.num_replicas // self.shard.count)
 
 
-def train_and_evaluate(config: Config, workdir: str) -> dict:
-  """Trains every phase (resuming from the workdir's last checkpoint), exports, and returns the metrics."""
-  run = setup(config, workdir)
+def train_and_evaluate(config: Config, workdir: str, strategy: tf.distribute.Strategy | None = None) -> dict:
+  """Trains every phase (resuming from the workdir's last checkpoint), exports, and returns the metrics.
+
+  strategy: the run's, when the caller had to create it first (a multi-worker strategy must exist before any
+  other TensorFlow work, such as a tuning search); else created here from the config."""
+  run = setup(config, workdir, strategy)
   finished = _finished_export(run)
   if finished:
     return finished
@@ -232,10 +235,10 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
   return finalize(run, val_metrics)
 
 
-def setup(config: Config, workdir: str) -> Run:
+def setup(config: Config, workdir: str, strategy: tf.distribute.Strategy | None = None) -> Run:
   """Strategy and precision, this worker's data, the model, and the run's checkpoint restored."""
   config = resolve(config)
-  strategy = distribute.create_strategy(config.runtime)
+  strategy = strategy or distribute.create_strategy(config.runtime)
   policy = distribute.resolve_precision(config.runtime, strategy)
   distribute.set_precision(policy)
   plan = distribute.plan_batches(config.data.batch_size, strategy.num_replicas_in_sync,

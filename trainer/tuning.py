@@ -388,8 +388,10 @@ def _wait_for_chief(path: str, fingerprint: str) -> dict:
                        "log, then rerun every worker with the same flags.")
 
 
-def strategy_for_search(config: Config) -> tf.distribute.Strategy | None:
-  """The search's strategy for --strategy=mirrored and one_device; None (Keras' default) else."""
+def strategy_for_search(config: Config, run_strategy: tf.distribute.Strategy | None = None
+                        ) -> tf.distribute.Strategy | None:
+  """The search's strategy for --strategy=mirrored and one_device (the run's own when given); None (Keras'
+  default) else: a multi-worker search runs on the chief alone."""
   if config.runtime.strategy in ("mirrored", "one_device"):
-    return distribute.create_strategy(config.runtime)
+    return run_strategy or distribute.create_strategy(config.runtime)
   return None
