@@ -6,6 +6,7 @@ import dataclasses
 import keras
 import tensorflow as tf
 
+from trainer import checkpoints
 from trainer import model as model_lib
 from trainer import sources
 from trainer import workdir as workdir_lib
@@ -39,7 +40,7 @@ def restore(workdir: str, overrides: dict | None = None) -> TrainedModel:
     overrides = {**{name: "" for name in sources.SOURCE_FLAGS}, **overrides}
   config = config.replace(**overrides)
   classes = tuple(run.load_run_facts().get("classes", ()))
-  checkpoint = tf.train.latest_checkpoint(run.checkpoints)
+  checkpoint = checkpoints.newest_readable(run.checkpoints)  # A corrupt newest one is skipped, in one line.
   if not classes or not checkpoint:
     raise UserInputError(f"--workdir={workdir} holds no trained checkpoint yet: train first "
                          f"(python -m trainer.main --workdir={workdir} ...).")
