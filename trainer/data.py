@@ -26,7 +26,6 @@ import os
 import shutil
 from typing import Callable, Sequence
 
-import numpy as np
 import tensorflow as tf
 from absl import logging
 

@@ -504,18 +504,17 @@ def finalize(run: Run, val_metrics: dict | None) -> dict:
   trainer.train_on_features(None)
   val_metrics = val_metrics or trainer.run_epoch(_val_batches(run, None), training=False,
                                                  steps=_steps(run, run.inputs.val), progress=False)
-  export_path = None
-  if run.chief:
-    samples = data.sample_files(run.inputs.val, os.path.join(run.workdir, "cache", "samples"),
-                                saved_model.PARITY_FILES)
-    export_path = _export(run, samples)
-  metrics = summarize(run.history, list(run.inputs.classes), export_path,
-                      [phase for phase, _ in model_lib.phases(run.config)])
+  metrics = summarize(run.history, list(run.inputs.classes), None, [phase for phase, _ in model_lib.phases(run.config)])
   metrics["skipped_files"] = [{"path": path, "reason": why} for path, why in sorted(run.inputs.skipped.items())]
   run.tensorboard.close()
   if run.chief:
+    # The report first: a failed export check must not lose it either.
     run.run_dir.save_metrics(metrics)
     reporting.write_reports(run.run_dir.report, run.history, val_metrics["confusion_matrix"], run.inputs.classes)
+    samples = data.sample_files(run.inputs.val, os.path.join(run.workdir, "cache", "samples"),
+                                saved_model.PARITY_FILES)
+    metrics["export_path"] = _export(run, samples)
+    run.run_dir.save_metrics(metrics)
   distribute.wait_for_all_workers(run.strategy)
   distribute.remove_worker_files(run.workdir, run.strategy)
   return metrics
