@@ -11,6 +11,7 @@ from conftest import CLASS_COLORS, write_image
 from trainer import evaluate
 from trainer import flags as trainer_flags
 from trainer import usage
+from trainer.config import Config
 from trainer.errors import UserInputError
 
 
@@ -150,3 +151,46 @@ def test_help_lists_only_the_flags_evaluation_reads(capsys):
   listed = re.findall(r"^  --(?:\[no\])?(\w+):", capsys.readouterr().out, re.MULTILINE)
   assert exit_.value.code == 0
   assert {"workdir", "data_dir", "csv", "top_k"} <= set(listed) and "frozen_epochs" not in listed
+
+
+def _tiny_tfds(data_dir, splits):
+  """A TFDS dataset of the run's classes built locally (downloads fail offline): 2 solid images per class."""
+  import tensorflow_datasets as tfds
+
+  class RunColors(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+    name = "run_colors_" + "_".join(splits)
+
+    def _info(self):
+      features = tfds.features.FeaturesDict({"image": tfds.features.Image(shape=(None, None, 3)),
+                                             "label": tfds.features.ClassLabel(names=sorted(CLASS_COLORS))})
+      return tfds.core.DatasetInfo(builder=self, features=features, supervised_keys=("image", "label"))
+
+    def _split_generators(self, dl_manager):
+      return {split: self._generate_examples(split) for split in splits}
+
+    def _generate_examples(self, split):
+      for i, name in enumerate(sorted(CLASS_COLORS) * 2):
+        yield f"{split}{i}", {"image": np.full((20, 24, 3), CLASS_COLORS[name], np.uint8),
+                              "label": sorted(CLASS_COLORS).index(name)}
+
+  RunColors(data_dir=str(data_dir)).download_and_prepare()
+  return RunColors.name
+
+
+def test_a_tfds_dataset_is_evaluated_on_its_test_split_and_says_so(trained_workdir, tmp_path):
+  name = _tiny_tfds(tmp_path, ("train", "test"))
+
+  metrics = evaluate.evaluate(str(trained_workdir), {"tfds": name, "tfds_data_dir": str(tmp_path)})
+
+  assert metrics["examples"] == 6 and metrics["data"] == f"--tfds={name} (its test split)"
+  assert all(metrics["per_class"][c]["support"] == 2 for c in CLASS_COLORS)
+
+
+def test_the_train_split_of_the_runs_own_tfds_dataset_is_refused(tmp_path):
+  name = _tiny_tfds(tmp_path, ("train",))
+  config = Config().replace(tfds=name, tfds_data_dir=str(tmp_path)).data
+
+  with pytest.raises(UserInputError, match="has only a train split, and the run trained on it"):
+    evaluate._tfds_test_split(config, trained_on=name)
+  assert evaluate._tfds_test_split(config, trained_on="another")[2] == f"--tfds={name} (its train split)"

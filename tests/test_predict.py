@@ -30,7 +30,8 @@ def test_bad_files_are_reported_and_the_others_classified_as_the_model_does(trai
   assert sorted(p.rsplit("/", 1)[-1] for p in paths) == ["a.jpg", "b.png", "broken.jpg", "fake.gif", "missing.jpg"]
   assert sorted(p.rsplit("/", 1)[-1] for p in not_images) == ["notes.txt", "scan.tif"]
 
-  predictions = {p.path.rsplit("/", 1)[-1]: p for p in classify.Classifier(str(trained_export_dir)).classify(paths, top_k=2)}
+  classified = classify.Classifier(str(trained_export_dir)).classify(paths, top_k=2)
+  predictions = {p.path.rsplit("/", 1)[-1]: p for p in classified}
 
   assert "JPEG" in predictions["broken.jpg"].error
   assert "not a JPEG, PNG, GIF, BMP or WebP image" in predictions["fake.gif"].error

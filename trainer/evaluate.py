@@ -3,11 +3,12 @@ a trained run classifies.
 
 Without a data source, the run's own validation split is evaluated. --data_dir or --csv give a held-out test set
 (one class is enough): all of its images; of a folder that holds train/ beside test/ or val/, only test/ (else
-val/). --tfds or --tfrecord: all of the source's examples (its train and validation splits). Its class names must
-be classes of the run. Writes to WORKDIR/report/: eval_metrics.json (accuracy, top-k accuracy, loss, per-class
-precision/recall/F1/support, their averages, the confusion matrix and the skipped files),
-eval_classification_report.txt and eval_confusion_matrix.png, and prints the classification report and a summary
-line.
+val/). --tfds: the dataset's test split, else its validation split (its train split only for another dataset than
+the run's). --tfrecord: all of its records. Its class names must be classes of the run.
+
+Writes to WORKDIR/report/: eval_metrics.json (accuracy, top-k accuracy, loss, per-class precision/recall/F1/support,
+their averages, the confusion matrix and the skipped files), eval_classification_report.txt and
+eval_confusion_matrix.png, and prints the classification report and a summary line.
 """
 
 import os
@@ -41,6 +42,9 @@ def evaluate(workdir: str, overrides: dict | None = None) -> dict:
   given = sources.chosen(config.data) if any(name in overrides for name in sources.SOURCE_FLAGS) else None
   if given in ("data_dir", "csv"):
     source_classes, examples, skipped, described = _test_files(config.data, metrics_path)
+  elif given == "tfds":
+    source_classes, examples, described = _tfds_test_split(config.data, run.load_config().data.tfds)
+    skipped = {}
   else:
     inputs = data.load(config.data, config.data.image_size, os.path.join(workdir, "cache"))
     source_classes, skipped = inputs.classes, inputs.skipped
@@ -67,6 +71,18 @@ def evaluate(workdir: str, overrides: dict | None = None) -> dict:
   reporting.write_confusion_matrix_png(confusion, classes, os.path.join(run.report, CONFUSION_FILE),
                                        title=f"Evaluation on {metrics['data']}")
   return metrics
+
+
+def _tfds_test_split(config, trained_on: str) -> tuple[tuple[str, ...], tf.data.Dataset, str]:
+  """(classes, (float32 image, label) examples, description) of a TFDS dataset's held-out split."""
+  classes, split, encoded = sources.tfds_test_split(config)
+  if split == "train" and config.tfds == trained_on:
+    raise UserInputError(f"--tfds={config.tfds} has only a train split, and the run trained on it: leave out the "
+                         "data source to evaluate the run's validation split, or give a test set.")
+  size = config.image_size
+  examples = encoded.map(lambda image, label: (tf.cast(images.load(image, size), tf.float32),
+                                               tf.cast(label, tf.int32)), num_parallel_calls=tf.data.AUTOTUNE)
+  return classes, examples, f"--tfds={config.tfds} (its {split} split)"
 
 
 def _test_files(config, metrics_path: str) -> tuple[tuple[str, ...], tf.data.Dataset, dict[str, str], str]:

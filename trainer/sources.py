@@ -127,7 +127,8 @@ def find_test_files(config: DataConfig) -> TestFiles:
     description = f"--data_dir={root}"
     if held_out:
       others = _listed({role: path for role, path in splits.items() if role != held_out})
-      description += f" (its {os.path.basename(folder)}/ folder only" + (f"; {others} not evaluated)" if others else ")")
+      description += f" (its {os.path.basename(folder)}/ folder only" + (f"; {others} not evaluated" if others else "")
+      description += ")"
   return TestFiles(tuple(classes), as_split(files, classes), skipped, description)
 
 
@@ -378,8 +379,26 @@ def _did_you_mean(names: Sequence[str]) -> str:
   return f" (did you mean {' or '.join(names)}?)" if names else ""
 
 
-def tfds_splits(config: DataConfig) -> TfdsSplits:
-  """The train and validation examples of a TFDS dataset prepared under --tfds_data_dir (never downloads)."""
+@dataclasses.dataclass(frozen=True)
+class _Tfds:
+  builder: object  # tfds.core.DatasetBuilder
+  classes: tuple[str, ...]
+  image_key: str
+  where: str  # the flags that name it, for messages
+
+  def examples(self, split: str) -> tf.data.Dataset:
+    """(encoded image bytes, int64 label): decoded by images.load, as the serving graph decodes a request."""
+    import tensorflow_datasets as tfds
+    return self.builder.as_dataset(split=split, as_supervised=True, shuffle_files=False,
+                                   decoders={self.image_key: tfds.decode.SkipDecoding()})
+
+  def labels(self, split: str) -> tuple[int, ...]:
+    """Labels without decoding a single image."""
+    return tuple(int(label) for label in self.examples(split).map(lambda _, label: label).as_numpy_iterator())
+
+
+def _open_tfds(config: DataConfig, min_classes: int) -> _Tfds:
+  """The prepared TFDS image classification dataset of --tfds, or UserInputError saying why it cannot be used."""
   import tensorflow_datasets as tfds  # Imported only for --tfds: it takes seconds.
 
   name, data_dir = config.tfds, config.tfds_data_dir or None
@@ -405,21 +424,29 @@ def tfds_splits(config: DataConfig) -> TfdsSplits:
     raise UserInputError(f"{where}: the dataset has no (image, class label) supervised keys; use an image "
                          "classification dataset.")
   classes = tuple(label_feature.names)
-  _require_classes(classes, 2, where, "Use an image classification dataset with two or more classes.")
+  _require_classes(classes, min_classes, where, "Use an image classification dataset with two or more classes.")
+  return _Tfds(builder, classes, keys[0], where)
+
+
+def tfds_test_split(config: DataConfig) -> tuple[tuple[str, ...], str, tf.data.Dataset]:
+  """(classes, split, its examples) of a TFDS dataset given for evaluation: its test split, else its validation
+  split, else its train split (a whole other dataset)."""
+  dataset = _open_tfds(config, min_classes=1)
+  split = next((name for name in ("test",) + _VALIDATION_SPLITS + ("train",) if name in dataset.builder.info.splits),
+               None)
+  if not split:
+    raise UserInputError(f"{dataset.where}: the dataset has no test, validation or train split (it has "
+                         f"{sorted(dataset.builder.info.splits)}).")
+  return dataset.classes, split, dataset.examples(split)
+
+
+def tfds_splits(config: DataConfig) -> TfdsSplits:
+  """The train and validation examples of a TFDS dataset prepared under --tfds_data_dir (never downloads)."""
+  dataset = _open_tfds(config, min_classes=2)
+  builder, classes, where, examples, labels = (dataset.builder, dataset.classes, dataset.where, dataset.examples,
+                                               dataset.labels)
   if "train" not in builder.info.splits:
     raise UserInputError(f"{where}: the dataset has no 'train' split (it has {sorted(builder.info.splits)}).")
-
-  def examples(split: str) -> tf.data.Dataset:
-    # Encoded bytes: the pipeline decodes them with images.load, as the serving graph decodes a request.
-    return builder.as_dataset(split=split, as_supervised=True, shuffle_files=False,
-                              decoders={keys[0]: tfds.decode.SkipDecoding()})
-
-  def labels(split: str) -> tuple[int, ...]:
-    # Labels without decoding a single image.
-    skip_images = {keys[0]: tfds.decode.SkipDecoding()}
-    dataset = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False, decoders=skip_images)
-    return tuple(int(label) for label in dataset.map(lambda _, label: label).as_numpy_iterator())
-
   train_labels = labels("train")
   val_split = next((split for split in _VALIDATION_SPLITS if split in builder.info.splits), None)
   if val_split:
