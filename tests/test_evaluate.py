@@ -194,3 +194,8 @@ def test_the_train_split_of_the_runs_own_tfds_dataset_is_refused(tmp_path):
   with pytest.raises(UserInputError, match="has only a train split, and the run trained on it"):
     evaluate._tfds_test_split(config, trained_on=name)
   assert evaluate._tfds_test_split(config, trained_on="another")[2] == f"--tfds={name} (its train split)"
+
+
+def test_the_runs_own_training_images_are_refused_as_a_test_set(trained_workdir):
+  with pytest.raises(UserInputError, match=r"of its 18 images are training images of the run .* validation split"):
+    evaluate.evaluate(str(trained_workdir), {"data_dir": str(trained_workdir.parent / "data")})

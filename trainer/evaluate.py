@@ -40,12 +40,16 @@ def evaluate(workdir: str, overrides: dict | None = None) -> dict:
   run = workdir_lib.RunDir(workdir)
   metrics_path = os.path.join(run.report, METRICS_FILE)
   given = sources.chosen(config.data) if any(name in overrides for name in sources.SOURCE_FLAGS) else None
+  trained_on = run.load_config().data
   if given in ("data_dir", "csv"):
-    source_classes, examples, skipped, described = _test_files(config.data, metrics_path)
+    source_classes, examples, skipped, described = _test_files(config.data, metrics_path, trained_on)
   elif given == "tfds":
-    source_classes, examples, described = _tfds_test_split(config.data, run.load_config().data.tfds)
+    source_classes, examples, described = _tfds_test_split(config.data, trained_on.tfds)
     skipped = {}
   else:
+    if given == "tfrecord" and os.path.abspath(config.data.tfrecord) == os.path.abspath(trained_on.tfrecord or "-"):
+      raise UserInputError(f"--tfrecord={config.data.tfrecord} holds the records the run trained on: leave out the "
+                           "data source to evaluate the run's validation split, or give a test set.")
     inputs = data.load(config.data, config.data.image_size, os.path.join(workdir, "cache"))
     source_classes, skipped = inputs.classes, inputs.skipped
     examples = inputs.val.images.concatenate(inputs.train.images) if given else inputs.val.images
@@ -73,6 +77,17 @@ def evaluate(workdir: str, overrides: dict | None = None) -> dict:
   return metrics
 
 
+def _training_files_among(paths, trained_on) -> list[str]:
+  """The files among `paths` that the run trained on (by real path), when its file source can still be read."""
+  if sources.chosen(trained_on) not in ("data_dir", "csv"):
+    return []
+  try:
+    trained = set(map(os.path.realpath, sources.find_files(trained_on).train.paths))
+  except UserInputError:  # The training data moved or changed; nothing to compare.
+    return []
+  return sorted(path for path in paths if os.path.realpath(path) in trained)
+
+
 def _tfds_test_split(config, trained_on: str) -> tuple[tuple[str, ...], tf.data.Dataset, str]:
   """(classes, (float32 image, label) examples, description) of a TFDS dataset's held-out split."""
   classes, split, encoded = sources.tfds_test_split(config)
@@ -85,9 +100,16 @@ def _tfds_test_split(config, trained_on: str) -> tuple[tuple[str, ...], tf.data.
   return classes, examples, f"--tfds={config.tfds} (its {split} split)"
 
 
-def _test_files(config, metrics_path: str) -> tuple[tuple[str, ...], tf.data.Dataset, dict[str, str], str]:
-  """(classes, (float32 image, label) examples, skipped files -> why, description) of a test folder or CSV."""
+def _test_files(config, metrics_path: str,
+                trained_on) -> tuple[tuple[str, ...], tf.data.Dataset, dict[str, str], str]:
+  """(classes, (float32 image, label) examples, skipped files -> why, description) of a test folder or CSV, which
+  must hold none of the run's training images (`trained_on`: the run's data config)."""
   test = sources.find_test_files(config)
+  seen = _training_files_among(test.files.paths, trained_on)
+  if seen:
+    raise UserInputError(f"{test.description}: {len(seen)} of its {len(test.files)} images are training images of "
+                         f"the run (e.g. {seen[0]}), which says nothing of new images. Leave out the data source to "
+                         "evaluate the run's validation split, or give images the run did not train on.")
   scan = data_checks.scan(test.files.paths, config.max_image_pixels)
   skipped = {**test.skipped, **scan.unreadable}
   data_checks.report_unreadable(skipped, config.strict_data, listed_in=metrics_path)
