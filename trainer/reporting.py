@@ -237,9 +237,10 @@ def shorten(text: str, max_chars: int) -> str:
 def _families_drawing(text: str, default: str) -> list[str] | None:
   """Font families that together have a glyph for every character of `text` (besides `default`, which has most),
   or None if no installed font has some character."""
-  charmaps = _charmaps()
+  missing = {ord(char) for char in text} - _codes_of(font_manager.findfont(default))
+  charmaps = _charmaps() if missing else {}
   families = []
-  for code in {ord(char) for char in text} - charmaps.get(default, frozenset()):
+  for code in missing:
     family = next((family for family, codes in charmaps.items() if code in codes), None)
     if family is None:
       return None
@@ -249,17 +250,21 @@ def _families_drawing(text: str, default: str) -> list[str] | None:
 
 @functools.cache
 def _charmaps() -> dict[str, frozenset[int]]:
-  """The code points of each font family matplotlib finds (its own and the system's), by family name."""
+  """The code points of each font family matplotlib finds (its own and the system's), by family name: read only
+  for a name the default font cannot draw (reading every font takes a while on a machine with many)."""
   charmaps = {}
   for font in font_manager.fontManager.ttflist:
-    if font.name.startswith(_PLACEHOLDER_FONTS):
-      continue
-    try:
-      codes = frozenset(ft2font.FT2Font(font.fname).get_charmap())
-    except (OSError, RuntimeError):  # A font file matplotlib listed but FreeType cannot read.
-      continue
-    charmaps[font.name] = charmaps.get(font.name, frozenset()) | codes
+    if not font.name.startswith(_PLACEHOLDER_FONTS):
+      charmaps[font.name] = charmaps.get(font.name, frozenset()) | _codes_of(font.fname)
   return charmaps
+
+
+@functools.cache
+def _codes_of(font_file: str) -> frozenset[int]:
+  try:
+    return frozenset(ft2font.FT2Font(font_file).get_charmap())
+  except (OSError, RuntimeError):  # A font file matplotlib listed but FreeType cannot read.
+    return frozenset()
 
 
 def write_reports(report_dir: str, history: Sequence[dict], confusion: np.ndarray, classes: Sequence[str]) -> None:
