@@ -86,6 +86,9 @@ def test_help_lists_every_flag_of_the_command_under_its_config_section(capsys):
     assert re.search(rf"^  --(\[no\])?{field.name}:", sections[section], re.MULTILINE), (section, field.name)
   assert "--[no]cache_features: Frozen phase on cached features" in sections["train"]
   assert "(default: 'mobilenet_v2')" in sections["model"]
+  # --verbosity is absl's flag: its entry still says what it does here, and its default once a command runs.
+  entry = re.search(r"^  --verbosity: (.*?)(?=^  --|\Z)", sections["runtime"], re.DOTALL | re.MULTILINE).group(1)
+  assert "warnings only" in entry and " ".join(entry.split()).endswith(f"(default: {Config().runtime.verbosity})")
 
 
 def test_bad_flags_and_stray_arguments_end_in_one_line_with_exit_code_2(capsys):

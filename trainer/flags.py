@@ -1,7 +1,6 @@
 """Command-line flags, one per config field (same name), and the Config they produce."""
 
 import typing
-from typing import Collection
 
 from absl import flags
 from absl import logging  # noqa: F401 - defines --verbosity, which must exist before the config flags.
@@ -28,6 +27,7 @@ def _define_config_flags() -> None:
   hints = {}
   for section, field in section_fields():
     if field.name in _FOREIGN:
+      FLAGS[field.name].help = field.metadata["help"]  # What it means here, in --help too.
       continue
     section_type = type(getattr(defaults, section))
     hints.setdefault(section_type, typing.get_type_hints(section_type))
@@ -43,7 +43,7 @@ def config_from_flags() -> Config:
                              if field.name not in _FOREIGN or FLAGS[field.name].present})
 
 
-def refuse_unused(used: Collection[str], command: str) -> None:
+def refuse_unused(used: typing.Collection[str], command: str) -> None:
   """A flag of this module given to a command that does not read it would be ignored silently: refused instead
   (commands on a trained run take the model's settings from its config.json)."""
   unused = [name for name in ("workdir", "list_layers", *(field.name for _, field in section_fields()))

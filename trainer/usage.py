@@ -16,6 +16,9 @@ from trainer.errors import UserInputError
 # absl's spellings of --help, and -h, which people try first.
 HELP_ARGS = ("--help", "-help", "--helpshort", "-helpshort", "-h", "-?")
 
+# absl.app.run sets an unset --verbosity to 0 (INFO) once the flags are parsed: its real default in every command.
+_RUN_DEFAULTS = {"verbosity": 0}
+
 _FOOTER = ("Flags may also come from a file: --flagfile=FILE (one --flag=value a line). --helpfull lists every "
            "flag, absl's and TensorFlow's included.")
 
@@ -33,7 +36,8 @@ def help_text(usage: str, groups: Mapping[str, Sequence[str]]) -> str:
 
 def _describe(flag: flags.Flag) -> str:
   name = f"--[no]{flag.name}" if flag.boolean else f"--{flag.name}"
-  return flags.text_wrap(f"{name}: {flag.help}{_default(flag.default)}", indent="      ", firstline_indent="  ")
+  default = _default(_RUN_DEFAULTS.get(flag.name, flag.default))
+  return flags.text_wrap(f"{name}: {flag.help}{default}", indent="      ", firstline_indent="  ")
 
 
 def _default(value) -> str:
