@@ -3,12 +3,15 @@ TensorFlow loads, and --verbosity=-1 down to warnings, errors and the final Done
 
 import contextlib
 import io
+import logging as std_logging
 import os
 import re
 import subprocess
 import sys
 
 import pytest
+import tensorflow as tf
+from absl import logging
 
 from tests.conftest import REPO, write_color_dataset
 from trainer import progress
@@ -40,6 +43,41 @@ def test_on_a_terminal_the_bar_redraws_in_place():
 
 def test_a_disabled_bar_prints_nothing():
   assert _printed(_Terminal(), enabled=False) == ""
+
+
+class _Lines(std_logging.Handler):
+  def __init__(self):
+    super().__init__()
+    self.lines = []
+
+  def emit(self, record):
+    self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def hidden_library_info():
+  """hide_library_info() in force, with what reaches absl's handler and TensorFlow's logger captured."""
+  absl_handler, tf_logger = logging.get_absl_handler(), tf.get_logger()
+  filters = (list(absl_handler.filters), list(tf_logger.filters))
+  progress.hide_library_info()
+  seen = _Lines()
+  absl_handler.addFilter(lambda record: seen.emit(record) and False)  # After the filters under test.
+  tf_logger.addHandler(seen)
+  yield seen
+  tf_logger.removeHandler(seen)
+  absl_handler.filters[:], tf_logger.filters[:] = filters
+
+
+def test_library_info_lines_are_hidden_and_their_warnings_kept(hidden_library_info):
+  tf.get_logger().info("Assets written to: somewhere")
+  tf.get_logger().warning("a TensorFlow warning")
+  library = std_logging.makeLogRecord({"name": "absl", "levelno": std_logging.INFO, "levelname": "INFO",
+                                       "msg": "Sharding callback duration", "pathname": "/x/tensorflow/saver.py"})
+  own = std_logging.makeLogRecord({"name": "absl", "levelno": std_logging.INFO, "levelname": "INFO",
+                                   "msg": "epoch 1/1", "pathname": "/repo/trainer/train.py"})
+  for record in (library, own):
+    logging.get_absl_handler().handle(record)
+  assert hidden_library_info.lines == ["a TensorFlow warning", "epoch 1/1"]
 
 
 def _without_tf_log_level() -> dict:
