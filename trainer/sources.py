@@ -44,7 +44,7 @@ class LabelledFiles:
 
 
 @dataclasses.dataclass(frozen=True)
-class TestFiles:
+class EvaluationFiles:
   """The images of a source given for evaluation, as one split (a test set may hold a single class)."""
   classes: tuple[str, ...]
   files: Split
@@ -109,7 +109,7 @@ def find_files(config: DataConfig) -> LabelledFiles:
   return LabelledFiles(tuple(classes), as_split(train, classes), as_split(val, classes), skipped)
 
 
-def find_test_files(config: DataConfig) -> TestFiles:
+def find_test_files(config: DataConfig) -> EvaluationFiles:
   """Every labelled image of --data_dir or --csv given for evaluation: of a folder that holds train/ and a test/
   or val/ folder, only that one (train/ holds training images)."""
   if chosen(config) == "csv":
@@ -129,7 +129,7 @@ def find_test_files(config: DataConfig) -> TestFiles:
       others = _listed({role: path for role, path in splits.items() if role != held_out})
       description += f" (its {os.path.basename(folder)}/ folder only" + (f"; {others} not evaluated" if others else "")
       description += ")"
-  return TestFiles(tuple(classes), as_split(files, classes), skipped, description)
+  return EvaluationFiles(tuple(classes), as_split(files, classes), skipped, description)
 
 
 def _existing_folder(root: str) -> str:
