@@ -276,3 +276,20 @@ def test_tfrecord_shards_give_the_folders_pixels_and_split_by_file_across_worker
   assert len({share.train.padded_length for share in shares}) == 1
   real = [i for share in shares for i, w in zip(*_epoch(share.train, 5)[3:1:-1]) if w > 0]
   assert sorted(real) == list(range(len(from_records.train.all_labels)))
+
+
+def test_a_data_service_decodes_the_share_and_gives_every_example_once(color_folder, tmp_path):
+  from trainer import data_service
+  dispatcher = data_service.start_dispatcher()
+  worker = data_service.start_worker(dispatcher.target, worker_address="localhost")
+  try:
+    local = _load(tmp_path, data_dir=str(color_folder), cache="none")
+    served = _load(tmp_path, data_dir=str(color_folder), cache="none", data_service=dispatcher.target)
+    for seed in (None, 3):
+      images, labels, weights, ids = _epoch(served.train, seed)
+      assert sorted(ids) == sorted(served.train.ids)
+      want = {int(i): image for image, i in zip(_epoch(local.train, None)[0], _epoch(local.train, None)[3])}
+      assert all(np.array_equal(image, want[int(i)]) for image, i in zip(images, ids))  # The same pixels.
+  finally:
+    worker.stop()
+    dispatcher.stop()

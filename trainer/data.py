@@ -24,6 +24,7 @@ import hashlib
 import math
 import os
 import shutil
+import uuid
 from typing import Callable, Sequence
 
 import tensorflow as tf
@@ -266,9 +267,15 @@ def _decoded(split: _SplitList, image_size: int, config: DataConfig, budget: int
 
   def decode(dataset: tf.data.Dataset) -> tf.data.Dataset:
     # deterministic=True: the decoded order is the list's order whatever finishes first, so a seeded shuffle is
-    # the same permutation in every process and after a restart (measured: no slower, see BUILD_NOTES.md).
-    return dataset.map(lambda item, label, weight, index: (images.load(item, image_size), label, weight, index),
-                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    # the same permutation in every process and after a restart.
+    decoded = dataset.map(lambda item, label, weight, index: (images.load(item, image_size), label, weight, index),
+                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if not config.data_service:
+      return decoded
+    from trainer import data_service  # Only --data_service needs it.
+    # A job of its own for this worker's share: the service's workers decode it, and this trainer, its only
+    # consumer, receives every element once (in the order they finish, so resumes are not bit-exact).
+    return data_service.distribute(decoded, config.data_service, job_name=f"transfer-trainer-{uuid.uuid4().hex}")
 
   bytes_per_image = _bytes_per_image(image_size)
   if cache.mode == "none":
