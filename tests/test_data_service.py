@@ -9,8 +9,8 @@ import time
 import pytest
 import tensorflow as tf
 
-from conftest import REPO
-from trainer import data_service
+from conftest import REPO, write_image
+from trainer import data_service, images, tfrecords, to_tfrecord
 from trainer.errors import UserInputError
 
 
@@ -27,7 +27,31 @@ def test_distributed_epoch_yields_every_element_once_per_epoch_across_two_worker
   for _ in range(2):  # Each epoch is a new pass of the job.
     assert sorted(int(i) for i in ids) == list(range(60))
   for server in workers + [dispatcher]:
-    server._stop()
+    server.stop()
+
+
+def test_decoding_on_the_service_gives_the_pixels_of_decoding_here(tmp_path):
+  paths = [str(write_image(tmp_path / f"{i}.jpg", (40 * i, 90, 200), size=(30 + 9 * i, 24))) for i in range(5)]
+  records = tfrecords.scan(_shard(tmp_path / "shard", paths))
+  decoded = {
+      "files": tf.data.Dataset.from_tensor_slices(paths).map(lambda path: images.load(tf.io.read_file(path), 16)),
+      "tfrecords": tfrecords.dataset(records).map(lambda image, label: images.load(image, 16))}
+  dispatcher = data_service.start_dispatcher()
+  worker = data_service.start_worker(dispatcher.target, worker_address="localhost")
+  for name, local in decoded.items():
+    served = data_service.distribute(local, dispatcher.target, job_name=name)
+    assert sorted(image.tobytes() for image in served.as_numpy_iterator()) == sorted(
+        image.tobytes() for image in local.as_numpy_iterator()), name
+  worker.stop()
+  dispatcher.stop()
+
+
+def _shard(path, image_paths) -> str:
+  with tf.io.TFRecordWriter(str(path)) as writer:
+    for index, image_path in enumerate(image_paths):
+      with open(image_path, "rb") as f:
+        writer.write(to_tfrecord.example(f.read(), index % 2, "").SerializeToString())
+  return str(path)
 
 
 def test_a_missing_dispatcher_is_one_error_naming_it_within_the_wait():
