@@ -1,4 +1,7 @@
 # `make demo` and `make test` are the two commands of the README; both create .venv when it is missing.
+# make demo [DEMO_DIR=DIR] [DEMO_WEIGHTS=imagenet|none|FILE.h5]: the drawn dataset goes to DIR/data and the run to
+# DIR/run_<weights> (run_scratch when ImageNet weights cannot be had), with its report/metrics.json; demos with
+# other weights in the same DIR get their own run folder.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
