@@ -193,7 +193,7 @@ def test_the_train_split_of_the_runs_own_tfds_dataset_is_refused(tmp_path):
 
   with pytest.raises(UserInputError, match="has only a train split, and the run trained on it"):
     evaluate._tfds_test_split(config, trained_on=name)
-  assert evaluate._tfds_test_split(config, trained_on="another")[2] == f"--tfds={name} (its train split)"
+  assert evaluate._tfds_test_split(config, trained_on="another")[3] == f"--tfds={name} (its train split)"
 
 
 def test_the_runs_own_training_images_are_refused_as_a_test_set(trained_workdir):

@@ -40,20 +40,7 @@ def evaluate(workdir: str, overrides: dict | None = None) -> dict:
   run = workdir_lib.RunDir(workdir)
   metrics_path = os.path.join(run.report, METRICS_FILE)
   given = sources.chosen(config.data) if any(name in overrides for name in sources.SOURCE_FLAGS) else None
-  trained_on = run.load_config().data
-  if given in ("data_dir", "csv"):
-    source_classes, examples, skipped, described = _test_files(config.data, metrics_path, trained_on)
-  elif given == "tfds":
-    source_classes, examples, described = _tfds_test_split(config.data, trained_on.tfds)
-    skipped = {}
-  else:
-    if given == "tfrecord" and os.path.abspath(config.data.tfrecord) == os.path.abspath(trained_on.tfrecord or "-"):
-      raise UserInputError(f"--tfrecord={config.data.tfrecord} holds the records the run trained on: leave out the "
-                           "data source to evaluate the run's validation split, or give a test set.")
-    inputs = data.load(config.data, config.data.image_size, os.path.join(workdir, "cache"))
-    source_classes, skipped = inputs.classes, inputs.skipped
-    examples = inputs.val.images.concatenate(inputs.train.images) if given else inputs.val.images
-    described = f"--{given}={getattr(config.data, given)}" if given else "the run's validation split"
+  source_classes, examples, skipped, described = _evaluation_data(config.data, given, run, metrics_path)
   unknown = sorted(set(source_classes) - set(classes))
   if unknown:
     raise UserInputError(f"The evaluation data has classes the run was not trained on: {unknown}. The run knows "
@@ -77,6 +64,24 @@ def evaluate(workdir: str, overrides: dict | None = None) -> dict:
   return metrics
 
 
+def _evaluation_data(config, given: str | None, run: workdir_lib.RunDir,
+                     metrics_path: str) -> tuple[tuple[str, ...], tf.data.Dataset, dict[str, str], str]:
+  """(classes, (float32 image, label) examples, skipped files -> why, description) of the source flag `given`, or
+  of the run's validation split for None. Never the run's own training examples."""
+  trained_on = run.load_config().data
+  if given in ("data_dir", "csv"):
+    return _test_files(config, metrics_path, trained_on)
+  if given == "tfds":
+    return _tfds_test_split(config, trained_on.tfds)
+  if given == "tfrecord" and os.path.abspath(config.tfrecord) == os.path.abspath(trained_on.tfrecord or "-"):
+    raise UserInputError(f"--tfrecord={config.tfrecord} holds the records the run trained on: leave out the data "
+                         "source to evaluate the run's validation split, or give a test set.")
+  inputs = data.load(config, config.image_size, os.path.join(run.root, "cache"))
+  examples = inputs.val.images.concatenate(inputs.train.images) if given else inputs.val.images
+  described = f"--{given}={getattr(config, given)}" if given else "the run's validation split"
+  return inputs.classes, examples, inputs.skipped, described
+
+
 def _training_files_among(paths, trained_on) -> list[str]:
   """The files among `paths` that the run trained on (by real path), when its file source can still be read."""
   if sources.chosen(trained_on) not in ("data_dir", "csv"):
@@ -88,8 +93,9 @@ def _training_files_among(paths, trained_on) -> list[str]:
   return sorted(path for path in paths if os.path.realpath(path) in trained)
 
 
-def _tfds_test_split(config, trained_on: str) -> tuple[tuple[str, ...], tf.data.Dataset, str]:
-  """(classes, (float32 image, label) examples, description) of a TFDS dataset's held-out split."""
+def _tfds_test_split(config, trained_on: str) -> tuple[tuple[str, ...], tf.data.Dataset, dict[str, str], str]:
+  """(classes, (float32 image, label) examples, no skipped files, description) of a TFDS dataset's held-out
+  split (`trained_on`: the run's --tfds)."""
   classes, split, encoded = sources.tfds_test_split(config)
   if split == "train" and config.tfds == trained_on:
     raise UserInputError(f"--tfds={config.tfds} has only a train split, and the run trained on it: leave out the "
@@ -97,7 +103,7 @@ def _tfds_test_split(config, trained_on: str) -> tuple[tuple[str, ...], tf.data.
   size = config.image_size
   examples = encoded.map(lambda image, label: (tf.cast(images.load(image, size), tf.float32),
                                                tf.cast(label, tf.int32)), num_parallel_calls=tf.data.AUTOTUNE)
-  return classes, examples, f"--tfds={config.tfds} (its {split} split)"
+  return classes, examples, {}, f"--tfds={config.tfds} (its {split} split)"
 
 
 def _test_files(config, metrics_path: str,
@@ -108,8 +114,9 @@ def _test_files(config, metrics_path: str,
   seen = _training_files_among(test.files.paths, trained_on)
   if seen:
     raise UserInputError(f"{test.description}: {len(seen)} of its {len(test.files)} images are training images of "
-                         f"the run (e.g. {seen[0]}), which says nothing of new images. Leave out the data source to "
-                         "evaluate the run's validation split, or give images the run did not train on.")
+                         f"the run (e.g. {seen[0]}): accuracy on them says nothing about new images. Leave out "
+                         "the data source to evaluate the run's validation split, or give images the run did not "
+                         "train on.")
   scan = data_checks.scan(test.files.paths, config.max_image_pixels)
   skipped = {**test.skipped, **scan.unreadable}
   data_checks.report_unreadable(skipped, config.strict_data, listed_in=metrics_path)
