@@ -181,8 +181,9 @@ def hparams_metrics(history: Sequence[dict]) -> tuple[float, ...]:
 
 
 def mean_images_per_sec(history: Sequence[dict]) -> float:
-  """Training images per second over all the run's epochs: their images over the time of their steady steps (an
-  epoch's first step, with compilation, left out where its record has `steady_images_per_sec`)."""
+  """Training images per second over all the run's epochs, at each epoch's steady rate where its record has
+  `steady_images_per_sec` (without the first step, which compiles): all the images over the time they take at
+  those rates."""
   images = [record["images_per_sec"] * record["train_seconds"] for record in history]
   seconds = sum(count / (record.get("steady_images_per_sec") or record["images_per_sec"])
                 for count, record in zip(images, history))
