@@ -3,13 +3,14 @@
 import csv
 import io
 import json
+import re
 import subprocess
 import sys
 
 import pytest
 import tensorflow as tf
 
-from conftest import write_image
+from conftest import REPO, write_image
 from export import classify
 
 
@@ -70,3 +71,14 @@ def test_command_prints_json_and_exits_1_when_a_file_failed(trained_export_dir, 
   assert parsed[1]["error"]
   assert "Not classified: 1 file(s)" in result.stderr and "scan.tif" in result.stderr
 
+
+
+def test_the_readme_quotes_the_error_a_request_of_no_image_gets(trained_export_dir):
+  readme = " ".join((REPO / "README.md").read_text(encoding="utf-8").split())
+  quoted = re.search(r"status `INVALID_ARGUMENT` and the message `([^`]+)`", readme).group(1)
+  serve = tf.saved_model.load(str(trained_export_dir)).signatures["serving_default"]
+
+  with pytest.raises(tf.errors.InvalidArgumentError) as error:
+    serve(image_bytes=tf.constant([b"hello"]))
+
+  assert quoted.replace("[i]", "[0]").replace("(n bytes)", "(5 bytes)") in error.value.message
