@@ -106,6 +106,14 @@ def test_a_csv_header_names_its_columns_in_either_order(tmp_path):
     assert os.path.basename(path).startswith(files.classes[label])
 
 
+def test_a_first_row_that_names_a_file_is_data_whatever_its_label(tmp_path):
+  rows = [f"{name}_{i}.png,{'target' if name == 'red' else 'other'}" for name in CLASS_COLORS for i in range(2)]
+
+  files = sources.find_files(_write_csv(tmp_path, rows))
+
+  assert files.classes == ("other", "target") and len(files.train) + len(files.val) == 6
+
+
 def test_a_csv_header_with_more_columns_picks_path_and_label_by_name(tmp_path):
   rows = [f"{i},{name},{name}_{i}.png,train" for name in CLASS_COLORS for i in range(2)]
 

@@ -268,8 +268,11 @@ _CSV_PATH_NAMES = {"path", "file", "filename", "file_name", "filepath", "file_pa
 _CSV_LABEL_NAMES = {"label", "labels", "class", "class_name", "category", "target"}
 
 
-def _csv_columns(row: list[str], csv_path: str) -> tuple[int, int] | None:
-  """(path column, label column) named by a header row, or None when the row is not a header."""
+def _csv_columns(row: list[str], csv_path: str, base: str) -> tuple[int, int] | None:
+  """(path column, label column) named by a header row, or None when the row is not a header: a row that names
+  an existing file is data, even when its label is, say, 'target'."""
+  if any(cell.strip() and os.path.isfile(os.path.join(base, cell.strip())) for cell in row):
+    return None
   names = [cell.strip().lower() for cell in row]
   paths = [i for i, name in enumerate(names) if name in _CSV_PATH_NAMES]
   labels = [i for i, name in enumerate(names) if name in _CSV_LABEL_NAMES]
@@ -312,7 +315,7 @@ def _csv_files(csv_path: str, min_classes: int) -> tuple[list[str], dict[str, li
       if not any(cell.strip() for cell in row):
         continue
       if line == 1:
-        first_row, columns = row, _csv_columns(row, csv_path)
+        first_row, columns = row, _csv_columns(row, csv_path, base)
         if columns:
           path_column, label_column = columns
           continue
