@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import CLASS_COLORS, write_image
-from trainer import data
+from trainer import data, data_checks
 from trainer.config import Config
 from trainer.errors import UserInputError
 
@@ -194,7 +194,9 @@ def test_a_disk_cache_of_changed_files_is_never_reused(color_folder, tmp_path):
   cache = tmp_path / "shared_cache"
   first = _load(tmp_path, data_dir=str(color_folder), cache_dir=str(cache), cache="disk", validation_split=0.34)
   assert first.train.cache.mode == "disk"
-  _epoch(first.train, None)  # Fills the cache.
+  _epoch(first.train, None)
+  cache_files = lambda: {name.split(".")[0] for name in os.listdir(cache) if name.startswith("images_")}  # noqa
+  before = cache_files()
   for i in range(6):  # Swap the pixels of two classes, keeping every file name.
     red, blue = color_folder / "red" / f"red_{i}.jpg", color_folder / "blue" / f"blue_{i}.jpg"
     red_bytes = red.read_bytes()
@@ -207,7 +209,7 @@ def test_a_disk_cache_of_changed_files_is_never_reused(color_folder, tmp_path):
   for image, label in zip(images, labels):
     assert list(CLASS_COLORS)[_mean_colour_class(image)] == swapped[classes[label]]
   assert second.identity != first.identity
-  assert len({name.split(".")[0] for name in os.listdir(cache) if name.startswith("images_")}) == 2
+  assert before < cache_files() and len(cache_files()) == 2 * len(before)  # New caches beside the old ones.
 
 
 @pytest.mark.parametrize("mode", ["memory", "disk", "none"])
@@ -293,3 +295,17 @@ def test_a_data_service_decodes_the_share_and_gives_every_example_once(color_fol
   finally:
     worker.stop()
     dispatcher.stop()
+
+
+def test_a_cached_split_decodes_each_file_once_and_still_skips_undecodable_ones(color_folder, tmp_path,
+                                                                                 monkeypatch, caplog):
+  (color_folder / "red" / "red_9.jpg").write_bytes(b"not an image at all")
+  decoded_in_check = []
+  original = data_checks.images.decode
+  monkeypatch.setattr(data_checks.images, "decode", lambda content: decoded_in_check.append(1) or original(content))
+  inputs = _load(tmp_path, data_dir=str(color_folder), cache="memory", validation_split=0.34)
+  assert decoded_in_check == [1]  # Only the file the cache fill could not decode, for the decoder's message.
+  assert list(inputs.skipped) == [str(color_folder / "red" / "red_9.jpg")]
+  assert "cannot be decoded" in inputs.skipped[str(color_folder / "red" / "red_9.jpg")]
+  assert len(inputs.train) + len(inputs.val) == 18
+  assert "Skipping 1 image file" in caplog.text

@@ -115,21 +115,21 @@ def load(config: DataConfig, image_size: int, cache_root: str = "", shard: Shard
   padded to the same multiple of this (the examples of one step over this worker's replicas).
   """
   source = sources.chosen(config)
-  skipped: dict[str, str] = {}
-  if source == "tfds":
-    classes, train, val = _tfds_lists(config, shard, pad_multiple)
-  elif source == "tfrecord":
-    classes, train, val, skipped = _tfrecord_lists(config, shard, pad_multiple)
-  else:
-    classes, train, val, skipped = _file_lists(config, shard, pad_multiple)
   budget = config_checks.memory_budget(config.memory_budget) or _default_memory_budget()
   folder = config.cache_dir or cache_root
   if folder and shard.count > 1:
     folder = os.path.join(folder, f"worker_{shard.index}")  # Two workers writing one cache file collide.
-  train_examples = _decoded(train, image_size, config, budget, folder)
-  val_budget = budget - (len(train.labels) * _bytes_per_image(image_size)
-                         if train_examples.cache.mode == "memory" else 0)
-  val_examples = _decoded(val, image_size, config, max(val_budget, 0), folder)
+  skipped: dict[str, str] = {}
+  if source in ("data_dir", "csv"):
+    classes, train_examples, val_examples, skipped, train, val = _file_examples(config, shard, pad_multiple,
+                                                                                image_size, budget, folder)
+  else:
+    if source == "tfds":
+      classes, train, val = _tfds_lists(config, shard, pad_multiple)
+    else:
+      classes, train, val, skipped = _tfrecord_lists(config, shard, pad_multiple)
+    train_examples = _decoded(train, image_size, config, budget, folder)
+    val_examples = _decoded(val, image_size, config, _budget_left(budget, train_examples, image_size), folder)
   for name, examples in (("train", train_examples), ("val", val_examples)):
     logging.info("%s: %d images, cache %s (%s).", name, len(examples), examples.cache.mode, examples.cache.reason)
   identity = hashlib.sha256(f"{image_size}\n{_PIXELS_VERSION}\n{train.identity}\n{val.identity}".encode())
@@ -139,26 +139,45 @@ def load(config: DataConfig, image_size: int, cache_root: str = "", shard: Shard
 # Sources ---------------------------------------------------------------------------------------------------------
 
 
-def _file_lists(config: DataConfig, shard: Shard, pad_multiple: int):
+def _file_examples(config: DataConfig, shard: Shard, pad_multiple: int, image_size: int, budget: int, folder: str):
+  """Folder and CSV sources. A split whose decoded images are kept (memory or disk cache) decodes every file once:
+  in the pass that fills the cache, which is also the check that finds the files that cannot be decoded. Without
+  a cache (or with --data_service) the check decodes them first, as every epoch then decodes again anyway."""
   files = sources.find_files(config)
   skipped = dict(getattr(files, "skipped", {}) or {})
-  lists, unreadable = [], {}
-  shares = [_share(split.paths, shard) for split in (files.train, files.val)]
-  scan = data_checks.scan([path for share in shares for path, _ in share], config.max_image_pixels)
-  data_checks.report_unreadable({**skipped, **scan.unreadable}, config.strict_data)
-  unreadable.update(scan.unreadable)
-  for split, share in zip((files.train, files.val), shares):
+  splits = (files.train, files.val)
+  shares = [_share(split.paths, shard) for split in splits]
+  lengths = [padded_length(len(split.labels), shard.count, pad_multiple) for split in splits]
+  train_cache = choose_cache(config.cache, lengths[0], image_size, budget, folder)
+  val_cache = choose_cache(config.cache, lengths[1], image_size,
+                           budget - (lengths[0] * _bytes_per_image(image_size) if train_cache.mode == "memory" else 0),
+                           folder)
+  prefill = [cache.mode != "none" and not config.data_service for cache in (train_cache, val_cache)]
+  paths_to_decode = [path for share, decode_later in zip(shares, prefill) if not decode_later for path, _ in share]
+  scan = data_checks.scan([path for share in shares for path, _ in share], config.max_image_pixels,
+                          decode=set(paths_to_decode))
+  unreadable = dict(scan.unreadable)
+  examples, lists = [], []
+  for split, share, length, cache, fill in zip(splits, shares, lengths, (train_cache, val_cache), prefill):
     usable = [(path, index) for path, index in share if path not in unreadable]
-    labels = tuple(split.labels[index] for _, index in usable)
-    paths = tuple(path for path, _ in usable)
-    ids = tuple(index for _, index in usable)
-    length = padded_length(len(split.labels), shard.count, pad_multiple)
-    identity = _digest([f"{scan.digests[path]}\t{label}\t{index}" for path, label, index in zip(paths, labels, ids)]
+    identity = _digest([f"{scan.digests[path]}\t{split.labels[index]}\t{index}" for path, index in usable]
                        + [f"padded to {length}"])
-    encoded = _padded(tf.data.Dataset.from_tensor_slices(list(paths)), labels, ids, length)
-    encoded = encoded.map(lambda path, label, weight, index: (tf.io.read_file(path), label, weight, index))
-    lists.append(_SplitList(encoded, labels, ids, tuple(split.labels), length, identity, paths,
-                            cheap_to_shuffle=True))
+    if cache.mode == "disk":
+      cache = dataclasses.replace(cache, path=os.path.join(folder, f"images_{image_size}_{identity}"))
+    if fill:
+      decoded, usable = _filled_cache(usable, split.labels, image_size, cache, unreadable)
+    labels = tuple(split.labels[index] for _, index in usable)
+    paths, ids = tuple(path for path, _ in usable), tuple(index for _, index in usable)
+    listed = _SplitList(None, labels, ids, tuple(split.labels), length, identity, paths, cheap_to_shuffle=True)
+    if fill:
+      examples.append(_cached_examples(listed, _padded(decoded, labels, ids, length), cache, budget, image_size))
+    else:
+      encoded = _padded(tf.data.Dataset.from_tensor_slices(list(paths)), labels, ids, length)
+      encoded = encoded.map(lambda path, label, weight, index: (tf.io.read_file(path), label, weight, index))
+      examples.append(_decoded(dataclasses.replace(listed, encoded=encoded), image_size, config, budget, folder,
+                               cache))
+    lists.append(listed)
+  data_checks.report_unreadable({**skipped, **unreadable}, config.strict_data)
   train, val = lists
   if shard.count == 1:
     # With shares, a worker's share may lack a class; the listing already has every class.
@@ -167,7 +186,51 @@ def _file_lists(config: DataConfig, shard: Shard, pad_multiple: int):
       raise UserInputError(f"Class(es) {empty} have no usable training images left after skipping "
                            f"{len(unreadable)} unusable file(s). Add readable images of those classes.")
   data_checks.warn_leakage(data_checks.leaked(train.paths, val.paths, scan.digests))
-  return files.classes, train, val, {**skipped, **unreadable}
+  return files.classes, examples[0], examples[1], {**skipped, **unreadable}, train, val
+
+
+def _filled_cache(usable: list[tuple[str, int]], labels: Sequence[int], image_size: int, cache: CacheChoice,
+                  unreadable: dict[str, str]):
+  """Decodes the files into the cache once; the ones that fail to decode are dropped (their reason, from the
+  decoder, goes into `unreadable`). Returns the cached (uint8 image) dataset of the good files and those files."""
+  paths = [path for path, _ in usable]
+  positions = tf.data.Dataset.range(len(paths))
+  decoded = tf.data.Dataset.zip(tf.data.Dataset.from_tensor_slices(paths), positions).map(
+      lambda path, position: (images.load(tf.io.read_file(path), image_size), position),
+      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
+  if cache.mode == "memory":
+    decoded = decoded.cache()
+  else:
+    _remove_unfinished_cache(cache.path)
+    decoded = decoded.cache(cache.path)
+  good = set()
+  for batch in decoded.map(lambda image, position: position).batch(4096):
+    good.update(batch.numpy().tolist())
+  for position, (path, _) in enumerate(usable):
+    if position not in good:
+      unreadable[path] = data_checks.check_file(path, max_pixels=2**62)[0] or "cannot be decoded"
+  return decoded.map(lambda image, position: image), [item for position, item in enumerate(usable) if position in good]
+
+
+def _cached_examples(listed: _SplitList, padded: tf.data.Dataset, cache: CacheChoice, budget: int,
+                     image_size: int) -> Examples:
+  """Examples of a split whose decoded images are already cached (the padding re-reads the cache)."""
+  buffer = listed.padded_length if cache.mode == "memory" else _disk_buffer(listed.padded_length, budget, image_size)
+
+  def epoch(seed):
+    shuffled = padded if seed is None else padded.shuffle(max(buffer, 1), seed=seed, reshuffle_each_iteration=False)
+    return _with_options(shuffled)
+  return Examples(listed.labels, listed.all_labels, listed.ids, listed.padded_length, cache, epoch, listed.paths)
+
+
+def _budget_left(budget: int, examples: Examples, image_size: int) -> int:
+  used = examples.padded_length * _bytes_per_image(image_size) if examples.cache.mode == "memory" else 0
+  return max(budget - used, 0)
+
+
+def _disk_buffer(length: int, budget: int, image_size: int) -> int:
+  """A disk cache is read in order: it is shuffled in a buffer of at most a quarter of the memory budget."""
+  return min(length, _MAX_SHUFFLE_BUFFER, max(1, budget // 4 // _bytes_per_image(image_size)))
 
 
 def _share(paths: Sequence[str], shard: Shard) -> list[tuple[str, int]]:
@@ -262,8 +325,10 @@ def _padded(encoded: tf.data.Dataset, labels: Sequence[int], ids: Sequence[int],
 # Decoding and caching -------------------------------------------------------------------------------------------
 
 
-def _decoded(split: _SplitList, image_size: int, config: DataConfig, budget: int, folder: str) -> Examples:
-  cache = choose_cache(config.cache, split.padded_length, image_size, budget, folder, split.identity)
+def _decoded(split: _SplitList, image_size: int, config: DataConfig, budget: int, folder: str,
+             cache: CacheChoice | None = None) -> Examples:
+  """Examples that decode `split.encoded` (into a cache when the mode keeps decoded images)."""
+  cache = cache or choose_cache(config.cache, split.padded_length, image_size, budget, folder, split.identity)
 
   def decode(dataset: tf.data.Dataset) -> tf.data.Dataset:
     # deterministic=True: the decoded order is the list's order whatever finishes first, so a seeded shuffle is
@@ -294,7 +359,7 @@ def _decoded(split: _SplitList, image_size: int, config: DataConfig, budget: int
     else:
       _remove_unfinished_cache(cache.path)
       decoded = decoded.cache(cache.path)
-      buffer = min(split.padded_length, _MAX_SHUFFLE_BUFFER, max(1, budget // 4 // bytes_per_image))
+      buffer = _disk_buffer(split.padded_length, budget, image_size)
 
     def epoch(seed):
       shuffled = decoded if seed is None else decoded.shuffle(max(buffer, 1), seed=seed,
@@ -303,7 +368,7 @@ def _decoded(split: _SplitList, image_size: int, config: DataConfig, budget: int
   return Examples(split.labels, split.all_labels, split.ids, split.padded_length, cache, epoch, split.paths)
 
 
-def choose_cache(mode: str, count: int, image_size: int, budget: int, folder: str, identity: str) -> CacheChoice:
+def choose_cache(mode: str, count: int, image_size: int, budget: int, folder: str, identity: str = "") -> CacheChoice:
   """--cache: auto picks memory when the decoded images fit the budget, else disk when the disk has room, else
   none (decode every epoch)."""
   needed = count * _bytes_per_image(image_size)

@@ -1,9 +1,9 @@
 """Checks of every image file before training starts: can it be decoded, and is it in both train and val.
 
 Every file is read once, in parallel threads (TensorFlow's decoders release the GIL): its header is checked for
-absurd sizes (decompression bombs) before anything is decoded, then it is decoded by the same `images.decode` that
-training and serving use, so a file that passes here decodes in the pipeline too. Its content hash finds the same
-image in train and validation (data leakage) whatever the file names.
+absurd sizes (decompression bombs) before anything is decoded, then it is decoded by `images.check` (the decode
+path training and serving use, a JPEG at 1/8 scale), so a file that passes here decodes in the pipeline too. Its
+content hash finds the same image in train and validation (data leakage) whatever the file names.
 """
 
 import concurrent.futures
@@ -12,7 +12,7 @@ import hashlib
 import io
 import os
 import re
-from typing import Sequence
+from typing import Collection, Sequence
 
 import tensorflow as tf
 from absl import logging
@@ -31,8 +31,9 @@ class ScanResult:
   digests: dict[str, str]  # path -> sha256 of its bytes, for every readable file
 
 
-def check_file(path: str, max_pixels: int) -> tuple[str | None, str | None]:
-  """(why the file cannot be used or None, sha256 of its bytes or None)."""
+def check_file(path: str, max_pixels: int, decode: bool = True) -> tuple[str | None, str | None]:
+  """(why the file cannot be used or None, sha256 of its bytes or None). decode=False checks the header only:
+  for files that the pipeline decodes next anyway (trainer.data fills its cache and drops what fails there)."""
   try:
     with open(path, "rb") as f:
       content = f.read()
@@ -48,8 +49,10 @@ def check_file(path: str, max_pixels: int) -> tuple[str | None, str | None]:
     width = height = 0
   if width * height > max_pixels:
     return f"{width}x{height} pixels exceeds --max_image_pixels={max_pixels}", None
+  if not decode:
+    return None, hashlib.sha256(content).hexdigest()
   try:
-    images.decode(tf.constant(content))
+    images.check(tf.constant(content))
   except tf.errors.InvalidArgumentError as e:
     return f"cannot be decoded ({_decoder_message(e)})", None
   return None, hashlib.sha256(content).hexdigest()
@@ -61,11 +64,13 @@ def _decoder_message(error: tf.errors.OpError) -> str:
   return message.strip().rstrip(".")
 
 
-def scan(paths: Sequence[str], max_pixels: int, workers: int | None = None) -> ScanResult:
-  """Checks every file in parallel."""
+def scan(paths: Sequence[str], max_pixels: int, workers: int | None = None,
+         decode: "bool | Collection[str]" = True) -> ScanResult:
+  """Checks every file in parallel; decode: whether (or which of the paths) to decode, else the header only."""
   workers = workers or min(32, 2 * (os.cpu_count() or 1))
+  decoded = (lambda path: decode) if isinstance(decode, bool) else decode.__contains__
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    results = list(pool.map(lambda path: check_file(path, max_pixels), paths))
+    results = list(pool.map(lambda path: check_file(path, max_pixels, decoded(path)), paths))
   unreadable = {path: problem for path, (problem, _) in zip(paths, results) if problem}
   digests = {path: digest for path, (_, digest) in zip(paths, results) if digest}
   return ScanResult(unreadable, digests)
