@@ -189,3 +189,16 @@ def test_list_layers_of_a_run_from_scratch_on_a_cut_backbone():
   assert list(marks)[-1] == "conv_pw_3_relu"
   weighted = [values for values in marks.values() if values]
   assert weighted and all(values == ["yes"] for values in weighted)
+
+
+def test_the_demo_trains_from_scratch_when_imagenet_weights_cannot_be_had(monkeypatch, capsys):
+  from trainer import demo
+
+  def offline(*args, **kwargs):
+    raise UserInputError("ImageNet weights for mobilenet could not be downloaded")
+  monkeypatch.setattr(demo.backbones, "build", offline)
+  assert demo.available_weights("imagenet") == "none"
+  assert "from scratch" in capsys.readouterr().out
+  assert demo.available_weights("/some/weights.h5") == "/some/weights.h5"
+  runs = {demo.run_name(weights) for weights in ("none", "imagenet", "/some/weights.h5")}
+  assert len(runs) == 3

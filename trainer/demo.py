@@ -1,4 +1,4 @@
-"""python -m trainer.demo --workdir=DIR: the whole product offline, on a drawn dataset, in a few minutes.
+"""python -m trainer.demo [--workdir=DIR] [--weights=imagenet|none|FILE.h5]: the whole product offline, on a drawn dataset, in a few minutes.
 
 Draws the dataset (DIR/data), trains, exports, and classifies one held-out image through `saved_model_cli run`, as
 a model server would receive it. With ImageNet weights (downloaded, cached, or a local file) it does transfer
@@ -13,16 +13,16 @@ import subprocess
 import sys
 
 import numpy as np
-from absl import app, flags
+from absl import app
 
 from trainer import backbones, cli, demo_data
 from trainer.config import Config
 from trainer.errors import UserInputError
+# The trainer's own --workdir and --weights (imagenet, none, or a local MobileNet alpha 0.25 .h5 file such as
+# ../shared/weights/mobilenet_2_5_224_tf_no_top.h5): one definition of each flag per process.
+from trainer.flags import FLAGS
 
-flags.DEFINE_string("workdir", "runs/demo", "Where the demo writes its dataset and its runs.")
-flags.DEFINE_string("weights", "imagenet", "imagenet (from scratch when they cannot be downloaded), none, or a "
-                    "local MobileNet alpha 0.25 .h5 file, e.g. ../shared/weights/mobilenet_2_5_224_tf_no_top.h5.")
-FLAGS = flags.FLAGS
+DEFAULT_WORKDIR = "runs/demo"
 
 PER_CLASS = 200
 # Transfer learning: the small ImageNet MobileNet, a frozen phase on cached features, then its top blocks.
@@ -87,7 +87,7 @@ def demo(workdir: str, weights: str) -> None:
 
 def main(argv):
   del argv
-  demo(FLAGS.workdir, FLAGS.weights)
+  demo(FLAGS.workdir or DEFAULT_WORKDIR, FLAGS.weights)
 
 
 if __name__ == "__main__":
