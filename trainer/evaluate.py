@@ -16,7 +16,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from trainer import data, data_checks, images, reporting, restore, sources, usage
+from trainer import data, data_checks, images, progress, reporting, restore, sources, usage
 from trainer import flags as trainer_flags
 from trainer import workdir as workdir_lib
 from trainer.errors import UserInputError, exit_on_user_error
@@ -169,6 +169,7 @@ def summary(metrics: dict, report_dir: str) -> str:
 
 
 def main(argv):
+  progress.hide_library_info()
   given = trainer_flags.FLAGS
   with exit_on_user_error():
     usage.refuse_arguments(argv)
