@@ -39,5 +39,6 @@ def _warnings_and_errors(record: std_logging.LogRecord) -> bool:
 
 
 def _not_library_info(record: std_logging.LogRecord) -> bool:
-  from_library = any(part in record.pathname for part in ("/tensorflow/", "/keras/", "/tf_keras/"))
+  from_library = any(part in record.pathname
+                     for part in ("/tensorflow/", "/keras/", "/tf_keras/", "/tensorflow_datasets/"))
   return record.levelno >= std_logging.WARNING or not from_library
