@@ -10,7 +10,7 @@ import sys
 from absl import flags
 
 from export import classify
-from trainer import images, usage
+from trainer import images, progress, usage
 from trainer.errors import UserInputError, exit_on_user_error
 
 flags.DEFINE_string("model", None, "Export folder of one version: WORKDIR/export/<model_name>/<version>.")
@@ -20,6 +20,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
+  progress.hide_library_info()
   with exit_on_user_error():
     if not FLAGS.model:
       raise UserInputError("Pass --model=WORKDIR/export/<model_name>/<version>.")
