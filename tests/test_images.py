@@ -133,6 +133,32 @@ def test_truncated_jpeg_is_an_error_not_an_image():
     images.load(encoded[:len(encoded) // 2], 16)
 
 
+def _succeeds(function) -> bool:
+  try:
+    function()
+  except tf.errors.InvalidArgumentError:
+    return False
+  return True
+
+
+def test_the_cheap_check_fails_exactly_where_decoding_in_full_fails():
+  encoded = _jpeg(_pixels(96, 128))
+  rng = np.random.default_rng(0)
+  outcomes = set()
+  for trial in range(24):
+    damaged = bytearray(encoded)
+    if trial % 2:
+      damaged = damaged[:int(rng.integers(200, len(encoded)))]
+    else:
+      start = int(rng.integers(700, len(encoded) - 40))
+      damaged[start:start + 30] = rng.integers(0, 256, 30, dtype=np.uint8).tobytes()
+    damaged = bytes(damaged)
+    decodes = _succeeds(lambda: images.decode(damaged))
+    assert _succeeds(lambda: images.check(damaged)) == decodes == _succeeds(lambda: images.load(damaged, 64)), trial
+    outcomes.add(decodes)
+  assert outcomes == {True, False}  # Both kinds of damage were tried.
+
+
 def _pixel_export(tmp_path, image_size: int):
   """The real serving graph (export.saved_model's archive) around a model that outputs its input pixels."""
   inputs = keras.Input((image_size, image_size, 3))

@@ -96,6 +96,8 @@ def test_undecodable_unparseable_and_unlabelled_records_are_skipped_counted_and_
   assert [int(label) for _, label in streamed] == [0, 1]
   with pytest.raises(UserInputError, match="3 TFRecord record"):
     tfrecords.scan(str(tmp_path / "s-*"), strict=True)
+  # Decoding at the training size finds the same records.
+  assert tfrecords.scan(str(tmp_path / "s-*"), image_size=8).skipped.keys() == scanned.skipped.keys()
 
 
 def test_class_names_come_from_class_text_else_the_label_ids(tmp_path):

@@ -60,8 +60,8 @@ def shard_paths(glob: str, flag: str = "--tfrecord") -> tuple[str, ...]:
 def scan(glob: str, strict: bool = False, image_size: int | None = None, flag: str = "--tfrecord") -> Scan:
   """Every shard of `glob` checked once: the usable records' labels, class names and the unusable records.
 
-  image_size: decode the images as training will (`images.load` at this size: cheaper for large photos) rather
-  than in full. strict: refuse unusable records (--strict_data) instead of skipping them with a warning.
+  image_size: decode the images as training will (`images.load` at this size) rather than at the cheapest scale
+  that fails alike (`images.check`). strict: refuse unusable records (--strict_data) instead of skipping them with a warning.
   """
   paths = shard_paths(glob, flag)
   readable, skipped = [], {}
@@ -118,8 +118,8 @@ def _checked_records(paths: Sequence[str], readable: Sequence[int],
   def check(shard, index, record):
     example = tf.io.parse_single_example(record, FEATURES)
     image = _decoded(example[ENCODED], image_size)
-    # The image's shape is returned so the decode is not pruned as unused.
-    return shard, index, example[LABEL], example[TEXT], tf.fingerprint([record])[0], tf.shape(image)
+    # A value of the pixels is returned so the decode is not pruned as unused.
+    return shard, index, example[LABEL], example[TEXT], tf.fingerprint([record])[0], tf.reduce_max(image)
 
   checked = records.map(check, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors(log_warning=False)
   found = {}
@@ -130,7 +130,8 @@ def _checked_records(paths: Sequence[str], readable: Sequence[int],
 
 
 def _decoded(image_bytes: tf.Tensor, image_size: int | None) -> tf.Tensor:
-  return images.load(image_bytes, image_size) if image_size else images.decode(image_bytes)
+  # Without a size, the cheapest decode that fails exactly when `images.load` does.
+  return images.load(image_bytes, image_size) if image_size else images.check(image_bytes)
 
 
 def _why_unusable(path: str, indices: Sequence[int], image_size: int | None) -> dict[int, str]:
