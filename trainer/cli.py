@@ -22,15 +22,20 @@ def run(config: Config, workdir: str | None, list_layers: bool) -> None:
     if not workdir:
       raise UserInputError("Pass --workdir=FOLDER: where the run keeps its checkpoints, logs, export and report.")
     with workdir_lib.lock(workdir):
-      strategy = None
+      strategy = inputs = None
       if config.tune.tune:
-        # Created before the search: a multi-worker strategy must exist before any other TensorFlow work.
+        # Created before the search: a multi-worker strategy must exist before any other TensorFlow work. The
+        # search and the training share one load of the data (and, through the run's cache, one extraction).
         strategy = distribute.create_strategy(config.runtime)
         config = train.resolve(config)
-        config = config.replace(**tuning.search(config, workdir, tuning.strategy_for_search(config, strategy)))
+        # A multi-worker chief searches on the whole training split, not on its share.
+        if distribute.input_shard(strategy)[1] == 1:
+          inputs = train.load_inputs(config, workdir, strategy)
+        config = config.replace(**tuning.search(config, workdir, tuning.strategy_for_search(config, strategy),
+                                                inputs=inputs))
         if config.tune.tune_only:
           return
-      metrics = train.train_and_evaluate(config, workdir, strategy)
+      metrics = train.train_and_evaluate(config, workdir, strategy, inputs)
     # Printed, not logged: the one line --verbosity=-1 keeps besides warnings and errors.
     print(done_line(metrics), flush=True)
 

@@ -222,12 +222,14 @@ class Run:
     return self.plan.per_replica_batch_size * (self.plan.num_replicas // self.shard.count)
 
 
-def train_and_evaluate(config: Config, workdir: str, strategy: tf.distribute.Strategy | None = None) -> dict:
+def train_and_evaluate(config: Config, workdir: str, strategy: tf.distribute.Strategy | None = None,
+                       inputs: data.InputData | None = None) -> dict:
   """Trains every phase (resuming from the workdir's last checkpoint), exports, and returns the metrics.
 
   strategy: the run's, when the caller had to create it first (a multi-worker strategy must exist before any
-  other TensorFlow work, such as a tuning search); else created here from the config."""
-  run = setup(config, workdir, strategy)
+  other TensorFlow work, such as a tuning search); else created here from the config. inputs: this worker's data
+  as `load_inputs` gave it to the caller (a --tune search), so that the files are decoded once."""
+  run = setup(config, workdir, strategy, inputs)
   finished = _finished_export(run)
   if finished:
     return finished
@@ -235,7 +237,19 @@ def train_and_evaluate(config: Config, workdir: str, strategy: tf.distribute.Str
   return finalize(run, val_metrics)
 
 
-def setup(config: Config, workdir: str, strategy: tf.distribute.Strategy | None = None) -> Run:
+def load_inputs(config: Config, workdir: str, strategy: tf.distribute.Strategy) -> data.InputData:
+  """This worker's share of the data, padded so that every step of every worker is whole: no replica waits for,
+  or lacks, a batch."""
+  config = resolve(config)
+  plan = distribute.plan_batches(config.data.batch_size, strategy.num_replicas_in_sync,
+                                 config.train.lr_base_batch_size)
+  shard = data.Shard(*distribute.input_shard(strategy))
+  pad_multiple = plan.per_replica_batch_size * (plan.num_replicas // shard.count) if plan.num_replicas > 1 else 1
+  return data.load(config.data, config.data.image_size, os.path.join(workdir, "cache"), shard, pad_multiple)
+
+
+def setup(config: Config, workdir: str, strategy: tf.distribute.Strategy | None = None,
+          inputs: data.InputData | None = None) -> Run:
   """Strategy and precision, this worker's data, the model, and the run's checkpoint restored."""
   config = resolve(config)
   strategy = strategy or distribute.create_strategy(config.runtime)
@@ -244,9 +258,7 @@ def setup(config: Config, workdir: str, strategy: tf.distribute.Strategy | None 
   plan = distribute.plan_batches(config.data.batch_size, strategy.num_replicas_in_sync,
                                  config.train.lr_base_batch_size)
   shard = data.Shard(*distribute.input_shard(strategy))
-  # Padded so that every step of every worker is whole: no replica waits for, or lacks, a batch.
-  pad_multiple = plan.per_replica_batch_size * (plan.num_replicas // shard.count) if plan.num_replicas > 1 else 1
-  inputs = data.load(config.data, config.data.image_size, os.path.join(workdir, "cache"), shard, pad_multiple)
+  inputs = inputs or load_inputs(config, workdir, strategy)
   class_weights = data.class_weights(config.train.class_weight, inputs.train.all_labels, len(inputs.classes))
   run_dir = workdir_lib.RunDir(workdir)
   chief = distribute.is_chief(strategy)
