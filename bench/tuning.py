@@ -15,6 +15,7 @@ seed 42, so that the comparison fits the CPU budget. The fine-tune phase is benc
 import copy
 import json
 import os
+import resource
 import tempfile
 import time
 
@@ -37,7 +38,9 @@ flags.DEFINE_list("views", ["1", "2", "4", "8"], "--feature_views settings to co
 flags.DEFINE_integer("tune_views", 1, "--feature_views of the search and of the runs it is compared with.")
 flags.DEFINE_string("tuner", "random", "hyperband | random | bayesian.")
 flags.DEFINE_integer("tune_folds", 5, "Folds of the search's cross-validation.")
-flags.DEFINE_string("json", "", "Write the figures to this file.")
+flags.DEFINE_string("workdir", "", "Where the features and searches go ('' = a new temporary folder); a rerun with "
+                    "the same folder reads the features back and resumes the searches.")
+flags.DEFINE_string("json", "", "Write the figures to this file (after each dataset).")
 FLAGS = flags.FLAGS
 
 TUTORIAL_HEAD = {"head_units": 256, "dropout": 0.0, "frozen_lr": 2e-5}
@@ -66,6 +69,12 @@ def _views(cache, count: int):
   return prefix
 
 
+def _cpu_seconds() -> float:
+  """CPU time of this process (all threads): the search's cost whatever else the machine runs."""
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
+
+
 def _summary(values: list[float]) -> dict:
   return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
           "min": float(np.min(values)), "max": float(np.max(values)), "runs": values}
@@ -76,7 +85,7 @@ def bench_dataset(data_dir: str, max_trials: int) -> dict:
   base = train.resolve(Config().replace(
       data_dir=data_dir, weights=FLAGS.weights, image_size=FLAGS.image_size, feature_views=max(views),
       tune=True, tuner=FLAGS.tuner, max_trials=max_trials, tune_folds=FLAGS.tune_folds, verbosity=-1))
-  root = tempfile.mkdtemp(prefix="bench_tuning_")
+  root = os.path.join(FLAGS.workdir or tempfile.mkdtemp(prefix="bench_tuning_"), os.path.basename(data_dir))
   start = time.perf_counter()
   cache = tuning.cached_features(base, root)
   figures = {"data_dir": data_dir, "train_images": len(cache.train_labels), "val_images": len(cache.val_labels),
@@ -89,17 +98,19 @@ def bench_dataset(data_dir: str, max_trials: int) -> dict:
     runs = [frozen_head(_views(cache, count), base, defaults, seed) for seed in seeds]
     figures["feature_views"][count] = {key: _summary([run[key] for run in runs])
                                        for key in ("val_accuracy", "train_accuracy")}
-    print(data_dir, "views", count, json.dumps({k: round(v["mean"], 4) for k, v in
+    print(data_dir, "views", count, json.dumps({k: [round(v["mean"], 4), round(v["std"], 4)] for k, v in
                                                 figures["feature_views"][count].items()}), flush=True)
   tune_cache = _views(cache, FLAGS.tune_views)
   figures["tutorial_head"] = _summary([frozen_head(tune_cache, base, TUTORIAL_HEAD, seed)["val_accuracy"]
                                        for seed in seeds])
-  tuned, default_runs, seconds, decisions = [], [], [], []
+  print(data_dir, "tutorial head", round(figures["tutorial_head"]["mean"], 4), flush=True)
+  tuned, default_runs, seconds, cpu_seconds, decisions = [], [], [], [], []
   for seed in seeds:
     config = base.replace(seed=seed, feature_views=FLAGS.tune_views)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), _cpu_seconds()
     chosen = tuning.search(config, os.path.join(root, f"seed_{seed}"), feature_cache=tune_cache)
     seconds.append(time.perf_counter() - start)
+    cpu_seconds.append(_cpu_seconds() - cpu_start)
     summary = json.load(open(os.path.join(root, f"seed_{seed}", "tuning", "best_hparams.json"), encoding="utf-8"))
     decisions.append({"decision": summary["decision"], "reason": summary["reason"], "hparams": chosen})
     default_runs.append(frozen_head(tune_cache, config, defaults, seed)["val_accuracy"])
@@ -109,7 +120,8 @@ def bench_dataset(data_dir: str, max_trials: int) -> dict:
   figures["tune"] = {"max_trials": max_trials, "folds": FLAGS.tune_folds, "views": FLAGS.tune_views,
                      "defaults": _summary(default_runs), "tune": _summary(tuned),
                      "worst_seed_difference": float(np.min(np.subtract(tuned, default_runs))),
-                     "search_seconds": _summary(seconds), "decisions": decisions}
+                     "search_seconds": _summary(seconds), "search_cpu_seconds": _summary(cpu_seconds),
+                     "decisions": decisions}
   return figures
 
 
@@ -119,9 +131,9 @@ def main(argv):
   for index, data_dir in enumerate(FLAGS.data_dirs):
     trials = int(FLAGS.max_trials[min(index, len(FLAGS.max_trials) - 1)])
     figures[os.path.basename(data_dir.rstrip("/"))] = bench_dataset(data_dir, trials)
-  figures["load_average_after"] = os.getloadavg()[0]
+    figures["load_average_after"] = os.getloadavg()[0]
+    write_figures(figures, FLAGS.json)
   print(json.dumps(figures, indent=2))
-  write_figures(figures, FLAGS.json)
 
 
 if __name__ == "__main__":
