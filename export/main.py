@@ -11,7 +11,7 @@ import os
 from absl import app, flags
 
 from export import saved_model
-from trainer import data, restore, usage
+from trainer import data, progress, restore, usage
 from trainer import flags as trainer_flags
 from trainer import workdir as workdir_lib
 from trainer.config import ExportConfig
@@ -40,6 +40,7 @@ def export_run(workdir: str, overrides: dict | None = None, version: int | None 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  progress.hide_library_info()
   given = trainer_flags.FLAGS
   with exit_on_user_error():
     if not given.workdir or not os.path.isdir(given.workdir):

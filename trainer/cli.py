@@ -1,18 +1,15 @@
 """What the training command does with a parsed config: list layers, or train; user mistakes end in one line."""
 
-import logging as std_logging
-
-from absl import logging
 
 from trainer import model as model_lib
-from trainer import config_checks, distribute, train, tuning
+from trainer import config_checks, distribute, progress, train, tuning
 from trainer import workdir as workdir_lib
 from trainer.config import Config
 from trainer.errors import UserInputError, exit_on_user_error
 
 
 def run(config: Config, workdir: str | None, list_layers: bool) -> None:
-  logging.get_absl_handler().addFilter(_hide_library_info)
+  progress.hide_library_info()
   with exit_on_user_error():
     config_checks.validate(config)
     config = config_checks.absolute_paths(config)
@@ -51,9 +48,3 @@ def done_line(metrics: dict) -> str:
 
 def _list_layers(config: Config) -> None:
   print(model_lib.describe_layers(train.resolve(config)))
-
-
-def _hide_library_info(record: std_logging.LogRecord) -> bool:
-  """TensorFlow's and Keras' own INFO lines (saver timings, asset paths) are noise in a training log."""
-  from_library = any(part in record.pathname for part in ("/tensorflow/", "/keras/", "/tf_keras/"))
-  return record.levelno >= std_logging.WARNING or not from_library

@@ -552,7 +552,8 @@ def _exit_preempted(trainer: Trainer) -> None:
   sys.exit(distribute.PREEMPTED_EXIT_CODE)
 
 
-def _first_augmented_batch(config: Config, train_images: tf.data.Dataset, count: int = 16):
+def _first_augmented_batch(config: Config, train_images: tf.data.Dataset,
+                           count: int = reporting.GRID_IMAGES):
   """The first images of the first epoch through a new augmenter of the run's preset and seed: what the model
   sees, without drawing from the random state of the trainer's own augmenter."""
   images, labels = next(iter(data.batches(train_images, count, shuffle_seed=config.data.seed)))
