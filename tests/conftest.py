@@ -123,9 +123,8 @@ def trained_workdir(tmp_path_factory, random_mobilenet_025_weights) -> pathlib.P
   from trainer import train
   root = tmp_path_factory.mktemp("trained_run")
   write_color_dataset(root / "data", 6, widths=[40 + 4 * i for i in range(6)])
-  config = Config().replace(backbone="mobilenet", alpha=0.25, weights=random_mobilenet_025_weights, image_size=32,
-                            batch_size=8, frozen_epochs=1, finetune_epochs=0, head_units=8, augment="none",
-                            verbosity=-1, data_dir=str(root / "data"), validation_split=0.34)
+  config = tiny_run(random_mobilenet_025_weights, batch_size=8, finetune_epochs=0, augment="none",
+                    data_dir=str(root / "data"), validation_split=0.34)
   train.train_and_evaluate(config, str(root / "run"))
   return root / "run"
 
@@ -145,6 +144,4 @@ def trained(trained_workdir):
 @pytest.fixture
 def tiny_config(random_mobilenet_025_weights) -> Config:
   """MobileNet alpha 0.25 from a random-init weights file, at 32 px: a whole transfer run takes seconds."""
-  return Config().replace(backbone="mobilenet", alpha=0.25, weights=random_mobilenet_025_weights, image_size=32,
-                          batch_size=8, frozen_epochs=1, finetune_epochs=1, head_units=8, augment="none",
-                          verbosity=-1)
+  return tiny_run(random_mobilenet_025_weights, batch_size=8, augment="none")
