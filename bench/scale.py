@@ -30,7 +30,7 @@ from absl import app, flags
 from bench import synthetic, write_figures
 from trainer import config_checks
 
-flags.DEFINE_list("sizes", ["1000", "5000", "20000"], "Dataset sizes (500x375 photos).")
+flags.DEFINE_list("sizes", ["1000", "5000", "20000"], "Dataset sizes (500x375 photos); empty for none.")
 flags.DEFINE_integer("phone_photos", 200, "Number of 4032x3024 photos (0 skips them).")
 flags.DEFINE_integer("image_size", 224, "Square size the images are resized to.")
 flags.DEFINE_integer("batch_size", 32, "Batch size.")
@@ -124,7 +124,7 @@ def _run_row(row: str, folder: str, images: int, cache: str = "none") -> dict:
 
 def _targets(rows: list[dict], keras_rows: list[dict], phone: dict, image_size: int) -> dict:
   """The issue's targets as ratios (the figures they come from are in the rows)."""
-  sizes = sorted({row["images"] for row in rows})
+  sizes = sorted({row["images"] for row in rows}) or [0]
   smallest, largest = sizes[0], sizes[-1]
   by = {(row["images"], row["cache"]): row for row in rows}
   targets = {}
