@@ -10,7 +10,8 @@ ru_maxrss) is that of the input pipeline alone, measured the same way for every 
   first_epoch_images_per_sec   images / (data.load: listing, checks, cache choice + the first epoch), i.e. from
                                nothing to one full pass, as a training run meets it
   later_epoch_images_per_sec   mean over epochs 2..--epochs (shuffled, from the cache unless --cache=none)
-  cache_bytes_per_image        disk: the cache files' size; memory: the RSS the first epoch added; none: 0
+  cache_bytes_per_image        disk: the cache files' size; memory: the RSS that data.load and the first epoch
+                               added (an upper bound: it includes the pipeline's own memory); none: 0
 `image_dataset_from_directory` rows make one pass (it has no cache). Memory rows are left out where the decoded
 images would exceed --memory_limit. A row prints its figures as one JSON line; the parent collects them.
 """
@@ -74,10 +75,10 @@ def ours_row(folder: str, cache: str, image_size: int, batch_size: int, epochs: 
   from trainer.config import Config
   config = Config().replace(data_dir=folder, cache=cache, validation_split=_VALIDATION_SPLIT,
                             batch_size=batch_size).data
+  rss_before = _current_rss_bytes()
   start = time.perf_counter()
   train = data.load(config, image_size, cache_root).train
   load_seconds = time.perf_counter() - start
-  rss_before = _current_rss_bytes()
   seconds, count = [], 0
   for epoch in range(epochs):
     begin = time.perf_counter()
