@@ -187,7 +187,7 @@ def test_train_valid_and_test_folders_train_on_train_validate_on_valid_and_hold_
   for split in ("train", "valid", "test"):
     _class_folders(tmp_path / "d" / split, names=("red", "blue"))
 
-  with caplog.at_level("INFO"):
+  with caplog.at_level("INFO", logger="absl"):  # A run with --verbosity=-1 may have left absl at WARNING.
     files = sources.find_files(_data(data_dir=str(tmp_path / "d")))
 
   assert all("/train/" in path for path in files.train.paths) and all("/valid/" in path for path in files.val.paths)
