@@ -144,7 +144,7 @@ def _file_examples(config: DataConfig, shard: Shard, pad_multiple: int, image_si
   in the pass that fills the cache, which is also the check that finds the files that cannot be decoded. Without
   a cache (or with --data_service) the check decodes them first, as every epoch then decodes again anyway."""
   files = sources.find_files(config)
-  skipped = dict(getattr(files, "skipped", {}) or {})
+  skipped = dict(files.skipped)
   splits = (files.train, files.val)
   shares = [_share(split.paths, shard) for split in splits]
   lengths = [padded_length(len(split.labels), shard.count, pad_multiple) for split in splits]
