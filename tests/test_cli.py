@@ -41,9 +41,9 @@ def test_every_config_field_is_a_flag_and_reaches_the_config(parsed_flags, tmp_p
   assert {field.name for _, field in section_fields()} <= set(trainer_flags.FLAGS)
 
 
-def test_list_layers_from_a_flagfile_marks_the_default_unfreeze_point(tmp_path, mobilenet_025_weights):
+def test_list_layers_from_a_flagfile_marks_the_default_unfreeze_point(tmp_path, random_mobilenet_025_weights):
   flagfile = tmp_path / "layers.flags"
-  flagfile.write_text(f"--backbone=mobilenet\n--alpha=0.25\n--weights={mobilenet_025_weights}\n--image_size=32\n")
+  flagfile.write_text(f"--backbone=mobilenet\n--alpha=0.25\n--weights={random_mobilenet_025_weights}\n--image_size=32\n")
   result = _trainer(f"--flagfile={flagfile}", "--list_layers")
   assert result.returncode == 0, result.stderr[-2000:]
   marked = [line for line in result.stdout.splitlines() if "fine-tuning starts here" in line]

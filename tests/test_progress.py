@@ -104,11 +104,11 @@ def test_the_export_command_sets_tensorflows_log_level_before_tensorflow_loads()
 _PYTHON_INFO = re.compile(r"^(I(?!0000 00:00)\d{4} \d\d:\d\d|INFO:)", re.MULTILINE)
 
 
-def test_verbosity_minus_one_prints_only_the_done_line(tmp_path, mobilenet_025_weights):
+def test_verbosity_minus_one_prints_only_the_done_line(tmp_path, random_mobilenet_025_weights):
   write_color_dataset(tmp_path / "data", 5)
   result = subprocess.run(
       [sys.executable, "-m", "trainer.main", f"--data_dir={tmp_path / 'data'}", f"--workdir={tmp_path / 'run'}",
-       "--backbone=mobilenet", "--alpha=0.25", f"--weights={mobilenet_025_weights}", "--image_size=32",
+       "--backbone=mobilenet", "--alpha=0.25", f"--weights={random_mobilenet_025_weights}", "--image_size=32",
        "--batch_size=8", "--frozen_epochs=1", "--finetune_epochs=0", "--head_units=4", "--verbosity=-1"],
       cwd=REPO, env=_without_tf_log_level(), capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]

@@ -1,7 +1,6 @@
 """What a run shows: TensorBoard event files read back with TensorBoard's own reader, and the report files."""
 
 import contextlib
-import dataclasses
 import io
 import json
 import math
@@ -39,12 +38,12 @@ def _train(config: Config, workdir) -> tuple[dict, str]:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, mobilenet_025_weights):
+def run(tmp_path_factory, random_mobilenet_025_weights):
   """Two frozen epochs and one fine-tune epoch, with progress output, on three colour classes."""
   root = tmp_path_factory.mktemp("reporting")
   write_color_dataset(root / "data", 5, fmt="PNG")
   config = Config().replace(data_dir=str(root / "data"), backbone="mobilenet", alpha=0.25,
-                            weights=mobilenet_025_weights, image_size=32, batch_size=8, frozen_epochs=2,
+                            weights=random_mobilenet_025_weights, image_size=32, batch_size=8, frozen_epochs=2,
                             finetune_epochs=1, head_units=8, augment="light", frozen_lr=1e-2, finetune_lr=1e-3,
                             verbosity=0)
   workdir = root / "run"

@@ -26,12 +26,12 @@ def _weights_by_layer(model: keras.Model) -> dict[str, list[np.ndarray]]:
 
 
 @pytest.fixture(scope="module")
-def two_phase_run(tmp_path_factory, mobilenet_025_weights):
+def two_phase_run(tmp_path_factory, random_mobilenet_025_weights):
   from tests.conftest import write_color_dataset
   root = tmp_path_factory.mktemp("phases")
   write_color_dataset(root / "data", 6, fmt="PNG")
   config = Config().replace(data_dir=str(root / "data"), backbone="mobilenet", alpha=0.25,
-                            weights=mobilenet_025_weights, image_size=32, batch_size=8, frozen_epochs=1,
+                            weights=random_mobilenet_025_weights, image_size=32, batch_size=8, frozen_epochs=1,
                             finetune_epochs=1, head_units=8, augment="light", frozen_lr=1e-2, finetune_lr=1e-3,
                             verbosity=-1)
   workdir = root / "run"

@@ -1,5 +1,6 @@
 """What the training command does with a parsed config: list layers, or train; user mistakes end in one line."""
 
+from typing import Collection
 
 from trainer import model as model_lib
 from trainer import config_checks, distribute, progress, train, tuning
@@ -8,10 +9,11 @@ from trainer.config import Config
 from trainer.errors import UserInputError, exit_on_user_error
 
 
-def run(config: Config, workdir: str | None, list_layers: bool) -> None:
+def run(config: Config, workdir: str | None, list_layers: bool, given: Collection[str] = ()) -> None:
+  """given: the config fields the user set (trainer.flags.given_flags), for checks of explicit choices."""
   progress.hide_library_info()
   with exit_on_user_error():
-    config_checks.validate(config)
+    config_checks.validate(config, given)
     config = config_checks.absolute_paths(config)
     if list_layers:
       _list_layers(config)

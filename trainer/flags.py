@@ -43,6 +43,12 @@ def config_from_flags() -> Config:
                              if field.name not in _FOREIGN or FLAGS[field.name].present})
 
 
+def given_flags() -> set[str]:
+  """The config fields given on the command line (or in a --flagfile), for checks that depend on a choice the
+  user made rather than a default."""
+  return {field.name for _, field in section_fields() if FLAGS[field.name].present}
+
+
 def refuse_unused(used: typing.Collection[str], command: str) -> None:
   """A flag of this module given to a command that does not read it would be ignored silently: refused instead
   (commands on a trained run take the model's settings from its config.json)."""

@@ -15,7 +15,8 @@ def main(argv):
     usage.refuse_arguments(argv)
   # Imported after the flags are parsed: --help answers without loading TensorFlow.
   from trainer import cli
-  cli.run(trainer_flags.config_from_flags(), trainer_flags.FLAGS.workdir, trainer_flags.FLAGS.list_layers)
+  cli.run(trainer_flags.config_from_flags(), trainer_flags.FLAGS.workdir, trainer_flags.FLAGS.list_layers,
+          given=trainer_flags.given_flags())
 
 
 def run_script():
