@@ -23,6 +23,8 @@ _JPEG_RATIOS = (1, 2, 4, 8)
 # Bytes of a JPEG searched for its EXIF segment: it is the first (or, after JFIF, the second) segment, and a
 # segment holds at most 64 KiB.
 _EXIF_WINDOW = 1 << 16
+# Bytes of EXIF's TIFF block read for its first directory (which follows its 8-byte header).
+_TIFF_WINDOW = 1 << 10
 # Entries of EXIF's first directory searched for the orientation tag: tags are sorted, and at most 9 standard
 # tags (0x0100-0x0111) come before it.
 _MAX_IFD_ENTRIES = 32
@@ -106,47 +108,37 @@ def orient(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
 
 def jpeg_orientation(image_bytes: tf.Tensor) -> tf.Tensor:
   """The EXIF orientation tag (int32 1..8) of JPEG bytes; 1 when absent or unreadable (never an error)."""
-  head = _leading_bytes(image_bytes)
-  tiff = _exif_tiff_offset(head)
-  little_endian = tf.reduce_all(_at(head, tiff, 2) == ord("I"))  # "II"; "MM" is big-endian.
+  # EXIF's APP1 segment is its marker, 2 bytes of length, "Exif\0\0", then a TIFF block: found by that string
+  # (one split, no loop in the graph), checked by the marker. Entropy-coded data escapes every 0xFF byte, so
+  # nothing before the segment looks like its start.
+  parts = tf.strings.split(tf.strings.substr(image_bytes, 0, _EXIF_WINDOW), b"Exif\0\0", maxsplit=1)
+  before = parts[0]
+  marker = tf.strings.substr(tf.strings.join([b"\0" * 4, before]), tf.strings.length(before), 2)
+  found = (tf.size(parts) == 2) & tf.equal(marker, b"\xff\xe1")
+  tiff = _leading_bytes(parts[-1])
+  little_endian = tf.reduce_all(tiff[:2] == ord("I"))  # "II"; "MM" is big-endian.
 
   def number(digits):
     """The unsigned integer of the bytes on the last axis of `digits`, in the file's byte order."""
     weights = tf.constant([256 ** i for i in range(digits.shape[-1])], tf.int64)
-    return tf.reduce_sum(digits * tf.where(little_endian, weights, tf.reverse(weights, [0])), axis=-1)
+    return tf.reduce_sum(digits * tf.where(little_endian, weights, weights[::-1]), axis=-1)
 
-  directory = tiff + number(_at(head, tiff + 4, 4))
-  count = number(_at(head, directory, 2))
-  entries = tf.reshape(_at(head, directory + 2, 12 * _MAX_IFD_ENTRIES), [_MAX_IFD_ENTRIES, 12])
+  directory = number(tiff[4:8])
+  count = number(_at(tiff, directory, 2))
+  entries = tf.reshape(_at(tiff, directory + 2, 12 * _MAX_IFD_ENTRIES), [_MAX_IFD_ENTRIES, 12])
   is_orientation = (number(entries[:, :2]) == _ORIENTATION_TAG) & (tf.range(_MAX_IFD_ENTRIES, dtype=tf.int64) < count)
   value = tf.gather(number(entries[:, 8:10]), tf.argmax(tf.cast(is_orientation, tf.int32)))
-  known = (tiff >= 0) & tf.reduce_any(is_orientation) & (value >= 1) & (value <= 8)
+  known = found & tf.reduce_any(is_orientation) & (value >= 1) & (value <= 8)
   return tf.cast(tf.where(known, value, 1), tf.int32)
 
 
-def _exif_tiff_offset(head: tf.Tensor) -> tf.Tensor:
-  """Offset (int64) of the TIFF header inside the JPEG's EXIF (APP1) segment, -1 when there is none.
-
-  The segment is found by its start (APP1 marker, 2 bytes of length, "Exif\\0\\0") rather than by walking the
-  segments: a few vectorised comparisons, and no loop in the graph. Nothing else before it can look like that:
-  entropy-coded data escapes every 0xFF byte.
-  """
-  starts = tf.ones([_EXIF_WINDOW], tf.bool)
-  for offset, byte in list(enumerate(b"\xff\xe1")) + list(enumerate(b"Exif\0\0", start=4)):
-    starts &= head[offset:offset + _EXIF_WINDOW] == byte
-  return tf.where(tf.reduce_any(starts), tf.argmax(tf.cast(starts, tf.int8)) + 10, -1)
-
-
-def _leading_bytes(image_bytes: tf.Tensor) -> tf.Tensor:
-  """The first _EXIF_WINDOW bytes as int64, then zeros enough for any read `_at` makes."""
-  padding = _EXIF_WINDOW + 12 * _MAX_IFD_ENTRIES + 16
-  head = tf.strings.substr(tf.strings.join([tf.strings.substr(image_bytes, 0, _EXIF_WINDOW), b"\0" * padding]),
-                           0, padding)
-  return tf.io.decode_raw(head, tf.uint8)
+def _leading_bytes(data: tf.Tensor) -> tf.Tensor:
+  """The first _TIFF_WINDOW bytes of `data` as int64, then zeros enough for any read `_at` makes."""
+  padded = _TIFF_WINDOW + 12 * _MAX_IFD_ENTRIES + 16
+  head = tf.strings.substr(tf.strings.join([tf.strings.substr(data, 0, _TIFF_WINDOW), b"\0" * padded]), 0, padded)
+  return tf.cast(tf.reshape(tf.io.decode_raw(head, tf.uint8), [padded]), tf.int64)
 
 
 def _at(head: tf.Tensor, position: tf.Tensor, count: int) -> tf.Tensor:
-  """`count` bytes (int64) of `head` from `position`; zeros for a position outside the window (odd files never
-  fail)."""
-  indices = tf.clip_by_value(position, 0, _EXIF_WINDOW) + tf.range(count, dtype=tf.int64)
-  return tf.cast(tf.gather(head, indices), tf.int64)
+  """`count` bytes of `head` from `position`; zeros for a position outside the window (odd files never fail)."""
+  return tf.gather(head, tf.clip_by_value(position, 0, _TIFF_WINDOW) + tf.range(count, dtype=tf.int64))
