@@ -362,8 +362,8 @@ def _is_chief_process(config: Config) -> bool:
   """Whether this process searches: always, except on the non-chief workers of --strategy=multi_worker."""
   if config.runtime.strategy != "multi_worker":
     return True
-  # The role comes from TF_CONFIG: the run creates the MultiWorkerMirroredStrategy later, and a process can
-  # configure its collectives only once.
+  # The role comes from TF_CONFIG, as the strategy's does: the search itself runs without the multi-worker
+  # strategy (strategy_for_search), on the chief alone.
   cluster = tf.distribute.cluster_resolver.TFConfigClusterResolver()
   return distribute.is_chief(_ClusterOnly(cluster))
 
