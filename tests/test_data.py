@@ -301,10 +301,16 @@ def test_a_cached_split_decodes_each_file_once_and_still_skips_undecodable_ones(
                                                                                  monkeypatch, caplog):
   (color_folder / "red" / "red_9.jpg").write_bytes(b"not an image at all")
   decoded_in_check = []
-  original = data_checks.images.decode
-  monkeypatch.setattr(data_checks.images, "decode", lambda content: decoded_in_check.append(1) or original(content))
+  original = data_checks.check_file
+
+  def check_file(path, max_pixels, decode=True):
+    if decode:
+      decoded_in_check.append(os.path.basename(path))
+    return original(path, max_pixels, decode)
+  monkeypatch.setattr(data_checks, "check_file", check_file)
   inputs = _load(tmp_path, data_dir=str(color_folder), cache="memory", validation_split=0.34)
-  assert decoded_in_check == [1]  # Only the file the cache fill could not decode, for the decoder's message.
+  # Only the file the cache fill could not decode is decoded by the check, for the decoder's message.
+  assert decoded_in_check == ["red_9.jpg"]
   assert list(inputs.skipped) == [str(color_folder / "red" / "red_9.jpg")]
   assert "cannot be decoded" in inputs.skipped[str(color_folder / "red" / "red_9.jpg")]
   assert len(inputs.train) + len(inputs.val) == 18

@@ -27,7 +27,8 @@ def _logged_ids(folder) -> dict[int, list[int]]:
   for path in folder.glob("worker_*.jsonl"):
     for line in path.read_text().splitlines():
       record = json.loads(line)
-      by_epoch.setdefault(record["epoch"], []).extend(record["ids"])
+      if "epoch" in record:  # The other lines give the share's size.
+        by_epoch.setdefault(record["epoch"], []).extend(record["ids"])
   return by_epoch
 
 
