@@ -51,9 +51,10 @@ def test_extract_gives_the_models_pooled_features_and_the_head_gives_its_output(
   batch = np.stack([image for image, _ in images.as_numpy_iterator()])
   assert found.shape == (len(batch), model.get_layer("pool").output.shape[-1])
   np.testing.assert_array_equal(labels, [label for _, label in images.as_numpy_iterator()])
-  # Batches of 5 against one batch of all: oneDNN's summation order differs slightly.
-  np.testing.assert_allclose(found, features.feature_model(model)(batch), atol=1e-4)
-  np.testing.assert_allclose(features.head_of(model)(found), model(batch), atol=1e-5)
+  # Batches of 5 against one batch of all: oneDNN picks other kernels and summation orders (measured up to 1e-4);
+  # a wrong layer or order would be off by O(1).
+  np.testing.assert_allclose(found, features.feature_model(model)(batch), atol=1e-3)
+  np.testing.assert_allclose(features.head_of(model)(found), model(batch), atol=1e-3)
 
 
 def test_augmented_views_differ_and_unaugmented_ones_are_one(tiny_config, color_folder, tmp_path):
