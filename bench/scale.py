@@ -37,6 +37,7 @@ flags.DEFINE_integer("image_size", 224, "Square size the images are resized to."
 flags.DEFINE_integer("batch_size", 32, "Batch size.")
 flags.DEFINE_integer("epochs", 3, "Epochs per row of ours (the first, then the later ones averaged).")
 flags.DEFINE_list("caches", ["memory", "disk", "none"], "--cache modes measured.")
+flags.DEFINE_string("phone_cache", "auto", "--cache of the phone-photos row (auto: what a run gets by default).")
 flags.DEFINE_string("memory_limit", "2GB", "Largest in-memory cache measured (bytes or e.g. 2GB).")
 flags.DEFINE_string("root", os.path.join(tempfile.gettempdir(), "bench_scale"), "Folder of the synthetic photos "
                     "(kept for the next run) and of the disk caches (removed after each row).")
@@ -179,9 +180,11 @@ def main(argv):
     folder = synthetic.folder(os.path.join(FLAGS.root, f"phone_{FLAGS.phone_photos}"), FLAGS.phone_photos,
                               *_PHONE_SIZE, classes=2)
     print(f"{FLAGS.phone_photos} photos of {_PHONE_SIZE[0]}x{_PHONE_SIZE[1]} at {size}x{size}:", flush=True)
-    ours = _run_row("ours", folder, FLAGS.phone_photos, "none")
+    ours = _run_row("ours", folder, FLAGS.phone_photos, FLAGS.phone_cache)
     keras_figures = _run_row("keras", folder, FLAGS.phone_photos)
-    phone = {"images": FLAGS.phone_photos, "ours_first_epoch_images_per_sec": ours["first_epoch_images_per_sec"],
+    phone = {"images": FLAGS.phone_photos, "cache": ours["cache"],
+             "ours_first_epoch_images_per_sec": ours["first_epoch_images_per_sec"],
+             "ours_later_epoch_images_per_sec": ours["later_epoch_images_per_sec"],
              "ours_load_seconds": ours["load_seconds"],
              "image_dataset_from_directory_images_per_sec": keras_figures["first_epoch_images_per_sec"]}
   figures = {"image_size": size, "rows": rows, "image_dataset_from_directory": keras_rows, "phone_photos": phone,
