@@ -252,6 +252,9 @@ def setup(config: Config, workdir: str, strategy: tf.distribute.Strategy | None 
           inputs: data.InputData | None = None) -> Run:
   """Strategy and precision, this worker's data, the model, and the run's checkpoint restored."""
   config = resolve(config)
+  # tf.data's seeded shuffles derive their permutation from the global seed too: set here, a run's epochs are the
+  # same whatever ran before it in the process (a model built from scratch, say, sets the global seed).
+  keras.utils.set_random_seed(config.data.seed)
   strategy = strategy or distribute.create_strategy(config.runtime)
   policy = distribute.resolve_precision(config.runtime, strategy)
   distribute.set_precision(policy)
