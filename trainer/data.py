@@ -27,6 +27,7 @@ import shutil
 import uuid
 from typing import Callable, Sequence
 
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
@@ -40,6 +41,8 @@ _MEMORY_SHARE = 0.25
 _DISK_MARGIN = 1 << 30
 # Largest shuffle buffer of a disk cache or of streamed records (elements held in memory at once).
 _MAX_SHUFFLE_BUFFER = 10_000
+# ... and at most these bytes of decoded images (or records), whatever the memory budget: memory stays bounded.
+_MAX_SHUFFLE_BYTES = 256 << 20
 # Bumped when `images.load` changes what pixels a file gives: old cache files must not be reused.
 _PIXELS_VERSION = 2
 
@@ -105,6 +108,7 @@ class _SplitList:
   paths: tuple[str, ...] | None = None
   # File lists can be shuffled as names before decoding; record streams only with a bounded buffer.
   cheap_to_shuffle: bool = False
+  items_are_paths: bool = False  # `encoded` holds file names, read when decoded
 
 
 def load(config: DataConfig, image_size: int, cache_root: str = "", shard: Shard = Shard(),
@@ -160,6 +164,10 @@ def _file_examples(config: DataConfig, shard: Shard, pad_multiple: int, image_si
   examples, lists = [], []
   for split, share, length, cache, fill in zip(splits, shares, lengths, (train_cache, val_cache), prefill):
     usable = [(path, index) for path, index in share if path not in unreadable]
+    if cache.mode == "disk":
+      # A disk cache is read in order and shuffled in a bounded buffer: stored in a seeded random order, its
+      # batches are not runs of one class (folders list each class's files together).
+      usable = [usable[i] for i in np.random.default_rng(config.seed).permutation(len(usable))]
     identity = _digest([f"{scan.digests[path]}\t{split.labels[index]}\t{index}" for path, index in usable]
                        + [f"padded to {length}"])
     if cache.mode == "disk":
@@ -172,10 +180,10 @@ def _file_examples(config: DataConfig, shard: Shard, pad_multiple: int, image_si
     if fill:
       examples.append(_cached_examples(listed, _padded(decoded, labels, ids, length), cache, budget, image_size))
     else:
+      # File names, read when decoded: an epoch's shuffle then holds names, not file contents.
       encoded = _padded(tf.data.Dataset.from_tensor_slices(list(paths)), labels, ids, length)
-      encoded = encoded.map(lambda path, label, weight, index: (tf.io.read_file(path), label, weight, index))
-      examples.append(_decoded(dataclasses.replace(listed, encoded=encoded), image_size, config, budget, folder,
-                               cache))
+      examples.append(_decoded(dataclasses.replace(listed, encoded=encoded, items_are_paths=True), image_size,
+                               config, budget, folder, cache))
     lists.append(listed)
   data_checks.report_unreadable({**skipped, **unreadable}, config.strict_data)
   train, val = lists
@@ -215,7 +223,7 @@ def _filled_cache(usable: list[tuple[str, int]], labels: Sequence[int], image_si
 def _cached_examples(listed: _SplitList, padded: tf.data.Dataset, cache: CacheChoice, budget: int,
                      image_size: int) -> Examples:
   """Examples of a split whose decoded images are already cached (the padding re-reads the cache)."""
-  buffer = listed.padded_length if cache.mode == "memory" else _disk_buffer(listed.padded_length, budget, image_size)
+  buffer = listed.padded_length if cache.mode == "memory" else _bounded_buffer(listed.padded_length, budget, image_size)
 
   def epoch(seed):
     shuffled = padded if seed is None else padded.shuffle(max(buffer, 1), seed=seed, reshuffle_each_iteration=False)
@@ -228,9 +236,10 @@ def _budget_left(budget: int, examples: Examples, image_size: int) -> int:
   return max(budget - used, 0)
 
 
-def _disk_buffer(length: int, budget: int, image_size: int) -> int:
-  """A disk cache is read in order: it is shuffled in a buffer of at most a quarter of the memory budget."""
-  return min(length, _MAX_SHUFFLE_BUFFER, max(1, budget // 4 // _bytes_per_image(image_size)))
+def _bounded_buffer(length: int, budget: int, image_size: int) -> int:
+  """Elements of a shuffle over what cannot be held whole (a disk cache, a stream of records): at most a quarter
+  of the memory budget, and at most _MAX_SHUFFLE_BYTES."""
+  return min(length, _MAX_SHUFFLE_BUFFER, max(1, min(budget // 4, _MAX_SHUFFLE_BYTES) // _bytes_per_image(image_size)))
 
 
 def _share(paths: Sequence[str], shard: Shard) -> list[tuple[str, int]]:
@@ -333,8 +342,9 @@ def _decoded(split: _SplitList, image_size: int, config: DataConfig, budget: int
   def decode(dataset: tf.data.Dataset) -> tf.data.Dataset:
     # deterministic=True: the decoded order is the list's order whatever finishes first, so a seeded shuffle is
     # the same permutation in every process and after a restart.
-    decoded = dataset.map(lambda item, label, weight, index: (images.load(item, image_size), label, weight, index),
-                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    def load(item, label, weight, index):
+      return images.load(tf.io.read_file(item) if split.items_are_paths else item, image_size), label, weight, index
+    decoded = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if not config.data_service:
       return decoded
     from trainer import data_service  # Only --data_service needs it.
@@ -342,11 +352,9 @@ def _decoded(split: _SplitList, image_size: int, config: DataConfig, budget: int
     # consumer, receives every element once (in the order they finish, so resumes are not bit-exact).
     return data_service.distribute(decoded, config.data_service, job_name=f"transfer-trainer-{uuid.uuid4().hex}")
 
-  bytes_per_image = _bytes_per_image(image_size)
   if cache.mode == "none":
     # Shuffle what is cheap to hold (file names), then decode; records are shuffled in a bounded buffer.
-    buffer = (split.padded_length if split.cheap_to_shuffle
-              else min(split.padded_length, _MAX_SHUFFLE_BUFFER, max(1, budget // 4 // bytes_per_image)))
+    buffer = split.padded_length if split.cheap_to_shuffle else _bounded_buffer(split.padded_length, budget, image_size)
 
     def epoch(seed):
       encoded = split.encoded if seed is None else split.encoded.shuffle(max(buffer, 1), seed=seed,
@@ -359,7 +367,7 @@ def _decoded(split: _SplitList, image_size: int, config: DataConfig, budget: int
     else:
       _remove_unfinished_cache(cache.path)
       decoded = decoded.cache(cache.path)
-      buffer = _disk_buffer(split.padded_length, budget, image_size)
+      buffer = _bounded_buffer(split.padded_length, budget, image_size)
 
     def epoch(seed):
       shuffled = decoded if seed is None else decoded.shuffle(max(buffer, 1), seed=seed,
