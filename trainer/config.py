@@ -29,7 +29,9 @@ class DataConfig:
   batch_size: int = _field(32, "Global batch size (summed over all replicas).")
   seed: int = _field(42, "Seed for the split, shuffling, augmentation and head initialisation.")
   strict_data: bool = _field(False, "Fail on undecodable image files instead of skipping them with a warning.")
-  deterministic: bool = _field(False, "Bit-identical epochs for a fixed seed (slower input pipeline).")
+  deterministic: bool = _field(False, "TensorFlow's deterministic ops (tf.config.experimental."
+                               "enable_op_determinism): bit-identical runs for a fixed seed, slower on GPUs. The "
+                               "input order is fixed without it.")
   tfrecord: str = _field("", "Glob of TFRecord shards of tf.train.Example (image/encoded, image/class/label, "
                          "optional image/class/text): the training data.")
   tfrecord_val: str = _field("", "Glob of TFRecord shards for validation ('' = a --validation_split carve of "

@@ -255,6 +255,8 @@ def setup(config: Config, workdir: str, strategy: tf.distribute.Strategy | None 
   # tf.data's seeded shuffles derive their permutation from the global seed too: set here, a run's epochs are the
   # same whatever ran before it in the process (a model built from scratch, say, sets the global seed).
   keras.utils.set_random_seed(config.data.seed)
+  if config.data.deterministic:
+    tf.config.experimental.enable_op_determinism()
   strategy = strategy or distribute.create_strategy(config.runtime)
   policy = distribute.resolve_precision(config.runtime, strategy)
   distribute.set_precision(policy)
