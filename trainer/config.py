@@ -96,8 +96,9 @@ class TrainConfig:
                              "from the training counts, recorded in config.json).")
   cache_features: bool = _field(True, "Frozen phase on cached features: the frozen backbone's pooled features are "
                                 "computed once and only the head trains on them (much faster epochs).")
-  feature_views: int = _field(1, "With --cache_features and augmentation: augmented views computed per image; "
-                              "frozen epoch e trains on view e mod K.")
+  feature_views: int = _field(2, "With --cache_features and augmentation: augmented views computed per image; "
+                              "frozen epoch e trains on view e mod K (2: measured as good as or better than 1, 4 "
+                              "and 8 on hymenoptera and sign_language_digits, BUILD_NOTES.md).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,10 +125,12 @@ class ExportConfig:
 class TuneConfig:
   tune: bool = _field(False, "Search head_units, frozen_lr and dropout with KerasTuner before training, on cached "
                       "backbone features, then train with the best values.")
-  tuner: str = _field("hyperband", "KerasTuner search algorithm: hyperband | random | bayesian (needs scipy).")
+  tuner: str = _field("random", "KerasTuner search algorithm: random | bayesian (needs scipy and scikit-learn) | "
+                      "hyperband (its shortened trials are not compared with the defaults' full-length score).")
   max_trials: int = _field(20, "Trials of the random and bayesian searches (hyperband sizes itself from "
                            "--tune_epochs).")
-  tune_epochs: int = _field(20, "Epochs of one trial (hyperband: the most any trial gets).")
+  tune_epochs: int = _field(10, "Epochs of one trial, as many as the frozen phase's default (hyperband: the most "
+                            "any trial gets).")
   tune_only: bool = _field(False, "Stop after the search (best values in WORKDIR/tuning/best_hparams.json).")
   tune_folds: int = _field(5, "Folds of the cross-validation that scores each trial inside the training split "
                            "(the validation split is never used by the search).")
