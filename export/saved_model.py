@@ -31,6 +31,7 @@ import os
 import platform
 import shutil
 import tempfile
+import warnings
 from typing import Sequence
 
 import keras
@@ -275,7 +276,10 @@ def write_tflite(model: keras.Model, image_size: int, quantization: str, path: s
     tflite_model = converter.convert()
   with open(path, "wb") as f:
     f.write(tflite_model)
-  interpreter = tf.lite.Interpreter(model_path=path)
+  with warnings.catch_warnings():
+    # tf.lite.Interpreter warns that it moves to the LiteRT package; for this parity check it is what TF ships.
+    warnings.simplefilter("ignore", UserWarning)
+    interpreter = tf.lite.Interpreter(model_path=path)
   interpreter.allocate_tensors()
   input_index = interpreter.get_input_details()[0]["index"]
   output_index = interpreter.get_output_details()[0]["index"]
