@@ -6,6 +6,7 @@ run on any machine; only tests of transfer quality need real ImageNet weights (`
 
 import os
 import pathlib
+import zlib
 
 import numpy as np
 import pytest
@@ -89,7 +90,8 @@ def random_mobilenet_025_weights(tmp_path_factory) -> str:
 
 def write_image(path: pathlib.Path, color, size=(40, 32), fmt=None, mode="RGB") -> pathlib.Path:
   """A small real image file: a solid colour with a noise texture, so classes differ visibly."""
-  rng = np.random.default_rng(abs(hash((str(path.name), tuple(color)))) % 2**32)
+  # crc32, not hash(): Python salts string hashes per process, and the same test must see the same pixels.
+  rng = np.random.default_rng(zlib.crc32(f"{path.name}{tuple(color)}".encode()))
   pixels = np.clip(np.array(color, np.float32) + rng.normal(0, 20, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
   image = Image.fromarray(pixels, "RGB").convert(mode)
   path.parent.mkdir(parents=True, exist_ok=True)
