@@ -106,9 +106,9 @@ class _SplitList:
   padded_length: int
   identity: str
   paths: tuple[str, ...] | None = None
-  # File lists can be shuffled as names before decoding; record streams only with a bounded buffer.
-  cheap_to_shuffle: bool = False
-  items_are_paths: bool = False  # `encoded` holds file names, read when decoded
+  # `encoded` holds file names, read when decoded: cheap to shuffle whole before decoding (records take a bounded
+  # buffer).
+  items_are_paths: bool = False
 
 
 def load(config: DataConfig, image_size: int, cache_root: str = "", shard: Shard = Shard(),
@@ -173,17 +173,17 @@ def _file_examples(config: DataConfig, shard: Shard, pad_multiple: int, image_si
     if cache.mode == "disk":
       cache = dataclasses.replace(cache, path=os.path.join(folder, f"images_{image_size}_{identity}"))
     if fill:
-      decoded, usable = _filled_cache(usable, split.labels, image_size, cache, unreadable)
+      decoded, usable = _filled_cache(usable, image_size, cache, unreadable)
     labels = tuple(split.labels[index] for _, index in usable)
     paths, ids = tuple(path for path, _ in usable), tuple(index for _, index in usable)
-    listed = _SplitList(None, labels, ids, tuple(split.labels), length, identity, paths, cheap_to_shuffle=True)
+    listed = _SplitList(None, labels, ids, tuple(split.labels), length, identity, paths, items_are_paths=True)
     if fill:
       examples.append(_cached_examples(listed, _padded(decoded, labels, ids, length), cache, budget, image_size))
     else:
       # File names, read when decoded: an epoch's shuffle then holds names, not file contents.
       encoded = _padded(tf.data.Dataset.from_tensor_slices(list(paths)), labels, ids, length)
-      examples.append(_decoded(dataclasses.replace(listed, encoded=encoded, items_are_paths=True), image_size,
-                               config, budget, folder, cache))
+      examples.append(_decoded(dataclasses.replace(listed, encoded=encoded), image_size, config, budget, folder,
+                               cache))
     lists.append(listed)
   data_checks.report_unreadable({**skipped, **unreadable}, config.strict_data)
   train, val = lists
@@ -197,8 +197,7 @@ def _file_examples(config: DataConfig, shard: Shard, pad_multiple: int, image_si
   return files.classes, examples[0], examples[1], {**skipped, **unreadable}, train, val
 
 
-def _filled_cache(usable: list[tuple[str, int]], labels: Sequence[int], image_size: int, cache: CacheChoice,
-                  unreadable: dict[str, str]):
+def _filled_cache(usable: list[tuple[str, int]], image_size: int, cache: CacheChoice, unreadable: dict[str, str]):
   """Decodes the files into the cache once; the ones that fail to decode are dropped (their reason, from the
   decoder, goes into `unreadable`). Returns the cached (uint8 image) dataset of the good files and those files."""
   paths = [path for path, _ in usable]
@@ -206,11 +205,7 @@ def _filled_cache(usable: list[tuple[str, int]], labels: Sequence[int], image_si
   decoded = tf.data.Dataset.zip(tf.data.Dataset.from_tensor_slices(paths), positions).map(
       lambda path, position: (images.load(tf.io.read_file(path), image_size), position),
       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
-  if cache.mode == "memory":
-    decoded = decoded.cache()
-  else:
-    _remove_unfinished_cache(cache.path)
-    decoded = decoded.cache(cache.path)
+  decoded = _cached(decoded, cache)
   good = set()
   for batch in decoded.map(lambda image, position: position).batch(4096):
     good.update(batch.numpy().tolist())
@@ -222,7 +217,7 @@ def _filled_cache(usable: list[tuple[str, int]], labels: Sequence[int], image_si
 
 def _cached_examples(listed: _SplitList, padded: tf.data.Dataset, cache: CacheChoice, budget: int,
                      image_size: int) -> Examples:
-  """Examples of a split whose decoded images are already cached (the padding re-reads the cache)."""
+  """Examples of a split whose decoded images are cached: each epoch a seeded shuffle of `padded`."""
   buffer = listed.padded_length if cache.mode == "memory" else _bounded_buffer(listed.padded_length, budget, image_size)
 
   def epoch(seed):
@@ -354,26 +349,22 @@ def _decoded(split: _SplitList, image_size: int, config: DataConfig, budget: int
 
   if cache.mode == "none":
     # Shuffle what is cheap to hold (file names), then decode; records are shuffled in a bounded buffer.
-    buffer = split.padded_length if split.cheap_to_shuffle else _bounded_buffer(split.padded_length, budget, image_size)
+    buffer = split.padded_length if split.items_are_paths else _bounded_buffer(split.padded_length, budget, image_size)
 
     def epoch(seed):
       encoded = split.encoded if seed is None else split.encoded.shuffle(max(buffer, 1), seed=seed,
                                                                           reshuffle_each_iteration=False)
       return _with_options(decode(encoded))
-  else:
-    decoded = decode(split.encoded)
-    if cache.mode == "memory":
-      decoded, buffer = decoded.cache(), split.padded_length
-    else:
-      _remove_unfinished_cache(cache.path)
-      decoded = decoded.cache(cache.path)
-      buffer = _bounded_buffer(split.padded_length, budget, image_size)
+    return Examples(split.labels, split.all_labels, split.ids, split.padded_length, cache, epoch, split.paths)
+  return _cached_examples(split, _cached(decode(split.encoded), cache), cache, budget, image_size)
 
-    def epoch(seed):
-      shuffled = decoded if seed is None else decoded.shuffle(max(buffer, 1), seed=seed,
-                                                              reshuffle_each_iteration=False)
-      return _with_options(shuffled)
-  return Examples(split.labels, split.all_labels, split.ids, split.padded_length, cache, epoch, split.paths)
+
+def _cached(decoded: tf.data.Dataset, cache: CacheChoice) -> tf.data.Dataset:
+  """`decoded` kept where the cache choice says: memory or its disk file (a half-written one removed first)."""
+  if cache.mode == "memory":
+    return decoded.cache()
+  _remove_unfinished_cache(cache.path)
+  return decoded.cache(cache.path)
 
 
 def choose_cache(mode: str, count: int, image_size: int, budget: int, folder: str, identity: str = "") -> CacheChoice:
