@@ -498,20 +498,21 @@ def _feature_cache(run: Run) -> _SharedFeatures:
 
 def _log_share(folder: str, shard: data.Shard, inputs: data.InputData) -> None:
   """--example_log: how many training images this worker decodes (its share, padding included)."""
-  if folder:
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, f"worker_{shard.index}.jsonl"), "a", encoding="utf-8") as f:
-      f.write(json.dumps({"worker": shard.index, "decoded": inputs.train.padded_length,
-                          "examples": len(inputs.train), "of": len(inputs.train.all_labels)}) + "\n")
+  _append_example_log(folder, shard, {"decoded": inputs.train.padded_length, "examples": len(inputs.train),
+                                      "of": len(inputs.train.all_labels)})
 
 
 def _log_examples(run: Run, epoch: int, ids: list[int]) -> None:
   """--example_log: the ids this worker trained on in the epoch, one JSON line per epoch."""
-  folder = run.config.runtime.example_log
+  _append_example_log(run.config.runtime.example_log, run.shard, {"epoch": epoch + 1, "ids": sorted(ids)})
+
+
+def _append_example_log(folder: str, shard: data.Shard, record: dict) -> None:
+  """One JSON line of this worker's in FOLDER/worker_<i>.jsonl (nothing without --example_log)."""
   if folder:
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, f"worker_{run.shard.index}.jsonl"), "a", encoding="utf-8") as f:
-      f.write(json.dumps({"epoch": epoch + 1, "worker": run.shard.index, "ids": sorted(ids)}) + "\n")
+    with open(os.path.join(folder, f"worker_{shard.index}.jsonl"), "a", encoding="utf-8") as f:
+      f.write(json.dumps({"worker": shard.index, **record}) + "\n")
 
 
 def finalize(run: Run, val_metrics: dict | None) -> dict:
