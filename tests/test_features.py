@@ -87,6 +87,17 @@ def test_load_or_extract_extracts_once_and_reads_the_same_features_back(tiny_con
   assert [p.name for p in (tmp_path / "cache").iterdir() if p.name.startswith("features_")] == ["features_k1.npz"]
 
 
+def test_runs_sharing_a_cache_dir_extract_the_features_once(color_folder, tmp_path, tiny_config, monkeypatch):
+  # Another fine-tune rate and head: the same features (a sweep extracts once); the decoded images are shared too.
+  config = tiny_config.replace(data_dir=str(color_folder), frozen_epochs=1, finetune_epochs=1,
+                               cache_dir=str(tmp_path / "shared"))
+  train.train_and_evaluate(config, str(tmp_path / "first"))
+  assert len(list((tmp_path / "shared").glob("features_*.npz"))) == 1
+  monkeypatch.setattr(features, "extract_views", lambda *args: pytest.fail("extracted again"))
+  train.train_and_evaluate(config.replace(finetune_lr=3e-4, head_units=16), str(tmp_path / "second"))
+  assert not list((tmp_path / "second" / "cache").glob("features_*.npz"))
+
+
 def test_the_cache_key_changes_with_what_the_features_depend_on_only(tiny_config, tmp_path):
   weights = tmp_path / "weights.h5"
   weights.write_bytes(b"weights")

@@ -41,8 +41,9 @@ class DataConfig:
                       "decode every epoch).")
   memory_budget: str = _field("", "Memory the decoded-image cache may use, in bytes or with a unit (e.g. 4GB); "
                               "'' = a quarter of RAM.")
-  cache_dir: str = _field("", "Folder of the disk cache of decoded images ('' = WORKDIR/cache); each worker of a "
-                         "multi-worker run uses its own sub-folder.")
+  cache_dir: str = _field("", "Folder of the disk cache of decoded images and of the cached backbone features "
+                         "('' = WORKDIR/cache), keyed by what they depend on, so runs may share it; each worker of "
+                         "a multi-worker run keeps its decoded images in its own sub-folder.")
   data_service: str = _field("", "grpc://HOST:PORT of a tf.data service dispatcher that decodes and resizes for "
                              "the trainers (python -m trainer.data_service); '' decodes in this process.")
   max_image_pixels: int = _field(89_478_485, "Image files with more pixels (width x height, read from the header) "

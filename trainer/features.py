@@ -137,6 +137,12 @@ def cache_key(config: Config, data_identity: str, dtype_policy: str) -> str:
   return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def folder(cache_dir: str, workdir_cache: str) -> str:
+  """Where features are kept: --cache_dir when given (shared by the runs that use it: a sweep of head or fine-tune
+  settings extracts once, and the key keeps other features apart), else the run's own cache folder."""
+  return cache_dir or workdir_cache
+
+
 def load_or_extract(model: keras.Model, train_images: tf.data.Dataset, val_images: tf.data.Dataset,
                     batch_size: int, augmenter: keras.Layer | None, views: int, cache_dir: str,
                     key: str) -> FeatureCache:
@@ -156,7 +162,7 @@ def _file_identity(weights: str) -> str | list:
 def _save_arrays(path: str, arrays: dict) -> None:
   """Atomic: a run killed while writing leaves no partial file under the final name."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  partial = f"{path}.partial.npz"
+  partial = f"{path}.{os.getpid()}.partial.npz"  # Runs sharing a --cache_dir may write the same file at once.
   np.savez(partial, **arrays)
   os.replace(partial, path)
   logging.info("Cached the features of %d training images in %s.", len(arrays["train_labels"]), path)

@@ -491,7 +491,9 @@ def _feature_cache(run: Run) -> _SharedFeatures:
   cache = features.load_or_extract(run.trainer.model, run.inputs.train.images, run.inputs.val.images,
                                    config.data.batch_size, augment.build(config.train, config.data.seed),
                                    config.train.feature_views,
-                                   os.path.join(distribute.write_dir(run.workdir, run.strategy), "cache"),
+                                   features.folder(config.data.cache_dir,
+                                                   os.path.join(distribute.write_dir(run.workdir, run.strategy),
+                                                                "cache")),
                                    features.cache_key(config, run.inputs.identity, run.policy))
   return _SharedFeatures(cache, run.inputs.train, run.inputs.val)
 

@@ -115,7 +115,7 @@ def cached_features(config: Config, workdir: str, inputs: data.InputData | None 
   key = features.cache_key(config, inputs.identity, keras.config.dtype_policy().name)
   return features.load_or_extract(classifier, inputs.train.images, inputs.val.images, config.data.batch_size,
                                    augment.build(config.train, config.data.seed), config.train.feature_views,
-                                   cache_dir, key)
+                                   features.folder(config.data.cache_dir, cache_dir), key)
 
 
 class HeadHyperModel:
