@@ -141,10 +141,11 @@ def _targets(rows: list[dict], keras_rows: list[dict], phone: dict, image_size: 
   if disk:
     targets["disk_cache_bytes_per_image_over_s_s_3"] = max(disk) / (image_size * image_size * 3)
   for keras_figures in keras_rows:
-    mine = by.get((keras_figures["images"], "none"))
-    if mine:
-      targets[f"none_first_epoch_over_image_dataset_from_directory_{keras_figures['images']}"] = (
-          mine["first_epoch_images_per_sec"] / keras_figures["first_epoch_images_per_sec"])
+    for mode in ("memory", "disk", "none"):
+      mine = by.get((keras_figures["images"], mode))
+      if mine:
+        targets[f"{mode}_first_epoch_over_image_dataset_from_directory_{keras_figures['images']}"] = (
+            mine["first_epoch_images_per_sec"] / keras_figures["first_epoch_images_per_sec"])
   if phone:
     targets["phone_photos_first_epoch_over_image_dataset_from_directory"] = (
         phone["ours_first_epoch_images_per_sec"] / phone["image_dataset_from_directory_images_per_sec"])
