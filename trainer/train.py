@@ -305,7 +305,7 @@ def setup(config: Config, workdir: str, strategy: tf.distribute.Strategy | None 
 def _check_run_facts(run_dir: workdir_lib.RunDir, classes: tuple[str, ...], policy: str) -> None:
   """Refuses to continue checkpoints trained on another class list or in another precision: the label indices
   (or the optimizer's loss-scale slots) would no longer mean what they meant."""
-  if not _has_checkpoints(run_dir):
+  if not run_dir.has_checkpoints():
     return
   previous = run_dir.load_run_facts()
   old_classes = previous.get("classes")
@@ -319,11 +319,6 @@ def _check_run_facts(run_dir: workdir_lib.RunDir, classes: tuple[str, ...], poli
     raise UserInputError(f"--workdir={run_dir.root} was trained in precision {old_policy}, and this machine "
                          f"resolves --mixed_precision to {policy}: pass --mixed_precision={flag} to continue it, or "
                          "use a new --workdir.")
-
-
-def _has_checkpoints(run_dir: workdir_lib.RunDir) -> bool:
-  return os.path.isdir(run_dir.checkpoints) and any(name.endswith(".index")
-                                                      for name in os.listdir(run_dir.checkpoints))
 
 
 def _check_phase_change(run_dir: workdir_lib.RunDir, config: Config, started_epochs: int) -> None:

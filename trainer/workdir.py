@@ -29,9 +29,13 @@ class RunDir:
       raise UserInputError(f"--workdir={self.root} holds no config.json: it is not the workdir of a run.")
     return Config.from_dict(read_json(self.config_file))
 
+  def has_checkpoints(self) -> bool:
+    """Whether a checkpoint was written here (one set aside as corrupt does not count)."""
+    return os.path.isdir(self.checkpoints) and any(name.endswith(".index") for name in os.listdir(self.checkpoints))
+
   def check_config(self, config: Config) -> None:
     """Refuses a workdir whose checkpoints belong to a different configuration."""
-    if os.path.isfile(self.config_file) and os.path.isdir(self.checkpoints) and os.listdir(self.checkpoints):
+    if os.path.isfile(self.config_file) and self.has_checkpoints():
       previous = self.load_config()
       if previous.identity_hash() != config.identity_hash():
         changed = _differences(previous.to_dict(), config.to_dict())
