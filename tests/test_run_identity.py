@@ -70,6 +70,7 @@ def test_frozen_epochs_change_only_where_no_trained_epoch_changes_phase(tmp_path
     ({"image_size": -5}, "--image_size=-5"), ({"image_size": 8}, "--image_size=8: must be >= 32"),
     ({"batch_size": 0}, "--batch_size=0"), ({"cache": "ram"}, "--cache=ram"),
     ({"memory_budget": "lots"}, "--memory_budget="), ({"batchnorm": "on"}, "--batchnorm=on"),
+    ({"finetune_schedule": "linear"}, "--finetune_schedule=linear"),
 ])
 def test_every_numeric_flag_is_checked_before_anything_is_built(values, flag):
   with pytest.raises(UserInputError, match=flag):

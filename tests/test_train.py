@@ -101,3 +101,13 @@ def test_frozen_imagenet_features_transfer_to_real_photos(tmp_path, shared_dir, 
                             verbosity=-1)
   metrics = train.train_and_evaluate(config, str(tmp_path / "run"))
   assert metrics["phases"]["frozen"]["val_accuracy"] >= 0.75
+
+
+def test_a_cosine_fine_tune_schedule_decays_to_zero_over_the_phase(tmp_path, tiny_config, color_folder):
+  config = tiny_config.replace(data_dir=str(color_folder), frozen_epochs=1, finetune_epochs=2, finetune_lr=1e-3,
+                               finetune_schedule="cosine")
+  train.train_and_evaluate(config, str(tmp_path / "run"))
+  with open(tmp_path / "run" / "report" / "history.json", encoding="utf-8") as f:
+    rates = [epoch["learning_rate"] for epoch in json.load(f)]
+  # The rate after each epoch: the frozen phase's as given, then half-way down the cosine, then at its end.
+  np.testing.assert_allclose(rates, [config.train.frozen_lr, 0.5e-3, 0.0], atol=1e-9)

@@ -10,6 +10,7 @@ from trainer.errors import UserInputError
 
 CACHE_MODES = ("auto", "memory", "disk", "none")
 BATCHNORM_MODES = ("", "frozen", "train")
+FINETUNE_SCHEDULES = ("constant", "cosine")
 # The smallest input Keras' applications accept (InceptionV3's stem needs 75 px; the others 32).
 _MIN_IMAGE_SIZE = {"inception_v3": 75}
 _UNITS = {"": 1, "B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40}
@@ -47,6 +48,9 @@ def validate(config: Config, given: Collection[str] = ()) -> None:
   if data.cache not in CACHE_MODES:
     raise UserInputError(f"--cache={data.cache} is not known. Choose one of: {', '.join(CACHE_MODES)}.")
   memory_budget(data.memory_budget)
+  if train.finetune_schedule not in FINETUNE_SCHEDULES:
+    raise UserInputError(f"--finetune_schedule={train.finetune_schedule} is not known. Choose one of: "
+                         f"{', '.join(FINETUNE_SCHEDULES)}.")
   if model.batchnorm not in BATCHNORM_MODES:
     raise UserInputError(f"--batchnorm={model.batchnorm} is not known. Choose frozen or train (or leave it empty).")
   _at_least("top_k", config.export.top_k, 1)

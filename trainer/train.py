@@ -49,17 +49,19 @@ class Trainer:
   """Owns the model, its optimizers and the compiled steps of one run under one strategy."""
 
   def __init__(self, config: Config, num_classes: int, strategy: tf.distribute.Strategy, lr_scale: float = 1.0,
-               class_weights: list[float] | None = None):
+               class_weights: list[float] | None = None, steps_per_epoch: int = 1):
     """`lr_scale` multiplies the learning rates (see distribute.plan_batches); float16 gets loss scaling.
-    `class_weights` weighs each example's loss by its class (--class_weight)."""
+    `class_weights` weighs each example's loss by its class (--class_weight). `steps_per_epoch`: train steps of
+    an epoch, the unit of --finetune_schedule's decay."""
     self.config = config
     self.strategy = strategy
     self.seeds = randomness.StepSeeds(config.data.seed)
     with strategy.scope():
       self.model = model_lib.build_classifier(config.model, num_classes, config.data.image_size, config.data.seed)
       self.augmenter = augment.build(config.train, config.data.seed)
-      self.optimizers = {phase: keras.optimizers.Adam(model_lib.learning_rate(phase, config.train) * lr_scale)
-                         for phase, _ in model_lib.phases(config)}
+      self.optimizers = {phase: keras.optimizers.Adam(model_lib.learning_rate(phase, config.train, lr_scale,
+                                                                              epochs * steps_per_epoch))
+                         for phase, epochs in model_lib.phases(config)}
       if distribute.needs_loss_scaling(keras.config.dtype_policy().name):
         self.optimizers = {phase: keras.optimizers.LossScaleOptimizer(optimizer)
                            for phase, optimizer in self.optimizers.items()}
@@ -273,7 +275,9 @@ def setup(config: Config, workdir: str, strategy: tf.distribute.Strategy | None 
                f" (this worker: {len(inputs.train)} and {len(inputs.val)})" if shard.count > 1 else "")
   model_lib.announce_plan(config, plan.per_replica_batch_size)
 
-  trainer = Trainer(config, len(inputs.classes), strategy, plan.lr_scale, class_weights)
+  steps_per_epoch = math.ceil(inputs.train.padded_length /
+                              (plan.per_replica_batch_size * (plan.num_replicas // shard.count)))
+  trainer = Trainer(config, len(inputs.classes), strategy, plan.lr_scale, class_weights, steps_per_epoch)
   manager = checkpoints.restore_latest(trainer.checkpoint, run_dir.checkpoints, max_to_keep=2, repair=chief)
   own_manager = manager
   if not chief:  # Two workers writing one checkpoint file collide: a non-chief saves to its own folder.
