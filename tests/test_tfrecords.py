@@ -100,6 +100,27 @@ def test_undecodable_unparseable_and_unlabelled_records_are_skipped_counted_and_
   assert tfrecords.scan(str(tmp_path / "s-*"), image_size=8).skipped.keys() == scanned.skipped.keys()
 
 
+def test_records_whose_header_exceeds_max_image_pixels_are_skipped_before_decoding(tmp_path, monkeypatch):
+  # 60x50 = 3,000 pixels: over a limit of 2,000, whatever the format.
+  png = tf.io.encode_png(np.zeros((50, 60, 3), np.uint8)).numpy()
+  shard = _write(tmp_path / "s-0", [(_jpeg(size=(60, 50)), 0, "a"), (png, 0, "a"), (_jpeg(), 1, "b")])
+  scanned = tfrecords.scan(str(tmp_path / "s-*"), max_pixels=2000)
+  assert scanned.labels == (1,)
+  for index in (0, 1):
+    assert scanned.skipped[f"{shard} record {index}"] == ("its image is 60x50 pixels, more than "
+                                                          "--max_image_pixels=2000")
+  assert tfrecords.scan(str(tmp_path / "s-*"), max_pixels=3000).labels == (0, 0, 1)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "BMP"])
+def test_header_size_reads_height_and_width_without_decoding(fmt):
+  from PIL import Image
+  import io
+  encoded = io.BytesIO()
+  Image.fromarray(np.zeros((37, 53, 3), np.uint8)).save(encoded, fmt)
+  assert images.header_size(encoded.getvalue()).numpy().tolist() == [37, 53]
+
+
 def test_class_names_come_from_class_text_else_the_label_ids(tmp_path):
   _write(tmp_path / "named", [(_jpeg(), 2, "zebra"), (_jpeg(), 0, "ant"), (_jpeg(), 1, "bee")])
   assert tfrecords.scan(str(tmp_path / "named")).classes == ("ant", "bee", "zebra")

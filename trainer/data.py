@@ -264,9 +264,11 @@ def _tfrecord_lists(config: DataConfig, shard: Shard, pad_multiple: int):
   from trainer import tfrecords  # Only TFRecord sources need it.
   if not config.tfrecord:
     raise UserInputError("--tfrecord_val needs --tfrecord=GLOB, the training shards.")
-  train_scan = tfrecords.scan(config.tfrecord, config.strict_data, flag="--tfrecord")
+  train_scan = tfrecords.scan(config.tfrecord, config.strict_data, flag="--tfrecord",
+                              max_pixels=config.max_image_pixels)
   if config.tfrecord_val:
-    val_scan = tfrecords.scan(config.tfrecord_val, config.strict_data, flag="--tfrecord_val")
+    val_scan = tfrecords.scan(config.tfrecord_val, config.strict_data, flag="--tfrecord_val",
+                              max_pixels=config.max_image_pixels)
     classes = tfrecords.merged_classes(train_scan, val_scan)
     parts = [(train_scan, None, "--tfrecord"), (val_scan, None, "--tfrecord_val")]
   else:

@@ -57,6 +57,34 @@ def check(image_bytes: tf.Tensor) -> tf.Tensor:
   return _decode(_as_bytes(image_bytes), 1)
 
 
+def header_size(image_bytes: tf.Tensor) -> tf.Tensor:
+  """int64 [height, width] from the header of JPEG, PNG, GIF or BMP bytes, before anything is decoded (a
+  decompression bomb is refused by its header); [0, 0] for other formats (decoding is then the check). A JPEG
+  whose header cannot be read raises InvalidArgumentError, as decoding it would."""
+  image_bytes = _as_bytes(image_bytes)
+  head = tf.cast(tf.io.decode_raw(tf.strings.substr(image_bytes, 0, 32), tf.uint8, fixed_length=32), tf.int64)
+
+  def read(start, count, big_endian):
+    weights = tf.constant([256 ** i for i in range(count)][::-1 if big_endian else 1], tf.int64)
+    return tf.reduce_sum(head[start:start + count] * weights)
+
+  def starts(magic: bytes):
+    return tf.equal(tf.strings.substr(image_bytes, 0, len(magic)), magic)
+
+  # PNG: IHDR's width and height, big-endian, at 16; GIF: the screen's, little-endian, at 6; BMP: the DIB
+  # header's at 18 (a negative height means top-down rows).
+  bmp_height = read(22, 4, False)
+  sizes = [(starts(b"\x89PNG\r\n\x1a\n"), tf.stack([read(20, 4, True), read(16, 4, True)])),
+           (starts(b"GIF8"), tf.stack([read(8, 2, False), read(6, 2, False)])),
+           (starts(b"BM"), tf.stack([tf.where(bmp_height >= 2 ** 31, 2 ** 32 - bmp_height, bmp_height),
+                                     read(18, 4, False)]))]
+  size = tf.zeros([2], tf.int64)
+  for is_format, format_size in reversed(sizes):
+    size = tf.where(is_format, format_size, size)
+  return tf.cond(tf.io.is_jpeg(image_bytes),
+                 lambda: tf.cast(tf.io.extract_jpeg_shape(image_bytes)[:2], tf.int64), lambda: size)
+
+
 def resize_uint8(image: tf.Tensor, image_size: int) -> tf.Tensor:
   """uint8 [H, W, 3] (or a batch [N, H, W, 3]) to uint8 [image_size, image_size, 3]: bilinear, no crop, rounded."""
   # ResizeBilinear reads uint8 directly (identical output): a float copy of the full-size image first costs time.

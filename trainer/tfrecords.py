@@ -57,8 +57,12 @@ def shard_paths(glob: str, flag: str = "--tfrecord") -> tuple[str, ...]:
   return paths
 
 
-def scan(glob: str, strict: bool = False, image_size: int | None = None, flag: str = "--tfrecord") -> Scan:
+def scan(glob: str, strict: bool = False, image_size: int | None = None, flag: str = "--tfrecord",
+         max_pixels: int | None = None) -> Scan:
   """Every shard of `glob` checked once: the usable records' labels, class names and the unusable records.
+
+  max_pixels: records whose image header says more pixels (--max_image_pixels) are unusable, refused before
+  they are decoded.
 
   image_size: decode the images as training will (`images.load` at this size) rather than at the cheapest scale
   that fails alike (`images.check`). strict: refuse unusable records (--strict_data) instead of skipping them with a warning.
@@ -70,11 +74,11 @@ def scan(glob: str, strict: bool = False, image_size: int | None = None, flag: s
     readable.append(count)
     if problem:
       skipped[f"{path} from record {count}"] = f"truncated or corrupted, later records cannot be read ({problem})"
-  checked = _checked_records(paths, readable, image_size)
+  checked = _checked_records(paths, readable, image_size, max_pixels)
   labels, texts, unusable, identity = [], {}, [[] for _ in paths], hashlib.sha256()
   for shard, path in enumerate(paths):
     failed = _why_unusable(path, [index for index in range(readable[shard]) if (shard, index) not in checked],
-                           image_size)
+                           image_size, max_pixels)
     for index in range(readable[shard]):
       record = checked.get((shard, index))
       why = failed.get(index) or (f"label {record[0]} is not a class id (0 or more)" if record[0] < 0 else None)
@@ -106,8 +110,8 @@ def _readable_records(path: str) -> tuple[int, str | None]:
     return count, _first_line(e)
 
 
-def _checked_records(paths: Sequence[str], readable: Sequence[int],
-                     image_size: int | None) -> dict[tuple[int, int], tuple[int, str, bytes]]:
+def _checked_records(paths: Sequence[str], readable: Sequence[int], image_size: int | None,
+                     max_pixels: int | None) -> dict[tuple[int, int], tuple[int, str, bytes]]:
   """(shard, record) -> (label, class text, fingerprint of the record) of every record that parses and whose
   image decodes, read in parallel. A record that fails is left out (tf.data's ignore_errors): `scan` asks it why."""
   shards = tf.data.Dataset.from_tensor_slices((tf.range(len(paths), dtype=tf.int64), list(paths),
@@ -117,7 +121,8 @@ def _checked_records(paths: Sequence[str], readable: Sequence[int],
 
   def check(shard, index, record):
     example = tf.io.parse_single_example(record, FEATURES)
-    image = _decoded(example[ENCODED], image_size)
+    with tf.control_dependencies(_pixel_limit(example[ENCODED], max_pixels)):
+      image = _decoded(tf.identity(example[ENCODED]), image_size)
     # A value of the pixels is returned so the decode is not pruned as unused.
     return shard, index, example[LABEL], example[TEXT], tf.fingerprint([record])[0], tf.reduce_max(image)
 
@@ -134,21 +139,33 @@ def _decoded(image_bytes: tf.Tensor, image_size: int | None) -> tf.Tensor:
   return images.load(image_bytes, image_size) if image_size else images.check(image_bytes)
 
 
-def _why_unusable(path: str, indices: Sequence[int], image_size: int | None) -> dict[int, str]:
+def _pixel_limit(image_bytes: tf.Tensor, max_pixels: int | None) -> list[tf.Operation]:
+  """An assertion that fails for an image whose header says more than max_pixels (none without a limit)."""
+  if not max_pixels:
+    return []
+  return [tf.debugging.assert_less_equal(tf.reduce_prod(images.header_size(image_bytes)), tf.constant(max_pixels,
+                                                                                                       tf.int64))]
+
+
+def _why_unusable(path: str, indices: Sequence[int], image_size: int | None,
+                  max_pixels: int | None = None) -> dict[int, str]:
   """index -> error of each record of the shard that failed the parallel check, checked again on its own."""
   if not indices:
     return {}
   records = tf.data.TFRecordDataset(path).take(max(indices) + 1).enumerate()
   wanted = set(indices)
-  return {int(index): _error(record, image_size) for index, record in records if int(index) in wanted}
+  return {int(index): _error(record, image_size, max_pixels) for index, record in records if int(index) in wanted}
 
 
-def _error(record: tf.Tensor, image_size: int | None) -> str:
+def _error(record: tf.Tensor, image_size: int | None, max_pixels: int | None = None) -> str:
   try:
     example = tf.io.parse_single_example(record, FEATURES)
   except tf.errors.InvalidArgumentError as e:
     return f"not a tf.train.Example with '{ENCODED}' and '{LABEL}' ({_first_line(e)})"
   try:
+    height, width = images.header_size(example[ENCODED]).numpy().tolist()
+    if max_pixels and height * width > max_pixels:
+      return f"its image is {width}x{height} pixels, more than --max_image_pixels={max_pixels}"
     _decoded(example[ENCODED], image_size)
   except tf.errors.InvalidArgumentError as e:
     return f"its image cannot be decoded ({_first_line(e)})"
