@@ -220,8 +220,7 @@ class Run:
 
   @property
   def examples_per_step(self) -> int:
-    """Elements one step takes from this worker's share: a per-replica batch for each of its replicas."""
-    return self.plan.per_replica_batch_size * (self.plan.num_replicas // self.shard.count)
+    return _examples_per_step(self.plan, self.shard)
 
 
 def train_and_evaluate(config: Config, workdir: str, strategy: tf.distribute.Strategy | None = None,
@@ -239,14 +238,24 @@ def train_and_evaluate(config: Config, workdir: str, strategy: tf.distribute.Str
   return finalize(run, val_metrics)
 
 
+def _plan_and_shard(config: Config, strategy: tf.distribute.Strategy) -> tuple[distribute.BatchPlan, data.Shard]:
+  """The run's batch plan and this worker's share, from the strategy."""
+  plan = distribute.plan_batches(config.data.batch_size, strategy.num_replicas_in_sync,
+                                 config.train.lr_base_batch_size)
+  return plan, data.Shard(*distribute.input_shard(strategy))
+
+
+def _examples_per_step(plan: distribute.BatchPlan, shard: data.Shard) -> int:
+  """Elements one step takes from this worker's share: a per-replica batch for each of its replicas."""
+  return plan.per_replica_batch_size * (plan.num_replicas // shard.count)
+
+
 def load_inputs(config: Config, workdir: str, strategy: tf.distribute.Strategy) -> data.InputData:
   """This worker's share of the data, padded so that every step of every worker is whole: no replica waits for,
   or lacks, a batch."""
   config = resolve(config)
-  plan = distribute.plan_batches(config.data.batch_size, strategy.num_replicas_in_sync,
-                                 config.train.lr_base_batch_size)
-  shard = data.Shard(*distribute.input_shard(strategy))
-  pad_multiple = plan.per_replica_batch_size * (plan.num_replicas // shard.count) if plan.num_replicas > 1 else 1
+  plan, shard = _plan_and_shard(config, strategy)
+  pad_multiple = _examples_per_step(plan, shard) if plan.num_replicas > 1 else 1
   return data.load(config.data, config.data.image_size, os.path.join(workdir, "cache"), shard, pad_multiple)
 
 
@@ -262,9 +271,7 @@ def setup(config: Config, workdir: str, strategy: tf.distribute.Strategy | None 
   strategy = strategy or distribute.create_strategy(config.runtime)
   policy = distribute.resolve_precision(config.runtime, strategy)
   distribute.set_precision(policy)
-  plan = distribute.plan_batches(config.data.batch_size, strategy.num_replicas_in_sync,
-                                 config.train.lr_base_batch_size)
-  shard = data.Shard(*distribute.input_shard(strategy))
+  plan, shard = _plan_and_shard(config, strategy)
   inputs = inputs or load_inputs(config, workdir, strategy)
   class_weights = data.class_weights(config.train.class_weight, inputs.train.all_labels, len(inputs.classes))
   run_dir = workdir_lib.RunDir(workdir)
@@ -275,8 +282,7 @@ def setup(config: Config, workdir: str, strategy: tf.distribute.Strategy | None 
                f" (this worker: {len(inputs.train)} and {len(inputs.val)})" if shard.count > 1 else "")
   model_lib.announce_plan(config, plan.per_replica_batch_size)
 
-  steps_per_epoch = math.ceil(inputs.train.padded_length /
-                              (plan.per_replica_batch_size * (plan.num_replicas // shard.count)))
+  steps_per_epoch = math.ceil(inputs.train.padded_length / _examples_per_step(plan, shard))
   trainer = Trainer(config, len(inputs.classes), strategy, plan.lr_scale, class_weights, steps_per_epoch)
   manager = checkpoints.restore_latest(trainer.checkpoint, run_dir.checkpoints, max_to_keep=2, repair=chief)
   own_manager = manager
