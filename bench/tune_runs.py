@@ -4,8 +4,8 @@ For each dataset and seed, `python -m trainer.main --tune` (cross-validated sear
 chose), and the same command without --tune. A search that keeps the defaults trains exactly the plain run's
 model (same config, same features file), so with --plain=when_tuned the plain run is made only for the seeds
 where the search chose other values, and the other seeds count the --tune run's accuracy for both (the first
-seed always runs both, for the time ratio and as a check that they agree; its plain run goes first, so that
-the extraction, shared through one --cache_dir, is timed in it and not in the --tune run). Prints and writes, per dataset, each
+seed always runs both, for the time ratio and as a check that they agree, each run extracting its own features;
+the other seeds' runs share them through one --cache_dir). Prints and writes, per dataset, each
 seed's val accuracies, decision and seconds, the means and spreads, and the worst seed's difference.
 
 python -m bench.tune_runs --data_dirs=../shared/datasets/hymenoptera --seeds=5 --json=/tmp/tune_runs.json
@@ -36,10 +36,11 @@ FLAGS = flags.FLAGS
 
 def _run(data_dir: str, seed: int, tune: bool, root: str) -> dict:
   workdir = os.path.join(root, f"{os.path.basename(data_dir.rstrip('/'))}_{seed}_{'tune' if tune else 'plain'}")
-  # One --cache_dir: the two runs of a seed extract the same features once (the extraction is timed in the first).
+  # The timed pair (the first seed) extracts its features in each run; the other seeds' runs share one --cache_dir.
+  shared = [] if seed == 42 else [f"--cache_dir={os.path.join(root, 'cache')}"]
   command = [sys.executable, "-m", "trainer.main", f"--data_dir={data_dir}", f"--weights={FLAGS.weights}",
-             f"--seed={seed}", f"--workdir={workdir}", f"--cache_dir={os.path.join(root, 'cache')}", "--verbosity=-1",
-             *FLAGS.extra_flags] + (["--tune"] if tune else [])
+             f"--seed={seed}", f"--workdir={workdir}", "--verbosity=-1", *shared, *FLAGS.extra_flags] + (
+                 ["--tune"] if tune else [])
   start = time.perf_counter()
   done = subprocess.run(command, capture_output=True, text=True, check=False)
   seconds = time.perf_counter() - start
@@ -67,8 +68,8 @@ def main(argv):
   for data_dir in FLAGS.data_dirs:
     seeds = []
     for seed in range(42, 42 + FLAGS.seeds):
-      plain = _run(data_dir, seed, False, root) if FLAGS.plain == "always" or seed == 42 else None
       tuned = _run(data_dir, seed, True, root)
+      plain = _run(data_dir, seed, False, root) if FLAGS.plain == "always" or seed == 42 else None
       if plain is None:
         plain = (_run(data_dir, seed, False, root) if tuned["decision"] == "tuned"
                  else {"val_accuracy": tuned["val_accuracy"], "same_as_tune_run": True})
