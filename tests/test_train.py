@@ -109,5 +109,9 @@ def test_a_cosine_fine_tune_schedule_decays_to_zero_over_the_phase(tmp_path, tin
   train.train_and_evaluate(config, str(tmp_path / "run"))
   with open(tmp_path / "run" / "report" / "history.json", encoding="utf-8") as f:
     rates = [epoch["learning_rate"] for epoch in json.load(f)]
-  # The rate after each epoch: the frozen phase's as given, then half-way down the cosine, then at its end.
-  np.testing.assert_allclose(rates, [config.train.frozen_lr, 0.5e-3, 0.0], atol=1e-9)
+  # The rate each epoch starts at: the frozen phase's as given, then the top of the cosine, then half-way down.
+  np.testing.assert_allclose(rates, [config.train.frozen_lr, 1e-3, 0.5e-3], atol=1e-9)
+  # And it ends at 0 after the phase's steps.
+  schedule = model_lib.learning_rate(model_lib.FINETUNE, config.train, scale=2.0, phase_steps=10)
+  np.testing.assert_allclose([float(schedule(0)), float(schedule(5)), float(schedule(10))], [2e-3, 1e-3, 0.0],
+                             atol=1e-9)

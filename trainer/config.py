@@ -75,8 +75,8 @@ class TrainConfig:
   frozen_epochs: int = _field(10, "Epochs with the backbone frozen (only the head trains); 0 skips the phase.")
   finetune_epochs: int = _field(4, "Epochs with the top of the backbone unfrozen; 0 skips the phase.")
   frozen_lr: float = _field(1e-3, "Adam learning rate of the frozen phase.")
-  finetune_lr: float = _field(1e-5, "Adam learning rate of the fine-tune phase.")
-  finetune_schedule: str = _field("constant", "Learning rate over the fine-tune phase: constant, or cosine "
+  finetune_lr: float = _field(1e-4, "Adam learning rate of the fine-tune phase (its start with the cosine schedule).")
+  finetune_schedule: str = _field("cosine", "Learning rate over the fine-tune phase: constant, or cosine "
                                   "(from --finetune_lr down to 0 at the end of --finetune_epochs).")
   lr_base_batch_size: int = _field(0, "Global batch size --frozen_lr and --finetune_lr were chosen for: with "
                                    "another --batch_size both scale linearly (Goyal et al. 2017); 0 uses them "

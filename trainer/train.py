@@ -398,6 +398,8 @@ def train_epochs(run: Run) -> dict | None:
     if (trainer.network is not trainer.model) != on_features:
       trainer.train_on_features(feature_cache.head if on_features else None)
     done_steps = int(trainer.epoch_step)
+    # The rate the epoch starts at (a cosine schedule ends the phase at 0).
+    learning_rate = float(tf.convert_to_tensor(trainer.optimizers[phase].learning_rate))
     train_metrics = trainer.run_epoch(_train_batches(run, epoch, feature_cache if on_features else None, done_steps),
                                       training=True, steps=_steps(run, run.inputs.train) - done_steps,
                                       progress=progress, preemption=preemption)
@@ -413,7 +415,7 @@ def train_epochs(run: Run) -> dict | None:
               "images_per_sec": train_metrics["examples"] / max(train_metrics["seconds"], 1e-9),
               "first_step_seconds": train_metrics["first_step_seconds"],
               "steady_images_per_sec": train_metrics["steady_images_per_sec"],
-              "learning_rate": float(tf.convert_to_tensor(trainer.optimizers[phase].learning_rate))}
+              "learning_rate": learning_rate}
     run.history.append(record)
     run.tensorboard.log_epoch(run.history, val_metrics["confusion_matrix"])
     if run.chief:
