@@ -69,10 +69,10 @@ def main(argv):
     seeds = []
     for seed in range(42, 42 + FLAGS.seeds):
       tuned = _run(data_dir, seed, True, root)
-      plain = _run(data_dir, seed, False, root) if FLAGS.plain == "always" or seed == 42 else None
-      if plain is None:
-        plain = (_run(data_dir, seed, False, root) if tuned["decision"] == "tuned"
-                 else {"val_accuracy": tuned["val_accuracy"], "same_as_tune_run": True})
+      if FLAGS.plain == "always" or seed == 42 or tuned["decision"] == "tuned":
+        plain = _run(data_dir, seed, False, root)
+      else:
+        plain = {"val_accuracy": tuned["val_accuracy"], "same_as_tune_run": True}
       seeds.append({"seed": seed, "tune": tuned, "plain": plain})
       tune_accuracy = [s["tune"]["val_accuracy"] for s in seeds]
       plain_accuracy = [s["plain"]["val_accuracy"] for s in seeds]

@@ -163,9 +163,10 @@ def _error(record: tf.Tensor, image_size: int | None, max_pixels: int | None = N
   except tf.errors.InvalidArgumentError as e:
     return f"not a tf.train.Example with '{ENCODED}' and '{LABEL}' ({_first_line(e)})"
   try:
-    height, width = images.header_size(example[ENCODED]).numpy().tolist()
-    if max_pixels and height * width > max_pixels:
-      return f"its image is {width}x{height} pixels, more than --max_image_pixels={max_pixels}"
+    if max_pixels:
+      height, width = images.header_size(example[ENCODED]).numpy().tolist()
+      if height * width > max_pixels:
+        return f"its image is {width}x{height} pixels, more than --max_image_pixels={max_pixels}"
     _decoded(example[ENCODED], image_size)
   except tf.errors.InvalidArgumentError as e:
     return f"its image cannot be decoded ({_first_line(e)})"

@@ -282,8 +282,8 @@ def setup(config: Config, workdir: str, strategy: tf.distribute.Strategy | None 
                f" (this worker: {len(inputs.train)} and {len(inputs.val)})" if shard.count > 1 else "")
   model_lib.announce_plan(config, plan.per_replica_batch_size)
 
-  steps_per_epoch = math.ceil(inputs.train.padded_length / _examples_per_step(plan, shard))
-  trainer = Trainer(config, len(inputs.classes), strategy, plan.lr_scale, class_weights, steps_per_epoch)
+  trainer = Trainer(config, len(inputs.classes), strategy, plan.lr_scale, class_weights,
+                    _steps_of(inputs.train, _examples_per_step(plan, shard)))
   manager = checkpoints.restore_latest(trainer.checkpoint, run_dir.checkpoints, max_to_keep=2, repair=chief)
   own_manager = manager
   if not chief:  # Two workers writing one checkpoint file collide: a non-chief saves to its own folder.
@@ -433,7 +433,12 @@ def train_epochs(run: Run) -> dict | None:
 
 
 def _steps(run: Run, examples: data.Examples) -> int:
-  return math.ceil(examples.padded_length / run.examples_per_step)
+  return _steps_of(examples, run.examples_per_step)
+
+
+def _steps_of(examples: data.Examples, examples_per_step: int) -> int:
+  """Steps of an epoch over this worker's padded share."""
+  return math.ceil(examples.padded_length / examples_per_step)
 
 
 def _distributed(run: Run, dataset_of_share) -> tf.distribute.DistributedDataset:
