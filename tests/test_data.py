@@ -285,18 +285,62 @@ def test_tfrecord_shards_give_the_folders_pixels_and_split_by_file_across_worker
   assert sorted(real) == list(range(len(from_records.train.all_labels)))
 
 
-def test_a_data_service_decodes_the_share_and_gives_every_example_once(color_folder, tmp_path):
+def _undecodable(color_folder) -> str:
+  broken = color_folder / "red" / "red_9.jpg"
+  broken.write_bytes(b"not an image at all")
+  return str(broken)
+
+
+def _decodes_in_checks(monkeypatch) -> list[str]:
+  """The file names that data_checks.check_file decodes from now on."""
+  decoded, original = [], data_checks.check_file
+
+  def check_file(path, max_pixels, decode=True):
+    if decode:
+      decoded.append(os.path.basename(path))
+    return original(path, max_pixels, decode)
+  monkeypatch.setattr(data_checks, "check_file", check_file)
+  return decoded
+
+
+def test_without_a_cache_an_undecodable_file_becomes_a_stand_in_of_weight_0_and_is_reported_once(
+    color_folder, tmp_path, monkeypatch, caplog):
+  broken = _undecodable(color_folder)
+  decoded_in_checks = _decodes_in_checks(monkeypatch)
+  inputs = _load(tmp_path, data_dir=str(color_folder), cache="none", validation_split=0.34)
+  assert not decoded_in_checks and not inputs.skipped  # Nothing is decoded before the first epoch.
+  split = inputs.train if broken in inputs.train.paths else inputs.val
+  broken_id = split.ids[split.paths.index(broken)]
+  for seed in (3, 4):
+    images, labels, weights, ids = _epoch(split, seed)
+    assert len(ids) == split.padded_length  # The same steps as if every file decoded.
+    assert sorted(ids[weights > 0]) == sorted(set(split.ids) - {broken_id})  # Every other example once.
+    assert list(ids[ids < 0]) == [-1 - broken_id] and weights[ids < 0] == [0] and not images[ids < 0].any()
+  assert list(inputs.skipped) == [broken] and "cannot be decoded" in inputs.skipped[broken]
+  assert decoded_in_checks == ["red_9.jpg"]  # Once, for the decoder's message.
+  assert len([r for r in caplog.records if broken in r.getMessage()]) == 1  # Warned once over two epochs.
+  assert len(list(split.images)) == len(split) - 1  # Extraction and evaluation see the real examples only.
+  assert broken not in data.sample_files(split, str(tmp_path / "samples"), len(split))
+
+
+def test_a_data_service_decodes_the_share_and_gives_every_example_once(color_folder, tmp_path, monkeypatch):
   from trainer import data_service
+  broken = _undecodable(color_folder)
   dispatcher = data_service.start_dispatcher()
   worker = data_service.start_worker(dispatcher.target, worker_address="localhost")
   try:
     local = _load(tmp_path, data_dir=str(color_folder), cache="none")
+    decoded_in_checks = _decodes_in_checks(monkeypatch)
     served = _load(tmp_path, data_dir=str(color_folder), cache="none", data_service=dispatcher.target)
+    assert not decoded_in_checks and broken in served.train.paths  # The trainer decodes nothing: the service does.
+    want = {int(i): image for image, i in zip(_epoch(local.train, None)[0], _epoch(local.train, None)[3])}
     for seed in (None, 3):
       images, labels, weights, ids = _epoch(served.train, seed)
-      assert sorted(ids) == sorted(served.train.ids)
-      want = {int(i): image for image, i in zip(_epoch(local.train, None)[0], _epoch(local.train, None)[3])}
+      assert sorted(ids) == sorted(want)
       assert all(np.array_equal(image, want[int(i)]) for image, i in zip(images, ids))  # The same pixels.
+      assert list(ids[ids < 0]) == [-1 - served.train.ids[served.train.paths.index(broken)]]
+      assert weights[ids < 0] == [0]
+    assert list(served.skipped) == [broken]  # The stand-in made on the service is recorded here.
   finally:
     worker.stop()
     dispatcher.stop()
@@ -304,18 +348,11 @@ def test_a_data_service_decodes_the_share_and_gives_every_example_once(color_fol
 
 def test_a_cached_split_decodes_each_file_once_and_still_skips_undecodable_ones(color_folder, tmp_path,
                                                                                  monkeypatch, caplog):
-  (color_folder / "red" / "red_9.jpg").write_bytes(b"not an image at all")
-  decoded_in_check = []
-  original = data_checks.check_file
-
-  def check_file(path, max_pixels, decode=True):
-    if decode:
-      decoded_in_check.append(os.path.basename(path))
-    return original(path, max_pixels, decode)
-  monkeypatch.setattr(data_checks, "check_file", check_file)
+  broken = _undecodable(color_folder)
+  decoded_in_checks = _decodes_in_checks(monkeypatch)
   inputs = _load(tmp_path, data_dir=str(color_folder), cache="memory", validation_split=0.34)
   # Only the file the cache fill could not decode is decoded by the check, for the decoder's message.
-  assert decoded_in_check == ["red_9.jpg"]
+  assert decoded_in_checks == ["red_9.jpg"] and broken not in inputs.train.paths + inputs.val.paths
   assert list(inputs.skipped) == [str(color_folder / "red" / "red_9.jpg")]
   assert "cannot be decoded" in inputs.skipped[str(color_folder / "red" / "red_9.jpg")]
   assert len(inputs.train) + len(inputs.val) == 18

@@ -45,11 +45,12 @@ def test_undecodable_files_are_skipped_with_one_warning(color_folder, tmp_path, 
   assert len(warnings) == 1 and "1 image file(s)" in warnings[0] and broken in warnings[0]
 
 
-def test_strict_data_refuses_every_broken_file_by_name(color_folder, tmp_path):
+@pytest.mark.parametrize("cache", ["memory", "none"])
+def test_strict_data_refuses_every_broken_file_by_name_before_training(color_folder, tmp_path, cache):
   for name, make in BROKEN.items():
     make(color_folder / "green" / name)
   with pytest.raises(UserInputError, match="3 image file") as error:
-    _load(color_folder, tmp_path, strict_data=True)
+    _load(color_folder, tmp_path, strict_data=True, cache=cache)
   assert all(name in str(error.value) for name in BROKEN)
 
 

@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import REPO, write_color_dataset
-from trainer import images, tfrecords, to_tfrecord
+from trainer import data, images, tfrecords, to_tfrecord
 from trainer.config import Config
 from trainer.errors import UserInputError
 
@@ -98,6 +98,22 @@ def test_undecodable_unparseable_and_unlabelled_records_are_skipped_counted_and_
     tfrecords.scan(str(tmp_path / "s-*"), strict=True)
   # Decoding at the training size finds the same records.
   assert tfrecords.scan(str(tmp_path / "s-*"), image_size=8).skipped.keys() == scanned.skipped.keys()
+
+
+def test_training_decodes_each_record_once_and_names_the_one_that_fails_when_an_epoch_meets_it(tmp_path):
+  noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)
+  cut = tf.io.encode_jpeg(noise).numpy()[:2000]  # Its header is whole: it fails only when decoded.
+  shard = _write(tmp_path / "s-0", [(_jpeg(), 0, "red"), (cut, 0, "red"), (_jpeg((0, 0, 200)), 1, "blue"),
+                                    (_jpeg((0, 0, 190)), 1, "blue")])
+  given = dict(tfrecord=str(tmp_path / "s-*"), tfrecord_val=str(tmp_path / "s-*"), cache="none")
+  inputs = data.load(Config().replace(**given).data, 8)
+  assert not inputs.skipped and len(inputs.train) == 4  # Only read and parsed: nothing decoded yet.
+  elements = list(inputs.train.epoch(1).as_numpy_iterator())
+  assert sorted(int(index) for *_, index in elements) == [-2, 0, 2, 3]  # The stand-in of record 1: id -1 - 1.
+  assert [float(weight) for _, _, weight, index in elements if index < 0] == [0.0]
+  assert list(inputs.skipped) == [f"{shard} record 1"] and "cannot be decoded" in inputs.skipped[f"{shard} record 1"]
+  with pytest.raises(UserInputError, match="1 TFRecord record.*--strict_data"):
+    data.load(Config().replace(**given, strict_data=True).data, 8)
 
 
 def test_records_whose_header_exceeds_max_image_pixels_are_skipped_before_decoding(tmp_path, monkeypatch):

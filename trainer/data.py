@@ -10,8 +10,10 @@ the loss and metrics still count every real example exactly once per epoch.
 An element is (uint8 image [S, S, 3], int32 label, float32 weight (1 real, 0 padding), int64 id). Images are
 decoded by `images.load`, the function the serving graph uses, so training and serving see the same pixels.
 Decoding keeps the list's order, so an epoch's seeded shuffle is the same permutation in every process: a run
-stopped mid-epoch replays the same batches. Before anything is decoded every file is checked
-(`trainer.data_checks`): undecodable files are skipped with one warning (or refused with --strict_data).
+stopped mid-epoch replays the same batches. Before anything is decoded every file's header and content hash are
+read (`trainer.data_checks`). Each file is decoded once in a first epoch: filling a cache drops the files that
+fail to decode; without one, such a file becomes a stand-in of weight 0 (`_decode_or_stand_in`). Either way it is
+warned about and listed in the report (--strict_data: refused before training).
 
 Data never imports the model: preprocessing for the backbone and augmentation happen in the model and the train
 step.
@@ -21,9 +23,11 @@ import collections
 import dataclasses
 import glob
 import hashlib
+import itertools
 import math
 import os
 import shutil
+import threading
 import uuid
 from typing import Callable, Sequence
 
@@ -45,6 +49,8 @@ _MAX_SHUFFLE_BUFFER = 10_000
 _MAX_SHUFFLE_BYTES = 256 << 20
 # Bumped when `images.load` changes what pixels a file gives: old cache files must not be reused.
 _PIXELS_VERSION = 2
+# Examples decoded together where an undecodable one becomes a stand-in (`_decode_or_stand_in`).
+_DECODE_CHUNK = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +115,7 @@ class _SplitList:
   # `encoded` holds file names, read when decoded: cheap to shuffle whole before decoding (records take a bounded
   # buffer).
   items_are_paths: bool = False
+  record_names: dict[int, str] | None = None  # id -> "SHARD record N" of this worker's TFRecord records
 
 
 def load(config: DataConfig, image_size: int, cache_root: str = "", shard: Shard = Shard(),
@@ -132,8 +139,12 @@ def load(config: DataConfig, image_size: int, cache_root: str = "", shard: Shard
       classes, train, val = _tfds_lists(config, shard, pad_multiple)
     else:
       classes, train, val, skipped = _tfrecord_lists(config, shard, pad_multiple)
-    train_examples = _decoded(train, image_size, config, budget, folder)
-    val_examples = _decoded(val, image_size, config, _budget_left(budget, train_examples, image_size), folder)
+    skipped = dict(skipped)  # Also gets the records that fail to decode in an epoch (`_DecodeFailures`).
+    where = f"--{source}={getattr(config, source)}"
+    train_examples = _decoded(train, image_size, config, budget, folder,
+                              failures=_DecodeFailures(skipped, f"{where} training", train.record_names))
+    val_examples = _decoded(val, image_size, config, _budget_left(budget, train_examples, image_size), folder,
+                            failures=_DecodeFailures(skipped, f"{where} validation", val.record_names))
   for name, examples in (("train", train_examples), ("val", val_examples)):
     logging.info("%s: %d images, cache %s (%s).", name, len(examples), examples.cache.mode, examples.cache.reason)
   identity = hashlib.sha256(f"{image_size}\n{_PIXELS_VERSION}\n{train.identity}\n{val.identity}".encode())
@@ -144,9 +155,11 @@ def load(config: DataConfig, image_size: int, cache_root: str = "", shard: Shard
 
 
 def _file_examples(config: DataConfig, shard: Shard, pad_multiple: int, image_size: int, budget: int, folder: str):
-  """Folder and CSV sources. A split whose decoded images are kept (memory or disk cache) decodes every file once:
-  in the pass that fills the cache, which is also the check that finds the files that cannot be decoded. Without
-  a cache (or with --data_service) the check decodes them first, as every epoch then decodes again anyway."""
+  """Folder and CSV sources. Every file is decoded once in a first epoch: a split whose decoded images are kept
+  (memory or disk cache) decodes in the pass that fills the cache, which drops the files that cannot be decoded.
+  Without a cache (or with --data_service, whose workers decode) a file that fails to decode becomes a stand-in of
+  weight 0 when an epoch meets it, and is then named and counted (`_DecodeFailures`). --strict_data decodes every
+  such file before training instead, to refuse a bad one before anything trains."""
   files = sources.find_files(config)
   skipped = dict(files.skipped)
   splits = (files.train, files.val)
@@ -157,12 +170,16 @@ def _file_examples(config: DataConfig, shard: Shard, pad_multiple: int, image_si
                            budget - (lengths[0] * _bytes_per_image(image_size) if train_cache.mode == "memory" else 0),
                            folder)
   prefill = [cache.mode != "none" and not config.data_service for cache in (train_cache, val_cache)]
-  paths_to_decode = [path for share, decode_later in zip(shares, prefill) if not decode_later for path, _ in share]
+  decode_first = [path for share, filled in zip(shares, prefill) if not filled and config.strict_data
+                  for path, _ in share]
   scan = data_checks.scan([path for share in shares for path, _ in share], config.max_image_pixels,
-                          decode=set(paths_to_decode))
+                          decode=set(decode_first))
   unreadable = dict(scan.unreadable)
+  # Also gets the files that fail to decode in an epoch.
+  reported = {**skipped, **unreadable}
   examples, lists = [], []
-  for split, share, length, cache, fill in zip(splits, shares, lengths, (train_cache, val_cache), prefill):
+  for name, split, share, length, cache, fill in zip(("training", "validation"), splits, shares, lengths,
+                                                     (train_cache, val_cache), prefill):
     usable = [(path, index) for path, index in share if path not in unreadable]
     if cache.mode == "disk":
       # A disk cache is read in order and shuffled in a bounded buffer: stored in a seeded random order, its
@@ -182,10 +199,12 @@ def _file_examples(config: DataConfig, shard: Shard, pad_multiple: int, image_si
     else:
       # File names, read when decoded: an epoch's shuffle then holds names, not file contents.
       encoded = _padded(tf.data.Dataset.from_tensor_slices(list(paths)), labels, ids, length)
+      failures = _DecodeFailures(reported, f"{name} file", dict(zip(ids, paths)), files=True)
       examples.append(_decoded(dataclasses.replace(listed, encoded=encoded), image_size, config, budget, folder,
-                               cache))
+                               cache, failures))
     lists.append(listed)
-  data_checks.report_unreadable({**skipped, **unreadable}, config.strict_data)
+  reported.update(unreadable)  # The files the cache fills dropped.
+  data_checks.report_unreadable(reported, config.strict_data)
   train, val = lists
   if shard.count == 1:
     # With shares, a worker's share may lack a class; the listing already has every class.
@@ -194,7 +213,7 @@ def _file_examples(config: DataConfig, shard: Shard, pad_multiple: int, image_si
       raise UserInputError(f"Class(es) {empty} have no usable training images left after skipping "
                            f"{len(unreadable)} unusable file(s). Add readable images of those classes.")
   data_checks.warn_leakage(data_checks.leaked(train.paths, val.paths, scan.digests))
-  return files.classes, examples[0], examples[1], {**skipped, **unreadable}, train, val
+  return files.classes, examples[0], examples[1], reported, train, val
 
 
 def _filled_cache(usable: list[tuple[str, int]], image_size: int, cache: CacheChoice, unreadable: dict[str, str]):
@@ -264,11 +283,12 @@ def _tfrecord_lists(config: DataConfig, shard: Shard, pad_multiple: int):
   from trainer import tfrecords  # Only TFRecord sources need it.
   if not config.tfrecord:
     raise UserInputError("--tfrecord_val needs --tfrecord=GLOB, the training shards.")
+  # Images are decoded in the first epoch (a record that fails becomes a stand-in), or first with --strict_data.
   train_scan = tfrecords.scan(config.tfrecord, config.strict_data, flag="--tfrecord",
-                              max_pixels=config.max_image_pixels)
+                              max_pixels=config.max_image_pixels, decode=config.strict_data)
   if config.tfrecord_val:
     val_scan = tfrecords.scan(config.tfrecord_val, config.strict_data, flag="--tfrecord_val",
-                              max_pixels=config.max_image_pixels)
+                              max_pixels=config.max_image_pixels, decode=config.strict_data)
     classes = tfrecords.merged_classes(train_scan, val_scan)
     parts = [(train_scan, None, "--tfrecord"), (val_scan, None, "--tfrecord_val")]
   else:
@@ -293,7 +313,9 @@ def _tfrecord_lists(config: DataConfig, shard: Shard, pad_multiple: int):
     identity = _digest([scan.identity, name, f"{config.validation_split}:{config.seed}",
                         f"share {shard.index}/{shard.count} padded to {length}"])
     encoded = _padded(records.map(lambda image, label: image), own_labels, ids, length)
-    lists.append(_SplitList(encoded, own_labels, ids, all_labels, length, identity))
+    names = tfrecords.record_names(scan)
+    lists.append(_SplitList(encoded, own_labels, ids, all_labels, length, identity,
+                            record_names={index: names[selected[index]] for index in ids}))
   return tuple(classes), lists[0], lists[1], {**train_scan.skipped, **(val_scan.skipped if config.tfrecord_val
                                                                        else {})}
 
@@ -332,22 +354,20 @@ def _padded(encoded: tf.data.Dataset, labels: Sequence[int], ids: Sequence[int],
 
 
 def _decoded(split: _SplitList, image_size: int, config: DataConfig, budget: int, folder: str,
-             cache: CacheChoice | None = None) -> Examples:
-  """Examples that decode `split.encoded` (into a cache when the mode keeps decoded images)."""
+             cache: CacheChoice | None = None, failures: "_DecodeFailures | None" = None) -> Examples:
+  """Examples that decode `split.encoded` (into a cache when the mode keeps decoded images). An item that fails to
+  decode becomes a stand-in of weight 0, named by `failures` when an epoch meets it."""
   cache = cache or choose_cache(config.cache, split.padded_length, image_size, budget, folder, split.identity)
 
   def decode(dataset: tf.data.Dataset) -> tf.data.Dataset:
-    # deterministic=True: the decoded order is the list's order whatever finishes first, so a seeded shuffle is
-    # the same permutation in every process and after a restart.
-    def load(item, label, weight, index):
-      return images.load(tf.io.read_file(item) if split.items_are_paths else item, image_size), label, weight, index
-    decoded = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    if not config.data_service:
-      return decoded
-    from trainer import data_service  # Only --data_service needs it.
-    # A job of its own for this worker's share: the service's workers decode it, and this trainer, its only
-    # consumer, receives every element once (in the order they finish, so resumes are not bit-exact).
-    return data_service.distribute(decoded, config.data_service, job_name=f"transfer-trainer-{uuid.uuid4().hex}")
+    decoded = _decode_or_stand_in(dataset, image_size, split.items_are_paths)
+    if config.data_service:
+      from trainer import data_service  # Only --data_service needs it.
+      # A job of its own for this worker's share: the service's workers decode it, and this trainer, its only
+      # consumer, receives every element once (in the order they finish, so resumes are not bit-exact).
+      decoded = data_service.distribute(decoded, config.data_service,
+                                        job_name=f"transfer-trainer-{uuid.uuid4().hex}")
+    return failures.recorded(decoded) if failures else decoded
 
   if cache.mode == "none":
     # Shuffle what is cheap to hold (file names), then decode; records are shuffled in a bounded buffer.
@@ -359,6 +379,64 @@ def _decoded(split: _SplitList, image_size: int, config: DataConfig, budget: int
       return _with_options(decode(encoded))
     return Examples(split.labels, split.all_labels, split.ids, split.padded_length, cache, epoch, split.paths)
   return _cached_examples(split, _cached(decode(split.encoded), cache), cache, budget, image_size)
+
+
+def _decode_or_stand_in(encoded: tf.data.Dataset, image_size: int, items_are_paths: bool) -> tf.data.Dataset:
+  """(item, label, weight, id) elements to (uint8 image, label, weight, id), in order (deterministic: a seeded
+  shuffle before it is the same permutation in every process and after a restart). An item that cannot be read
+  or decoded becomes a stand-in: a black image of weight 0 whose id is -1 - id. So an epoch keeps its length
+  (every worker runs the same steps) without a pass that decodes every file before training, and the stand-in
+  says which example failed, also from a tf.data service's worker.
+
+  tf.data drops a failed element (`ignore_errors`) but cannot put another in its place: the items are decoded in
+  chunks, each chunk's survivors put back at their positions.
+  """
+  def decode_chunk(items, labels, weights, ids):
+    count = tf.shape(items)[0]
+    survivors = tf.data.Dataset.from_tensor_slices((tf.range(count), items)).map(
+        lambda position, item: (position, images.load(tf.io.read_file(item) if items_are_paths else item,
+                                                      image_size)),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
+    nothing = tf.data.Dataset.from_tensors((tf.zeros([0], tf.int32),
+                                            tf.zeros([0, image_size, image_size, 3], tf.uint8)))
+    positions, pixels = survivors.batch(_DECODE_CHUNK).concatenate(nothing).take(1).get_single_element()
+    decoded = tf.scatter_nd(positions[:, None], tf.ones_like(positions), [count]) > 0
+    pixels = tf.cond(tf.size(positions) == count, lambda: pixels,
+                     lambda: tf.scatter_nd(positions[:, None], pixels, [count, image_size, image_size, 3]))
+    return pixels, labels, tf.where(decoded, weights, 0.0), tf.where(decoded, ids, -1 - ids)
+
+  chunks = encoded.batch(_DECODE_CHUNK).map(decode_chunk, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return chunks.unbatch()
+
+
+class _DecodeFailures:
+  """The examples of one split that failed to decode in an epoch, found by their stand-ins' ids: each is warned
+  about once and added to `skipped` (the run's report lists them). A file is named by its path and checked again
+  for the decoder's message; a TFRecord record by its shard and number; a TFDS record by its id."""
+
+  def __init__(self, skipped: dict[str, str], kind: str, names_by_id: dict[int, str] | None = None,
+               files: bool = False):
+    self._skipped, self._kind, self._names_by_id, self._files = skipped, kind, names_by_id or {}, files
+    self._lock = threading.Lock()
+
+  def recorded(self, decoded: tf.data.Dataset) -> tf.data.Dataset:
+    """`decoded`, its stand-ins recorded as they pass (here, in the trainer: not on a tf.data service)."""
+    def record(image, label, weight, index):
+      index = tf.cond(index < 0, lambda: tf.py_function(self._record, [index], tf.int64), lambda: index)
+      return image, label, weight, index
+    return decoded.map(record)
+
+  def _record(self, stand_in_id: tf.Tensor) -> tf.Tensor:
+    index = -1 - int(stand_in_id)
+    name = self._names_by_id.get(index) or f"{self._kind} record {index}"
+    with self._lock:
+      if name in self._skipped:
+        return stand_in_id
+      why = data_checks.check_file(name, max_pixels=2**62)[0] if self._files else None
+      self._skipped[name] = why or "its image cannot be decoded"
+    logging.warning("Skipping %s: %s. Found while decoding it: it weighs nothing in this run (all skipped files "
+                    "are listed in report/metrics.json).", name, self._skipped[name])
+    return stand_in_id
 
 
 def _cached(decoded: tf.data.Dataset, cache: CacheChoice) -> tf.data.Dataset:
@@ -470,10 +548,12 @@ def class_weights(choice: str, labels: Sequence[int], num_classes: int) -> list[
 
 
 def sample_files(examples: Examples, folder: str, count: int) -> tuple[str, ...]:
-  """Up to `count` images of a split as files: the source's own files, or lossless PNGs of its decoded images
-  written to `folder` (TFDS and TFRecord have no files). The export is checked on them."""
+  """Up to `count` images of a split as files: the source's own files that decode (without a cache, the split
+  still lists the ones no epoch has met yet), or lossless PNGs of its decoded images written to `folder` (TFDS
+  and TFRecord have no files). The export is checked on them."""
   if examples.paths is not None:
-    return examples.paths[:count]
+    decodable = (path for path in examples.paths if data_checks.check_file(path, max_pixels=2**62)[0] is None)
+    return tuple(itertools.islice(decodable, count))
   os.makedirs(folder, exist_ok=True)
   paths = []
   for index, (image, _) in enumerate(examples.images.take(count)):

@@ -3,8 +3,8 @@ optional `image/class/text` for class names), the keys of TFDS and the TF Model 
 
 `scan` reads every shard once before training: it counts the records, collects the labels and class names, and
 finds the records that cannot be used, like the checks of image files: a shard that is truncated or corrupted
-(its records from there on cannot be read), a record that is not such an Example, an image that does not decode,
-a negative label. Those are skipped with one warning naming the shards (or refused with --strict_data).
+(its records from there on cannot be read), a record that is not such an Example, an image that does not decode
+(unless the scan leaves decoding to the first epoch: `decode=False`), a negative label. Those are skipped with one warning naming the shards (or refused with --strict_data).
 `dataset` then streams the usable records as (encoded image bytes, int32 label), shards split across input
 pipelines by file.
 """
@@ -58,11 +58,12 @@ def shard_paths(glob: str, flag: str = "--tfrecord") -> tuple[str, ...]:
 
 
 def scan(glob: str, strict: bool = False, image_size: int | None = None, flag: str = "--tfrecord",
-         max_pixels: int | None = None) -> Scan:
+         max_pixels: int | None = None, decode: bool = True) -> Scan:
   """Every shard of `glob` checked once: the usable records' labels, class names and the unusable records.
 
   max_pixels: records whose image header says more pixels (--max_image_pixels) are unusable, refused before
-  they are decoded.
+  they are decoded. decode=False leaves the images undecoded (trainer.data decodes each record once, in the
+  first epoch, and names a record that fails then by `record_names`).
 
   image_size: decode the images as training will (`images.load` at this size) rather than at the cheapest scale
   that fails alike (`images.check`). strict: refuse unusable records (--strict_data) instead of skipping them with a warning.
@@ -74,11 +75,11 @@ def scan(glob: str, strict: bool = False, image_size: int | None = None, flag: s
     readable.append(count)
     if problem:
       skipped[f"{path} from record {count}"] = f"truncated or corrupted, later records cannot be read ({problem})"
-  checked = _checked_records(paths, readable, image_size, max_pixels)
+  checked = _checked_records(paths, readable, image_size, max_pixels, decode)
   labels, texts, unusable, identity = [], {}, [[] for _ in paths], hashlib.sha256()
   for shard, path in enumerate(paths):
     failed = _why_unusable(path, [index for index in range(readable[shard]) if (shard, index) not in checked],
-                           image_size, max_pixels)
+                           image_size, max_pixels, decode)
     for index in range(readable[shard]):
       record = checked.get((shard, index))
       why = failed.get(index) or (f"label {record[0]} is not a class id (0 or more)" if record[0] < 0 else None)
@@ -110,10 +111,20 @@ def _readable_records(path: str) -> tuple[int, str | None]:
     return count, _first_line(e)
 
 
+def record_names(scanned: Scan) -> list[str]:
+  """"SHARD record N" of every usable record, in the order of `scanned.labels`."""
+  names = []
+  for shard in scanned.shards:
+    unusable = set(shard.unusable)
+    names += [f"{shard.path} record {index}" for index in range(shard.readable) if index not in unusable]
+  return names
+
+
 def _checked_records(paths: Sequence[str], readable: Sequence[int], image_size: int | None,
-                     max_pixels: int | None) -> dict[tuple[int, int], tuple[int, str, bytes]]:
+                     max_pixels: int | None, decode: bool) -> dict[tuple[int, int], tuple[int, str, bytes]]:
   """(shard, record) -> (label, class text, fingerprint of the record) of every record that parses and whose
-  image decodes, read in parallel. A record that fails is left out (tf.data's ignore_errors): `scan` asks it why."""
+  image decodes (or, without decode, whose header is read), read in parallel. A record that fails is left out
+  (tf.data's ignore_errors): `scan` asks it why."""
   shards = tf.data.Dataset.from_tensor_slices((tf.range(len(paths), dtype=tf.int64), list(paths),
                                                tf.constant(readable, tf.int64)))
   records = shards.flat_map(lambda shard, path, count: tf.data.TFRecordDataset(path).take(count).enumerate().map(
@@ -122,7 +133,7 @@ def _checked_records(paths: Sequence[str], readable: Sequence[int], image_size: 
   def check(shard, index, record):
     example = tf.io.parse_single_example(record, FEATURES)
     with tf.control_dependencies(_pixel_limit(example[ENCODED], max_pixels)):
-      image = _decoded(tf.identity(example[ENCODED]), image_size)
+      image = _decoded(tf.identity(example[ENCODED]), image_size) if decode else tf.zeros([1], tf.uint8)
     # A value of the pixels is returned so the decode is not pruned as unused.
     return shard, index, example[LABEL], example[TEXT], tf.fingerprint([record])[0], tf.reduce_max(image)
 
@@ -147,17 +158,18 @@ def _pixel_limit(image_bytes: tf.Tensor, max_pixels: int | None) -> list[tf.Oper
                                                                                                        tf.int64))]
 
 
-def _why_unusable(path: str, indices: Sequence[int], image_size: int | None,
-                  max_pixels: int | None = None) -> dict[int, str]:
+def _why_unusable(path: str, indices: Sequence[int], image_size: int | None, max_pixels: int | None = None,
+                  decode: bool = True) -> dict[int, str]:
   """index -> error of each record of the shard that failed the parallel check, checked again on its own."""
   if not indices:
     return {}
   records = tf.data.TFRecordDataset(path).take(max(indices) + 1).enumerate()
   wanted = set(indices)
-  return {int(index): _error(record, image_size, max_pixels) for index, record in records if int(index) in wanted}
+  return {int(index): _error(record, image_size, max_pixels, decode) for index, record in records
+          if int(index) in wanted}
 
 
-def _error(record: tf.Tensor, image_size: int | None, max_pixels: int | None = None) -> str:
+def _error(record: tf.Tensor, image_size: int | None, max_pixels: int | None = None, decode: bool = True) -> str:
   try:
     example = tf.io.parse_single_example(record, FEATURES)
   except tf.errors.InvalidArgumentError as e:
@@ -167,7 +179,8 @@ def _error(record: tf.Tensor, image_size: int | None, max_pixels: int | None = N
       height, width = images.header_size(example[ENCODED]).numpy().tolist()
       if height * width > max_pixels:
         return f"its image is {width}x{height} pixels, more than --max_image_pixels={max_pixels}"
-    _decoded(example[ENCODED], image_size)
+    if decode:
+      _decoded(example[ENCODED], image_size)
   except tf.errors.InvalidArgumentError as e:
     return f"its image cannot be decoded ({_first_line(e)})"
   return "it failed when checked with the other records"  # Not expected: the same checks passed alone.
