@@ -2,7 +2,7 @@
 keras.utils.image_dataset_from_directory on the same files in the same run.
 
 python -m bench.scale [--sizes=1000,5000,20000] [--phone_photos=200] [--image_size=224] [--epochs=3]
-    [--root=/tmp/bench_scale] [--json=FILE]
+    [--repeats=1] [--root=/tmp/bench_scale] [--json=FILE]
 
 Synthetic JPEG folders (bench.synthetic, generated once under --root): `size` photos of 500x375 for each size,
 and --phone_photos photos of 4032x3024. Every row runs in its own process, so its peak RSS (getrusage
@@ -12,8 +12,13 @@ ru_maxrss) is that of the input pipeline alone, measured the same way for every 
   later_epoch_images_per_sec   mean over epochs 2..--epochs (shuffled, from the cache unless --cache=none)
   cache_bytes_per_image        disk: the cache files' size; memory: the RSS that data.load and the first epoch
                                added (an upper bound: it includes the pipeline's own memory); none: 0
+  *_cpu_us_per_image           the process's CPU time (user + system, every thread) per image over the same
+                               span: on this shared VM the wall-clock figures move by up to 2x between minutes
+                               (the host lends fewer cores), the CPU per image much less
 `image_dataset_from_directory` rows make one pass (it has no cache). Memory rows are left out where the decoded
 images would exceed --memory_limit. A row prints its figures as one JSON line; the parent collects them.
+--repeats=N measures every row N times, interleaved (all rows of a size, then again), and reports each figure's
+median (the single values of the first epoch's images/s beside it).
 """
 
 import glob
@@ -21,6 +26,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,6 +42,7 @@ flags.DEFINE_integer("phone_photos", 200, "Number of 4032x3024 photos (0 skips t
 flags.DEFINE_integer("image_size", 224, "Square size the images are resized to.")
 flags.DEFINE_integer("batch_size", 32, "Batch size.")
 flags.DEFINE_integer("epochs", 3, "Epochs per row of ours (the first, then the later ones averaged).")
+flags.DEFINE_integer("repeats", 1, "Times every row is measured (interleaved); the figures are medians.")
 flags.DEFINE_list("caches", ["memory", "disk", "none"], "--cache modes measured.")
 flags.DEFINE_string("phone_cache", "auto", "--cache of the phone-photos row (auto: what a run gets by default).")
 flags.DEFINE_string("memory_limit", "2GB", "Largest in-memory cache measured (bytes or e.g. 2GB).")
@@ -77,14 +84,15 @@ def ours_row(folder: str, cache: str, image_size: int, batch_size: int, epochs: 
   config = Config().replace(data_dir=folder, cache=cache, validation_split=_VALIDATION_SPLIT,
                             batch_size=batch_size).data
   rss_before = _current_rss_bytes()
-  start = time.perf_counter()
+  start, cpu_start = time.perf_counter(), time.process_time()
   train = data.load(config, image_size, cache_root).train
   load_seconds = time.perf_counter() - start
-  seconds, count = [], 0
+  seconds, cpu_seconds, count = [], [], 0
   for epoch in range(epochs):
-    begin = time.perf_counter()
+    begin, cpu_begin = time.perf_counter(), time.process_time()
     count = _iterate(train.epoch(epoch).batch(batch_size).prefetch(tf.data.AUTOTUNE))
     seconds.append(time.perf_counter() - begin)
+    cpu_seconds.append(time.process_time() - (cpu_start if epoch == 0 else cpu_begin))
     if epoch == 0:
       memory_cache_bytes = _current_rss_bytes() - rss_before
   if train.cache.mode == "disk":
@@ -95,18 +103,32 @@ def ours_row(folder: str, cache: str, image_size: int, batch_size: int, epochs: 
   return {"images_per_epoch": count, "cache": train.cache.mode, "cache_reason": train.cache.reason,
           "first_epoch_images_per_sec": count / (load_seconds + seconds[0]),
           "later_epoch_images_per_sec": count * len(later) / sum(later) if later else None,
+          "first_epoch_cpu_us_per_image": cpu_seconds[0] / count * 1e6,
+          "later_epoch_cpu_us_per_image": sum(cpu_seconds[1:]) / (count * len(later)) * 1e6 if later else None,
           "peak_rss_bytes": _peak_rss_bytes(), "cache_bytes_per_image": cache_bytes / count,
           "load_seconds": load_seconds, "first_epoch_seconds_after_load": seconds[0]}
 
 
 def keras_row(folder: str, image_size: int, batch_size: int) -> dict:
   import keras
-  start = time.perf_counter()
+  start, cpu_start = time.perf_counter(), time.process_time()
   dataset = keras.utils.image_dataset_from_directory(folder, image_size=(image_size, image_size),
                                                      batch_size=batch_size, shuffle=True, seed=0, verbose=False)
   count = _iterate(dataset)
   return {"images_per_epoch": count, "first_epoch_images_per_sec": count / (time.perf_counter() - start),
+          "first_epoch_cpu_us_per_image": (time.process_time() - cpu_start) / count * 1e6,
           "peak_rss_bytes": _peak_rss_bytes()}
+
+
+def _median_row(measured: list[dict]) -> dict:
+  """One row of repeated measurements: the median of every figure, and the first epoch's single values."""
+  row = dict(measured[0])
+  for key, value in measured[0].items():
+    if isinstance(value, float) or key in ("peak_rss_bytes",):
+      values = [figures[key] for figures in measured if figures.get(key) is not None]
+      row[key] = statistics.median(values) if values else None
+  row["repeats"] = [figures["first_epoch_images_per_sec"] for figures in measured]
+  return row
 
 
 def _run_row(row: str, folder: str, images: int, cache: str = "none") -> dict:
@@ -144,11 +166,16 @@ def _targets(rows: list[dict], keras_rows: list[dict], phone: dict, image_size: 
     for mode in ("memory", "disk", "none"):
       mine = by.get((keras_figures["images"], mode))
       if mine:
-        targets[f"{mode}_first_epoch_over_image_dataset_from_directory_{keras_figures['images']}"] = (
-            mine["first_epoch_images_per_sec"] / keras_figures["first_epoch_images_per_sec"])
+        name = f"{mode}_first_epoch_over_image_dataset_from_directory_{keras_figures['images']}"
+        targets[name] = mine["first_epoch_images_per_sec"] / keras_figures["first_epoch_images_per_sec"]
+        # The same ratio in CPU per image (theirs / ours: above 1 means we spend less).
+        targets[f"{name}_in_cpu"] = (keras_figures["first_epoch_cpu_us_per_image"] /
+                                     mine["first_epoch_cpu_us_per_image"])
   if phone:
     targets["phone_photos_first_epoch_over_image_dataset_from_directory"] = (
         phone["ours_first_epoch_images_per_sec"] / phone["image_dataset_from_directory_images_per_sec"])
+    targets["phone_photos_first_epoch_over_image_dataset_from_directory_in_cpu"] = (
+        phone["image_dataset_from_directory_cpu_us_per_image"] / phone["ours_first_epoch_cpu_us_per_image"])
   return targets
 
 
@@ -170,24 +197,31 @@ def main(argv):
   for images in map(int, FLAGS.sizes):
     folder = synthetic.folder(os.path.join(FLAGS.root, f"photos_{images}"), images, *_PHOTO_SIZE)
     print(f"{images} photos of {_PHOTO_SIZE[0]}x{_PHOTO_SIZE[1]} at {size}x{size}:", flush=True)
-    for cache in FLAGS.caches:
-      if cache == "memory" and images * size * size * 3 > (config_checks.memory_budget(FLAGS.memory_limit) or 0):
-        print(f"  memory cache skipped: {images} images exceed --memory_limit={FLAGS.memory_limit}")
-        continue
-      rows.append(_run_row("ours", folder, images, cache))
-    keras_rows.append(_run_row("keras", folder, images))
+    caches = [cache for cache in FLAGS.caches
+              if cache != "memory" or images * size * size * 3 <= (config_checks.memory_budget(FLAGS.memory_limit) or 0)]
+    if len(caches) < len(FLAGS.caches):
+      print(f"  memory cache skipped: {images} images exceed --memory_limit={FLAGS.memory_limit}")
+    measured = [[_run_row("ours", folder, images, cache) for cache in caches] + [_run_row("keras", folder, images)]
+                for _ in range(FLAGS.repeats)]
+    rows += [_median_row(list(repeats)) for repeats in zip(*measured)][:-1]
+    keras_rows.append(_median_row([repeat[-1] for repeat in measured]))
   phone = {}
   if FLAGS.phone_photos:
     folder = synthetic.folder(os.path.join(FLAGS.root, f"phone_{FLAGS.phone_photos}"), FLAGS.phone_photos,
                               *_PHONE_SIZE, classes=2)
     print(f"{FLAGS.phone_photos} photos of {_PHONE_SIZE[0]}x{_PHONE_SIZE[1]} at {size}x{size}:", flush=True)
-    ours = _run_row("ours", folder, FLAGS.phone_photos, FLAGS.phone_cache)
-    keras_figures = _run_row("keras", folder, FLAGS.phone_photos)
+    measured = [(_run_row("ours", folder, FLAGS.phone_photos, FLAGS.phone_cache),
+                 _run_row("keras", folder, FLAGS.phone_photos)) for _ in range(FLAGS.repeats)]
+    ours, keras_figures = (_median_row([repeat[i] for repeat in measured]) for i in (0, 1))
     phone = {"images": FLAGS.phone_photos, "cache": ours["cache"],
              "ours_first_epoch_images_per_sec": ours["first_epoch_images_per_sec"],
              "ours_later_epoch_images_per_sec": ours["later_epoch_images_per_sec"],
              "ours_load_seconds": ours["load_seconds"],
-             "image_dataset_from_directory_images_per_sec": keras_figures["first_epoch_images_per_sec"]}
+             "ours_first_epoch_cpu_us_per_image": ours["first_epoch_cpu_us_per_image"],
+             "ours_repeats": ours["repeats"],
+             "image_dataset_from_directory_images_per_sec": keras_figures["first_epoch_images_per_sec"],
+             "image_dataset_from_directory_cpu_us_per_image": keras_figures["first_epoch_cpu_us_per_image"],
+             "image_dataset_from_directory_repeats": keras_figures["repeats"]}
   figures = {"image_size": size, "rows": rows, "image_dataset_from_directory": keras_rows, "phone_photos": phone,
              "targets": _targets(rows, keras_rows, phone, size), "load_average_at_end": os.getloadavg()[0]}
   print(json.dumps(figures["targets"], indent=2))
