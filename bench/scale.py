@@ -15,7 +15,9 @@ ru_maxrss) is that of the input pipeline alone, measured the same way for every 
   *_cpu_us_per_image           the process's CPU time (user + system, every thread) per image over the same
                                span: on this shared VM the wall-clock figures move by up to 2x between minutes
                                (the host lends fewer cores), the CPU per image much less
-`image_dataset_from_directory` rows make one pass (it has no cache). Memory rows are left out where the decoded
+`image_dataset_from_directory` rows make one pass (it has no cache). The phone photos also get a decode floor:
+the CPU per image of `decode_jpeg(ratio=8)` alone against a full decode + resize, which bounds the first epoch's
+speed-up over image_dataset_from_directory there. Memory rows are left out where the decoded
 images would exceed --memory_limit. A row prints its figures as one JSON line; the parent collects them.
 --repeats=N measures every row N times, interleaved (all rows of a size, then again), and reports each figure's
 median (the single values of the first epoch's images/s beside it).
@@ -50,7 +52,8 @@ flags.DEFINE_string("root", os.path.join(tempfile.gettempdir(), "bench_scale"), 
                     "(kept for the next run) and of the disk caches (removed after each row).")
 flags.DEFINE_string("json", "", "Also write the figures to this JSON file.")
 # One row, in the child process.
-flags.DEFINE_enum("row", "", ["", "ours", "keras"], "Internal: measure one row in this process and print it.")
+flags.DEFINE_enum("row", "", ["", "ours", "keras", "floor"],
+                  "Internal: measure one row in this process and print it.")
 flags.DEFINE_string("data_dir", "", "Internal: the row's folder.")
 flags.DEFINE_string("cache", "none", "Internal: the row's --cache.")
 FLAGS = flags.FLAGS
@@ -120,6 +123,30 @@ def keras_row(folder: str, image_size: int, batch_size: int) -> dict:
           "peak_rss_bytes": _peak_rss_bytes()}
 
 
+def decode_floor_row(folder: str, image_size: int) -> dict:
+  """CPU per image of the least any decode of these JPEGs can do (`decode_jpeg(ratio=8)`, no resize: libjpeg
+  still entropy-decodes every byte) and of image_dataset_from_directory's per-image work (decode in full, resize):
+  their ratio bounds how much faster than it a first epoch of DCT-domain decoding can be, on this machine."""
+  import tensorflow as tf
+  paths = sorted(glob.glob(os.path.join(folder, "*", "*.jpg")))
+  decoders = {
+      "ratio_8_decode": lambda data: tf.io.decode_jpeg(data, channels=3, ratio=8),
+      "full_decode_and_resize": lambda data: tf.image.resize(tf.io.decode_image(data, channels=3,
+                                                                                expand_animations=False),
+                                                             (image_size, image_size))}
+  figures = {}
+  for name, decode in decoders.items():
+    dataset = tf.data.Dataset.from_tensor_slices(paths).map(lambda path: tf.shape(decode(tf.io.read_file(path))),
+                                                            num_parallel_calls=tf.data.AUTOTUNE)
+    _iterate(dataset.batch(8))  # Traced and warm.
+    cpu_start = time.process_time()
+    _iterate(dataset.batch(8))
+    figures[f"{name}_cpu_us_per_image"] = (time.process_time() - cpu_start) / len(paths) * 1e6
+  figures["bound_on_first_epoch_over_image_dataset_from_directory"] = (
+      figures["full_decode_and_resize_cpu_us_per_image"] / figures["ratio_8_decode_cpu_us_per_image"])
+  return figures
+
+
 def _median_row(measured: list[dict]) -> dict:
   """One row of repeated measurements: the median of every figure, and the first epoch's single values."""
   row = dict(measured[0])
@@ -176,6 +203,8 @@ def _targets(rows: list[dict], keras_rows: list[dict], phone: dict, image_size: 
         phone["ours_first_epoch_images_per_sec"] / phone["image_dataset_from_directory_images_per_sec"])
     targets["phone_photos_first_epoch_over_image_dataset_from_directory_in_cpu"] = (
         phone["image_dataset_from_directory_cpu_us_per_image"] / phone["ours_first_epoch_cpu_us_per_image"])
+    targets["phone_photos_bound_from_ratio_8_decoding_in_cpu"] = (
+        phone["decode_floor"]["bound_on_first_epoch_over_image_dataset_from_directory"])
   return targets
 
 
@@ -185,6 +214,8 @@ def main(argv):
     cache_root = tempfile.mkdtemp(dir=FLAGS.root, prefix="cache_")
     if FLAGS.row == "ours":
       figures = ours_row(FLAGS.data_dir, FLAGS.cache, FLAGS.image_size, FLAGS.batch_size, FLAGS.epochs, cache_root)
+    elif FLAGS.row == "floor":
+      figures = decode_floor_row(FLAGS.data_dir, FLAGS.image_size)
     else:
       figures = keras_row(FLAGS.data_dir, FLAGS.image_size, FLAGS.batch_size)
     shutil.rmtree(cache_root)
@@ -221,7 +252,8 @@ def main(argv):
              "ours_repeats": ours["repeats"],
              "image_dataset_from_directory_images_per_sec": keras_figures["first_epoch_images_per_sec"],
              "image_dataset_from_directory_cpu_us_per_image": keras_figures["first_epoch_cpu_us_per_image"],
-             "image_dataset_from_directory_repeats": keras_figures["repeats"]}
+             "image_dataset_from_directory_repeats": keras_figures["repeats"],
+             "decode_floor": _run_row("floor", folder, FLAGS.phone_photos)}
   figures = {"image_size": size, "rows": rows, "image_dataset_from_directory": keras_rows, "phone_photos": phone,
              "targets": _targets(rows, keras_rows, phone, size), "load_average_at_end": os.getloadavg()[0]}
   print(json.dumps(figures["targets"], indent=2))
