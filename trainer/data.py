@@ -235,7 +235,8 @@ def _filled_cache(usable: list[tuple[str, int]], image_size: int, cache: CacheCh
   for position, (path, _) in enumerate(usable):
     if position not in good:
       unreadable[path] = data_checks.check_file(path, max_pixels=2**62)[0] or "cannot be decoded"
-  return decoded.map(_plain_graph(lambda image, position: image)), [item for position, item in enumerate(usable) if position in good]
+  kept = [item for position, item in enumerate(usable) if position in good]
+  return decoded.map(_plain_graph(lambda image, position: image)), kept
 
 
 def _cached_examples(listed: _SplitList, padded: tf.data.Dataset, cache: CacheChoice, budget: int,

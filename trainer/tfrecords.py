@@ -4,7 +4,8 @@ optional `image/class/text` for class names), the keys of TFDS and the TF Model 
 `scan` reads every shard once before training: it counts the records, collects the labels and class names, and
 finds the records that cannot be used, like the checks of image files: a shard that is truncated or corrupted
 (its records from there on cannot be read), a record that is not such an Example, an image that does not decode
-(unless the scan leaves decoding to the first epoch: `decode=False`), a negative label. Those are skipped with one warning naming the shards (or refused with --strict_data).
+(unless the scan leaves decoding to the first epoch: `decode=False`), a negative label. Those are skipped with
+one warning naming the shards (or refused with --strict_data).
 `dataset` then streams the usable records as (encoded image bytes, int32 label), shards split across input
 pipelines by file.
 """
@@ -66,7 +67,8 @@ def scan(glob: str, strict: bool = False, image_size: int | None = None, flag: s
   first epoch, and names a record that fails then by `record_names`).
 
   image_size: decode the images as training will (`images.load` at this size) rather than at the cheapest scale
-  that fails alike (`images.check`). strict: refuse unusable records (--strict_data) instead of skipping them with a warning.
+  that fails alike (`images.check`). strict: refuse unusable records (--strict_data) instead of skipping them
+  with a warning.
   """
   paths = shard_paths(glob, flag)
   readable, skipped = [], {}
