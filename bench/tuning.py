@@ -51,7 +51,7 @@ def frozen_head(cache, config: Config, values: dict, seed: int) -> dict:
   rate. Returns the val accuracy and the accuracy on the last epoch's training view."""
   head = tuning.HeadHyperModel(cache.train_features.shape[-1], cache.head.output.shape[-1], seed).build(values)
   for epoch in range(config.train.frozen_epochs):
-    head.fit(cache.train_batches(epoch, config.data.batch_size, shuffle_seed=seed + epoch, deterministic=False),
+    head.fit(cache.train_batches(epoch, config.data.batch_size, shuffle_seed=seed + epoch),
              verbose=0)
   last_view = cache.train_features[(config.train.frozen_epochs - 1) % cache.views]
   return {"val_accuracy": _accuracy(head, cache.val_features, cache.val_labels),

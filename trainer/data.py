@@ -525,10 +525,8 @@ def _digest(lines: Sequence[str]) -> str:
 # Batches, labels and samples ------------------------------------------------------------------------------------
 
 
-def batches(decoded: tf.data.Dataset, batch_size: int, shuffle_seed: int | None = None,
-            deterministic: bool = True) -> tf.data.Dataset:
+def batches(decoded: tf.data.Dataset, batch_size: int, shuffle_seed: int | None = None) -> tf.data.Dataset:
   """Batches of an unbatched dataset held in memory (features, `Examples.images`); shuffled when seeded."""
-  del deterministic  # Every pipeline keeps its order now; kept for callers.
   dataset = decoded
   if shuffle_seed is not None:
     dataset = dataset.shuffle(buffer_size=_MAX_SHUFFLE_BUFFER, seed=shuffle_seed, reshuffle_each_iteration=False)

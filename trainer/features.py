@@ -112,10 +112,10 @@ class FeatureCache:
   def views(self) -> int:
     return len(self.train_features)
 
-  def train_batches(self, epoch: int, batch_size: int, shuffle_seed: int, deterministic: bool) -> tf.data.Dataset:
+  def train_batches(self, epoch: int, batch_size: int, shuffle_seed: int) -> tf.data.Dataset:
     """Epoch `epoch`'s batches: view epoch mod K, shuffled exactly like `data.batches` shuffles the images."""
     examples = tf.data.Dataset.from_tensor_slices((self.train_features[epoch % self.views], self.train_labels))
-    return data.batches(examples, batch_size, shuffle_seed=shuffle_seed, deterministic=deterministic)
+    return data.batches(examples, batch_size, shuffle_seed=shuffle_seed)
 
   def val_batches(self, batch_size: int) -> tf.data.Dataset:
     return data.batches(tf.data.Dataset.from_tensor_slices((self.val_features, self.val_labels)), batch_size)
