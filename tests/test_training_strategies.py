@@ -32,22 +32,28 @@ def _logged_ids(folder) -> dict[int, list[int]]:
   return by_epoch
 
 
-@pytest.mark.parametrize("strategy", ["default", "mirrored"])
+@pytest.mark.parametrize("strategy,cache", [("default", "auto"), ("mirrored", "auto"), ("mirrored", "none")])
 def test_every_example_is_trained_on_once_per_epoch_with_the_defaults_randomness(
-    strategy, tmp_path, random_mobilenet_025_weights):
+    strategy, cache, tmp_path, random_mobilenet_025_weights):
   # 3 x 5 images with a validation share: 12 training images in global batches of 8 leave a partial last batch,
   # which mirrored pads (weight 0) so that both replicas get whole batches.
   data_dir = write_color_dataset(tmp_path / "colors", 5)
+  broken = data_dir / "red" / "red_0.jpg"
+  if cache == "none":  # Decoded in the epochs: it becomes a stand-in of weight 0, never trained on.
+    broken.write_bytes(b"not a photo")
   config = tiny_run(random_mobilenet_025_weights, data_dir=str(data_dir), strategy=strategy, batch_size=8,
-                    frozen_epochs=2, finetune_epochs=1, example_log=str(tmp_path / "ids"))
+                    frozen_epochs=2, finetune_epochs=1, example_log=str(tmp_path / "ids"), cache=cache)
   assert (config.train.augment, config.model.dropout, config.data.deterministic) == ("light", 0.2, False)
   run = _train(config, tmp_path / "run")
   assert run.plan.num_replicas == (2 if strategy == "mirrored" else 1)
-  total = len(run.inputs.train.all_labels)
+  expected = set(range(len(run.inputs.train.all_labels)))
+  if cache == "none":
+    assert list(run.inputs.skipped) == [str(broken)] and str(broken) in run.inputs.train.paths
+    expected -= {run.inputs.train.ids[run.inputs.train.paths.index(str(broken))]}
   seen = _logged_ids(tmp_path / "ids")
   assert sorted(seen) == [1, 2, 3]
   for epoch, ids in seen.items():
-    assert sorted(ids) == list(range(total)), (epoch, sorted(ids))
+    assert sorted(ids) == sorted(expected), (epoch, sorted(ids))
   history = json.loads((tmp_path / "run" / "report" / "history.json").read_text())
   assert [r["phase"] for r in history] == ["frozen", "frozen", "finetune"]
 

@@ -93,8 +93,14 @@ class Examples:
 
   @property
   def images(self) -> tf.data.Dataset:
+    return self.images_with_ids.map(_plain_graph(lambda image, label, index: (image, label)))
+
+  @property
+  def images_with_ids(self) -> tf.data.Dataset:
+    """(float32 image, label, id) of the real examples in order: without a cache, a file found undecodable is
+    not among them, so whatever is computed from them (features) keeps the ids it was computed for."""
     real = self.epoch(None).filter(_plain_graph(lambda image, label, weight, index: weight > 0))
-    return real.map(_plain_graph(lambda image, label, weight, index: (tf.cast(image, tf.float32), label)))
+    return real.map(_plain_graph(lambda image, label, weight, index: (tf.cast(image, tf.float32), label, index)))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -59,8 +59,12 @@ def check_file(path: str, max_pixels: int, decode: bool = True) -> tuple[str | N
 
 
 def _decoder_message(error: tf.errors.OpError) -> str:
-  """The decoder's own words, without TensorFlow's function and op decorations."""
-  message = re.sub(r"\{\{.*?\}\}|\[Op:.*", "", error.message.splitlines()[0])
+  """The decoder's own words, without TensorFlow's function and op decorations. Called where a graph runs (a
+  tf.data thread), the error starts "Graph execution error:" and a traceback; the words are the line after it."""
+  lines = [line for line in error.message.splitlines() if line.strip()]
+  if lines[0].startswith("Graph execution error") and len(lines) > 1:
+    lines = [line for line in lines[1:] if not line.startswith((" ", "\t", "Detected at node"))] or lines
+  message = re.sub(r"\{\{.*?\}\}|\[Op:.*", "", lines[0])
   return message.strip().rstrip(".")
 
 

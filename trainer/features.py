@@ -21,7 +21,8 @@ API, also for hyper-parameter search on cached features:
   load_or_extract(model, train_images, val_images, batch_size, augmenter, views, cache_dir, key) -> FeatureCache
 
 `images` is an unbatched tf.data.Dataset of (float32 image [S, S, 3] in 0..255, int32 label), as in
-`trainer.data.Examples.images`.
+`trainer.data.Examples.images`; a FeatureCache given (image, label, id), as `Examples.images_with_ids`, also keeps
+the ids (`train_ids`, `val_ids`: which example each row is; None without them).
 """
 
 import dataclasses
@@ -40,6 +41,8 @@ from trainer.config import Config
 # The layer of the classifier (trainer.model.build_classifier) whose output the head starts from.
 POOL_LAYER = "pool"
 _ARRAYS = ("train_features", "train_labels", "val_features", "val_labels")
+# The examples' ids (trainer.data), kept when the images came with them: which examples the rows are.
+_ID_ARRAYS = ("train_ids", "val_ids")
 
 
 def feature_model(model: keras.Model) -> keras.Model:
@@ -60,6 +63,12 @@ def head_of(model: keras.Model) -> keras.Model:
 def extract_views(model: keras.Model, images: tf.data.Dataset, batch_size: int,
                   augmenter: keras.Layer | None = None, views: int = 1) -> tuple[np.ndarray, np.ndarray]:
   """Features of every image in dataset order: [views, N, D] (view v: the v-th augmented pass), and labels [N]."""
+  return _extract(model, images, batch_size, augmenter, views)[:2]
+
+
+def _extract(model: keras.Model, images: tf.data.Dataset, batch_size: int, augmenter: keras.Layer | None = None,
+             views: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+  """`extract_views`, and the ids [N] when the elements are (image, label, id) (else None)."""
   features_of = feature_model(model)
 
   @tf.function(reduce_retracing=True)
@@ -69,15 +78,17 @@ def extract_views(model: keras.Model, images: tf.data.Dataset, batch_size: int,
     return features_of(batch, training=False)
 
   batches = images.batch(batch_size).prefetch(tf.data.AUTOTUNE)
-  passes, labels = [], None
+  passes, labels, ids = [], None, None
   for _ in range(views if augmenter is not None else 1):
-    outputs, pass_labels = [], []
-    for batch, batch_labels in batches:
-      outputs.append(compute(batch).numpy())
-      pass_labels.append(batch_labels.numpy())
+    outputs, pass_labels, pass_ids = [], [], []
+    for batch in batches:
+      outputs.append(compute(batch[0]).numpy())
+      pass_labels.append(batch[1].numpy())
+      pass_ids += [batch[2].numpy()] if len(batch) > 2 else []
     passes.append(np.concatenate(outputs).astype(np.float32))
     labels = np.concatenate(pass_labels).astype(np.int32)
-  return np.stack(passes), labels
+    ids = np.concatenate(pass_ids).astype(np.int64) if pass_ids else None
+  return np.stack(passes), labels, ids
 
 
 def extract(model: keras.Model, images: tf.data.Dataset, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -100,13 +111,17 @@ class FeatureCache:
       with np.load(path) as stored:
         self.train_features, self.train_labels, self.val_features, self.val_labels = (
             stored[name] for name in _ARRAYS)
+        self.train_ids, self.val_ids = (stored[name] if name in stored else None for name in _ID_ARRAYS)
       logging.info("Read the cached features of %d training images (%d views) from %s.",
                    len(self.train_labels), self.views, path)
       return
-    self.train_features, self.train_labels = extract_views(model, train_images, batch_size, augmenter, views)
-    self.val_features, self.val_labels = extract(model, val_images, batch_size)
+    self.train_features, self.train_labels, self.train_ids = _extract(model, train_images, batch_size, augmenter,
+                                                                      views)
+    val_features, self.val_labels, self.val_ids = _extract(model, val_images, batch_size)
+    self.val_features = val_features[0]
     if path:
-      _save_arrays(path, {name: getattr(self, name) for name in _ARRAYS})
+      _save_arrays(path, {name: getattr(self, name) for name in _ARRAYS + _ID_ARRAYS
+                          if getattr(self, name) is not None})
 
   @property
   def views(self) -> int:
@@ -133,7 +148,8 @@ def cache_key(config: Config, data_identity: str, dtype_policy: str) -> str:
            "alpha": config.model.alpha, "image_size": config.data.image_size,
            "feature_layer": config.model.feature_layer, "augment": dataclasses.asdict(factors),
            "views": config.train.feature_views if factors.any() else 1, "seed": config.data.seed,
-           "batch_size": config.data.batch_size, "dtype_policy": dtype_policy}
+           "batch_size": config.data.batch_size, "dtype_policy": dtype_policy,
+           "format": 2}  # 2: the files hold the examples' ids.
   return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 

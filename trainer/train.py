@@ -474,8 +474,8 @@ class _SharedFeatures:
 
   def __init__(self, cache, train: data.Examples, val: data.Examples):
     self.head = cache.head
-    self._train = _padded_arrays(cache.train_features, cache.train_labels, train)
-    self._val = _padded_arrays(cache.val_features[np.newaxis], cache.val_labels, val)
+    self._train = _padded_arrays(cache.train_features, cache.train_labels, cache.train_ids, train)
+    self._val = _padded_arrays(cache.val_features[np.newaxis], cache.val_labels, cache.val_ids, val)
 
   def train_share(self, epoch: int, seed: int) -> tf.data.Dataset:
     views, labels, weights, ids = self._train
@@ -487,20 +487,23 @@ class _SharedFeatures:
     return tf.data.Dataset.from_tensor_slices((views[0], labels, weights, ids))
 
 
-def _padded_arrays(views: np.ndarray, labels: np.ndarray, examples: data.Examples):
-  """[views, N, D] features of the share's real examples -> padded to the share's length with weight 0."""
+def _padded_arrays(views: np.ndarray, labels: np.ndarray, ids: np.ndarray, examples: data.Examples):
+  """[views, N, D] features of the share's real examples (ids [N]: which ones; without a cache, a file found
+  undecodable is not among them) -> padded to the share's length with weight 0."""
   count, length = len(labels), examples.padded_length
+  if ids is None and count != len(examples):
+    raise RuntimeError(f"{count} cached features without ids for {len(examples)} examples: which is which is unknown.")
   order = np.concatenate([np.arange(count), np.resize(np.arange(count), max(length - count, 0))]).astype(int)
   weights = np.concatenate([np.ones(count, np.float32), np.zeros(max(length - count, 0), np.float32)])
-  ids = np.asarray(examples.ids, np.int64)[order]
-  return views[:, order], np.asarray(labels, np.int32)[order], weights, ids
+  ids = np.asarray(examples.ids if ids is None else ids, np.int64)
+  return views[:, order], np.asarray(labels, np.int32)[order], weights, ids[order]
 
 
 def _feature_cache(run: Run) -> _SharedFeatures:
   """The frozen backbone's features of this worker's share, read from the run's cache when a run (or its --tune
   search) already extracted them."""
   config = run.config
-  cache = features.load_or_extract(run.trainer.model, run.inputs.train.images, run.inputs.val.images,
+  cache = features.load_or_extract(run.trainer.model, run.inputs.train.images_with_ids, run.inputs.val.images_with_ids,
                                    config.data.batch_size, augment.build(config.train, config.data.seed),
                                    config.train.feature_views,
                                    features.folder(config.data.cache_dir,

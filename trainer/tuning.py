@@ -113,9 +113,9 @@ def cached_features(config: Config, workdir: str, inputs: data.InputData | None 
   classifier = model_lib.build_classifier(config.model, len(inputs.classes), config.data.image_size,
                                           config.data.seed)
   key = features.cache_key(config, inputs.identity, keras.config.dtype_policy().name)
-  return features.load_or_extract(classifier, inputs.train.images, inputs.val.images, config.data.batch_size,
-                                   augment.build(config.train, config.data.seed), config.train.feature_views,
-                                   features.folder(config.data.cache_dir, cache_dir), key)
+  return features.load_or_extract(classifier, inputs.train.images_with_ids, inputs.val.images_with_ids,
+                                   config.data.batch_size, augment.build(config.train, config.data.seed),
+                                   config.train.feature_views, features.folder(config.data.cache_dir, cache_dir), key)
 
 
 class HeadHyperModel:
