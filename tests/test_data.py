@@ -322,6 +322,10 @@ def test_without_a_cache_an_undecodable_file_becomes_a_stand_in_of_weight_0_and_
   assert len([r for r in caplog.records if broken in r.getMessage()]) == 1  # Warned once over two epochs.
   assert len(list(split.images)) == len(split) - 1  # Extraction and evaluation see the real examples only.
   assert broken not in data.sample_files(split, str(tmp_path / "samples"), len(split))
+  # Features extracted by an earlier process lack the example: training names it from their ids.
+  again = _load(tmp_path, data_dir=str(color_folder), cache="none", validation_split=0.34)
+  (again.train if broken in again.train.paths else again.val).note_undecodable([broken_id])
+  assert list(again.skipped) == [broken] and "Unknown image file format" in again.skipped[broken]
 
 
 def test_a_data_service_decodes_the_share_and_gives_every_example_once(color_folder, tmp_path, monkeypatch):

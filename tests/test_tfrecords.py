@@ -114,6 +114,14 @@ def test_training_decodes_each_record_once_and_names_the_one_that_fails_when_an_
   assert list(inputs.skipped) == [f"{shard} record 1"] and "cannot be decoded" in inputs.skipped[f"{shard} record 1"]
   with pytest.raises(UserInputError, match="1 TFRecord record.*--strict_data"):
     data.load(Config().replace(**given, strict_data=True).data, 8)
+  # A disk cache holds the stand-in: a later process that reuses the cache names the record too.
+  for _ in range(2):
+    cached = data.load(Config().replace(**{**given, "cache": "disk"}).data, 8, str(tmp_path / "cache"))
+    assert cached.train.cache.mode == "disk" and not cached.skipped
+    list(cached.train.epoch(2))
+    assert list(cached.skipped) == [f"{shard} record 1"]
+  # One cache file (the training split's), filled by the first load and read by the second.
+  assert len([name for name in os.listdir(tmp_path / "cache") if name.endswith(".index")]) == 1
 
 
 def test_records_whose_header_exceeds_max_image_pixels_are_skipped_before_decoding(tmp_path, monkeypatch):

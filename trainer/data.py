@@ -11,9 +11,10 @@ An element is (uint8 image [S, S, 3], int32 label, float32 weight (1 real, 0 pad
 decoded by `images.load`, the function the serving graph uses, so training and serving see the same pixels.
 Decoding keeps the list's order, so an epoch's seeded shuffle is the same permutation in every process: a run
 stopped mid-epoch replays the same batches. Before anything is decoded every file's header and content hash are
-read (`trainer.data_checks`). Each file is decoded once in a first epoch: filling a cache drops the files that
-fail to decode; without one, such a file becomes a stand-in of weight 0 (`_decode_or_stand_in`). Either way it is
-warned about and listed in the report (--strict_data: refused before training).
+read (`trainer.data_checks`). Each file is decoded once in a first epoch: filling the cache of a folder or CSV
+source drops the files that fail to decode; otherwise such an item becomes a stand-in of weight 0
+(`_decode_or_stand_in`). Either way it is warned about and listed in the report (--strict_data: refused before
+training).
 
 Data never imports the model: preprocessing for the backbone and augmentation happen in the model and the train
 step.
@@ -75,10 +76,13 @@ class CacheChoice:
 class Examples:
   """One split as this worker sees it.
 
-  labels, paths, ids: this worker's real examples in order (paths only for file sources). all_labels: every
-  example of the split over all workers. `epoch(seed)` gives this worker's padded share, shuffled by the seed
-  (in order for None), as elements (uint8 image, label, weight, id); `images` its real examples in order as
-  (float32 image in 0..255, label), for extraction and evaluation.
+  labels, paths, ids: this worker's examples in order (paths only for file sources); without a cache (or with
+  --data_service, or a TFRecord or TFDS source) they include the items no epoch has yet found undecodable.
+  all_labels: every example of the split over all workers. `epoch(seed)` gives this worker's padded share,
+  shuffled by the seed (in order for None), as elements (uint8 image, label, weight, id), an undecodable item as
+  a stand-in of weight 0 and id -1 - id; `images` its real examples in order as (float32 image in 0..255, label),
+  for extraction and evaluation (`images_with_ids` with their ids). `note_undecodable(ids)`: examples found
+  undecodable elsewhere (features extracted by an earlier process) are named like those an epoch meets.
   """
   labels: tuple[int, ...]
   all_labels: tuple[int, ...]
@@ -87,9 +91,15 @@ class Examples:
   cache: CacheChoice
   epoch: Callable[[int | None], tf.data.Dataset]
   paths: tuple[str, ...] | None = None
+  failures: "_DecodeFailures | None" = None
 
   def __len__(self) -> int:
     return len(self.labels)
+
+  def note_undecodable(self, ids) -> None:
+    for index in ids:
+      if self.failures is not None:
+        self.failures.record(int(index))
 
   @property
   def images(self) -> tf.data.Dataset:
@@ -246,14 +256,17 @@ def _filled_cache(usable: list[tuple[str, int]], image_size: int, cache: CacheCh
 
 
 def _cached_examples(listed: _SplitList, padded: tf.data.Dataset, cache: CacheChoice, budget: int,
-                     image_size: int) -> Examples:
-  """Examples of a split whose decoded images are cached: each epoch a seeded shuffle of `padded`."""
+                     image_size: int, failures: "_DecodeFailures | None" = None) -> Examples:
+  """Examples of a split whose decoded images are cached: each epoch a seeded shuffle of `padded`. With
+  `failures`, its stand-ins are recorded as they pass in every epoch: a cache filled by an earlier process holds
+  them too."""
   buffer = listed.padded_length if cache.mode == "memory" else _bounded_buffer(listed.padded_length, budget, image_size)
 
   def epoch(seed):
     shuffled = padded if seed is None else padded.shuffle(max(buffer, 1), seed=seed, reshuffle_each_iteration=False)
-    return _with_options(shuffled)
-  return Examples(listed.labels, listed.all_labels, listed.ids, listed.padded_length, cache, epoch, listed.paths)
+    return _with_options(failures.recorded(shuffled) if failures else shuffled)
+  return Examples(listed.labels, listed.all_labels, listed.ids, listed.padded_length, cache, epoch, listed.paths,
+                  failures)
 
 
 def _budget_left(budget: int, examples: Examples, image_size: int) -> int:
@@ -379,7 +392,7 @@ def _decoded(split: _SplitList, image_size: int, config: DataConfig, budget: int
       # consumer, receives every element once (in the order they finish, so resumes are not bit-exact).
       decoded = data_service.distribute(decoded, config.data_service,
                                         job_name=f"transfer-trainer-{uuid.uuid4().hex}")
-    return failures.recorded(decoded) if failures else decoded
+    return decoded
 
   if cache.mode == "none":
     # Shuffle what is cheap to hold (file names), then decode; records are shuffled in a bounded buffer.
@@ -388,9 +401,11 @@ def _decoded(split: _SplitList, image_size: int, config: DataConfig, budget: int
     def epoch(seed):
       encoded = split.encoded if seed is None else split.encoded.shuffle(max(buffer, 1), seed=seed,
                                                                           reshuffle_each_iteration=False)
-      return _with_options(decode(encoded))
-    return Examples(split.labels, split.all_labels, split.ids, split.padded_length, cache, epoch, split.paths)
-  return _cached_examples(split, _cached(decode(split.encoded), cache), cache, budget, image_size)
+      decoded = decode(encoded)
+      return _with_options(failures.recorded(decoded) if failures else decoded)
+    return Examples(split.labels, split.all_labels, split.ids, split.padded_length, cache, epoch, split.paths,
+                    failures)
+  return _cached_examples(split, _cached(decode(split.encoded), cache), cache, budget, image_size, failures)
 
 
 def _decode_or_stand_in(encoded: tf.data.Dataset, image_size: int, items_are_paths: bool) -> tf.data.Dataset:
@@ -435,21 +450,30 @@ class _DecodeFailures:
   def recorded(self, decoded: tf.data.Dataset) -> tf.data.Dataset:
     """`decoded`, its stand-ins recorded as they pass (here, in the trainer: not on a tf.data service)."""
     def record(image, label, weight, index):
-      index = tf.cond(index < 0, lambda: tf.py_function(self._record, [index], tf.int64), lambda: index)
-      return image, label, weight, index
+      def stand_in():
+        recorded = tf.py_function(self._record_stand_in, [index], tf.int64)
+        recorded.set_shape([])
+        return recorded
+      return image, label, weight, tf.cond(index < 0, stand_in, lambda: index)
     return decoded.map(_plain_graph(record))
 
-  def _record(self, stand_in_id: tf.Tensor) -> tf.Tensor:
-    index = -1 - int(stand_in_id)
+  def _record_stand_in(self, stand_in_id: tf.Tensor) -> tf.Tensor:
+    self.record(-1 - int(stand_in_id))
+    return stand_in_id
+
+  def record(self, index: int) -> None:
+    """Names example `index` as undecodable, once."""
     name = self._names_by_id.get(index) or f"{self._kind} record {index}"
     with self._lock:
       if name in self._skipped:
-        return stand_in_id
-      why = data_checks.check_file(name, max_pixels=2**62)[0] if self._files else None
-      self._skipped[name] = why or "its image cannot be decoded"
+        return
+      self._skipped[name] = "its image cannot be decoded"  # Claimed: another thread does not check it again.
+    if self._files:
+      why = data_checks.check_file(name, max_pixels=2**62)[0]
+      # A read that failed once (ignore_errors drops any error) may succeed when checked again.
+      self._skipped[name] = why or "could not be read or decoded in an epoch (it reads when checked again)"
     logging.warning("Skipping %s: %s. Found while decoding it: it weighs nothing in this run (all skipped files "
                     "are listed in report/metrics.json).", name, self._skipped[name])
-    return stand_in_id
 
 
 def _cached(decoded: tf.data.Dataset, cache: CacheChoice) -> tf.data.Dataset:

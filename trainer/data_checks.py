@@ -1,9 +1,11 @@
-"""Checks of every image file before training starts: can it be decoded, and is it in both train and val.
+"""Checks of every image file before training starts: can it be used, and is it in both train and val.
 
-Every file is read once, in parallel threads (TensorFlow's decoders release the GIL): its header is checked for
-absurd sizes (decompression bombs) before anything is decoded, then it is decoded by `images.check` (the decode
-path training and serving use, a JPEG at 1/8 scale), so a file that passes here decodes in the pipeline too. Its
-content hash finds the same image in train and validation (data leakage) whatever the file names.
+Every file is read once, in parallel threads: its header is checked for absurd sizes (decompression bombs) before
+anything is decoded, and its content hash finds the same image in train and validation (data leakage) whatever
+the file names. The files asked for (`scan(decode=...)`: with --strict_data, and for a file found undecodable, its
+message) are also decoded by `images.check` (the decode path training and serving use, a JPEG at 1/8 scale), so
+a file that passes it decodes in the pipeline too. The others are decoded once, in the first epoch
+(trainer.data), which skips and names the ones that fail.
 """
 
 import concurrent.futures
@@ -33,7 +35,7 @@ class ScanResult:
 
 def check_file(path: str, max_pixels: int, decode: bool = True) -> tuple[str | None, str | None]:
   """(why the file cannot be used or None, sha256 of its bytes or None). decode=False checks the header only:
-  for files that the pipeline decodes next anyway (trainer.data fills its cache and drops what fails there)."""
+  for files that the pipeline decodes next anyway (trainer.data skips and names what fails there)."""
   try:
     with open(path, "rb") as f:
       content = f.read()
@@ -61,9 +63,9 @@ def check_file(path: str, max_pixels: int, decode: bool = True) -> tuple[str | N
 def _decoder_message(error: tf.errors.OpError) -> str:
   """The decoder's own words, without TensorFlow's function and op decorations. Called where a graph runs (a
   tf.data thread), the error starts "Graph execution error:" and a traceback; the words are the line after it."""
-  lines = [line for line in error.message.splitlines() if line.strip()]
+  lines = [line for line in error.message.splitlines() if line.strip()] or ["unknown error"]
   if lines[0].startswith("Graph execution error") and len(lines) > 1:
-    lines = [line for line in lines[1:] if not line.startswith((" ", "\t", "Detected at node"))] or lines
+    lines = [line for line in lines[1:] if not line.startswith((" ", "\t", "<", "Detected at node"))] or lines
   message = re.sub(r"\{\{.*?\}\}|\[Op:.*", "", lines[0])
   return message.strip().rstrip(".")
 

@@ -87,7 +87,10 @@ def _extract(model: keras.Model, images: tf.data.Dataset, batch_size: int, augme
       pass_ids += [batch[2].numpy()] if len(batch) > 2 else []
     passes.append(np.concatenate(outputs).astype(np.float32))
     labels = np.concatenate(pass_labels).astype(np.int32)
-    ids = np.concatenate(pass_ids).astype(np.int64) if pass_ids else None
+    pass_ids = np.concatenate(pass_ids).astype(np.int64) if pass_ids else None
+    if ids is not None and not np.array_equal(ids, pass_ids):  # A file that read in one pass and not in another.
+      raise RuntimeError("The augmented feature passes saw different examples; extract again.")
+    ids = pass_ids
   return np.stack(passes), labels, ids
 
 

@@ -510,6 +510,9 @@ def _feature_cache(run: Run) -> _SharedFeatures:
                                                    os.path.join(distribute.write_dir(run.workdir, run.strategy),
                                                                 "cache")),
                                    features.cache_key(config, run.inputs.identity, run.policy))
+  for examples, ids in ((run.inputs.train, cache.train_ids), (run.inputs.val, cache.val_ids)):
+    # Features read from a file: the examples that did not decode when they were extracted are named here too.
+    examples.note_undecodable(sorted(set(examples.ids) - set(ids.tolist())))
   return _SharedFeatures(cache, run.inputs.train, run.inputs.val)
 
 
