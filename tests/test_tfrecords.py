@@ -90,6 +90,8 @@ def test_undecodable_unparseable_and_unlabelled_records_are_skipped_counted_and_
   assert "cannot be decoded" in scanned.skipped[f"{shard} record 1"]
   assert "not a tf.train.Example" in scanned.skipped[f"{shard} record 2"]
   assert "label -1" in scanned.skipped[f"{shard} record 3"]
+  assert [tfrecords.record_name(scanned, position) for position in (0, 1)] == [f"{shard} record 0",
+                                                                             f"{shard} record 4"]
   # The stream skips the same records: every image it yields decodes.
   streamed = list(tfrecords.dataset(scanned).map(
       lambda image, label: (images.load(image, 8), label)).as_numpy_iterator())

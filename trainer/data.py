@@ -135,7 +135,7 @@ class _SplitList:
   # `encoded` holds file names, read when decoded: cheap to shuffle whole before decoding (records take a bounded
   # buffer).
   items_are_paths: bool = False
-  record_names: dict[int, str] | None = None  # id -> "SHARD record N" of this worker's TFRecord records
+  record_name: Callable[[int], str] | None = None  # id -> "SHARD record N" of a TFRecord record
 
 
 def load(config: DataConfig, image_size: int, cache_root: str = "", shard: Shard = Shard(),
@@ -162,9 +162,9 @@ def load(config: DataConfig, image_size: int, cache_root: str = "", shard: Shard
     skipped = dict(skipped)  # Also gets the records that fail to decode in an epoch (`_DecodeFailures`).
     where = f"--{source}={getattr(config, source)}"
     train_examples = _decoded(train, image_size, config, budget, folder,
-                              failures=_DecodeFailures(skipped, f"{where} training", train.record_names))
+                              failures=_DecodeFailures(skipped, f"{where} training", train.record_name))
     val_examples = _decoded(val, image_size, config, _budget_left(budget, train_examples, image_size), folder,
-                            failures=_DecodeFailures(skipped, f"{where} validation", val.record_names))
+                            failures=_DecodeFailures(skipped, f"{where} validation", val.record_name))
   for name, examples in (("train", train_examples), ("val", val_examples)):
     logging.info("%s: %d images, cache %s (%s).", name, len(examples), examples.cache.mode, examples.cache.reason)
   identity = hashlib.sha256(f"{image_size}\n{_PIXELS_VERSION}\n{train.identity}\n{val.identity}".encode())
@@ -219,7 +219,7 @@ def _file_examples(config: DataConfig, shard: Shard, pad_multiple: int, image_si
     else:
       # File names, read when decoded: an epoch's shuffle then holds names, not file contents.
       encoded = _padded(tf.data.Dataset.from_tensor_slices(list(paths)), labels, ids, length)
-      failures = _DecodeFailures(reported, f"{name} file", dict(zip(ids, paths)), files=True)
+      failures = _DecodeFailures(reported, f"{name} file", dict(zip(ids, paths)).get, files=True)
       examples.append(_decoded(dataclasses.replace(listed, encoded=encoded), image_size, config, budget, folder,
                                cache, failures))
     lists.append(listed)
@@ -250,7 +250,7 @@ def _filled_cache(usable: list[tuple[str, int]], image_size: int, cache: CacheCh
     good.update(batch.numpy().tolist())
   for position, (path, _) in enumerate(usable):
     if position not in good:
-      unreadable[path] = data_checks.check_file(path, max_pixels=2**62)[0] or "cannot be decoded"
+      unreadable[path] = data_checks.why_it_failed(path)
   kept = [item for position, item in enumerate(usable) if position in good]
   return decoded.map(_plain_graph(lambda image, position: image)), kept
 
@@ -337,9 +337,9 @@ def _tfrecord_lists(config: DataConfig, shard: Shard, pad_multiple: int):
     identity = _digest([scan.identity, name, f"{config.validation_split}:{config.seed}",
                         f"share {shard.index}/{shard.count} padded to {length}"])
     encoded = _padded(records.map(_plain_graph(lambda image, label: image)), own_labels, ids, length)
-    names = tfrecords.record_names(scan)
     lists.append(_SplitList(encoded, own_labels, ids, all_labels, length, identity,
-                            record_names={index: names[selected[index]] for index in ids}))
+                            record_name=lambda index, scan=scan, selected=selected: tfrecords.record_name(
+                                scan, selected[index])))
   return tuple(classes), lists[0], lists[1], {**train_scan.skipped, **(val_scan.skipped if config.tfrecord_val
                                                                        else {})}
 
@@ -442,9 +442,9 @@ class _DecodeFailures:
   about once and added to `skipped` (the run's report lists them). A file is named by its path and checked again
   for the decoder's message; a TFRecord record by its shard and number; a TFDS record by its id."""
 
-  def __init__(self, skipped: dict[str, str], kind: str, names_by_id: dict[int, str] | None = None,
+  def __init__(self, skipped: dict[str, str], kind: str, name_of: Callable[[int], str | None] | None = None,
                files: bool = False):
-    self._skipped, self._kind, self._names_by_id, self._files = skipped, kind, names_by_id or {}, files
+    self._skipped, self._kind, self._name_of, self._files = skipped, kind, name_of or (lambda index: None), files
     self._lock = threading.Lock()
 
   def recorded(self, decoded: tf.data.Dataset) -> tf.data.Dataset:
@@ -463,15 +463,13 @@ class _DecodeFailures:
 
   def record(self, index: int) -> None:
     """Names example `index` as undecodable, once."""
-    name = self._names_by_id.get(index) or f"{self._kind} record {index}"
+    name = self._name_of(index) or f"{self._kind} record {index}"
     with self._lock:
       if name in self._skipped:
         return
       self._skipped[name] = "its image cannot be decoded"  # Claimed: another thread does not check it again.
     if self._files:
-      why = data_checks.check_file(name, max_pixels=2**62)[0]
-      # A read that failed once (ignore_errors drops any error) may succeed when checked again.
-      self._skipped[name] = why or "could not be read or decoded in an epoch (it reads when checked again)"
+      self._skipped[name] = data_checks.why_it_failed(name)
     logging.warning("Skipping %s: %s. Found while decoding it: it weighs nothing in this run (all skipped files "
                     "are listed in report/metrics.json).", name, self._skipped[name])
 

@@ -60,6 +60,13 @@ def check_file(path: str, max_pixels: int, decode: bool = True) -> tuple[str | N
   return None, hashlib.sha256(content).hexdigest()
 
 
+def why_it_failed(path: str) -> str:
+  """Why a file that failed in a pipeline (its read or decode: tf.data's ignore_errors drops any error) cannot be
+  used, from a check of it alone."""
+  return (check_file(path, max_pixels=2**62)[0]
+          or "could not be read or decoded in the pipeline (it reads and decodes when checked again)")
+
+
 def _decoder_message(error: tf.errors.OpError) -> str:
   """The decoder's own words, without TensorFlow's function and op decorations. Called where a graph runs (a
   tf.data thread), the error starts "Graph execution error:" and a traceback; the words are the line after it."""

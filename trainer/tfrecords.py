@@ -64,7 +64,7 @@ def scan(glob: str, strict: bool = False, image_size: int | None = None, flag: s
 
   max_pixels: records whose image header says more pixels (--max_image_pixels) are unusable, refused before
   they are decoded. decode=False leaves the images undecoded (trainer.data decodes each record once, in the
-  first epoch, and names a record that fails then by `record_names`).
+  first epoch, and names a record that fails then by `record_name`).
 
   image_size: decode the images as training will (`images.load` at this size) rather than at the cheapest scale
   that fails alike (`images.check`). strict: refuse unusable records (--strict_data) instead of skipping them
@@ -113,13 +113,20 @@ def _readable_records(path: str) -> tuple[int, str | None]:
     return count, _first_line(e)
 
 
-def record_names(scanned: Scan) -> list[str]:
-  """"SHARD record N" of every usable record, in the order of `scanned.labels`."""
-  names = []
+def record_name(scanned: Scan, position: int) -> str:
+  """"SHARD record N" of the usable record at `position` in `scanned.labels` (found when asked: a name is needed
+  only for a record that fails)."""
   for shard in scanned.shards:
-    unusable = set(shard.unusable)
-    names += [f"{shard.path} record {index}" for index in range(shard.readable) if index not in unusable]
-  return names
+    usable = shard.readable - len(shard.unusable)
+    if position < usable:
+      index = position
+      for unusable in sorted(shard.unusable):  # Each unusable record at or before it moves it one further.
+        if unusable > index:
+          break
+        index += 1
+      return f"{shard.path} record {index}"
+    position -= usable
+  raise IndexError(f"no usable record at {position} past the last shard")
 
 
 def _checked_records(paths: Sequence[str], readable: Sequence[int], image_size: int | None,
