@@ -5,7 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from trainer import augment
+from trainer import augment, config_checks
 from trainer.config import Config
 from trainer.errors import UserInputError
 
@@ -149,7 +149,7 @@ def test_overrides_replace_only_their_factor():
     ({"rand_augment": 2.0}, "--rand_augment")])
 def test_bad_values_name_their_flag(values, flag):
   with pytest.raises(UserInputError, match=flag):
-    augment.factors(_train(**values))
+    config_checks.validate(Config().replace(**values))
 
 
 def test_same_seed_same_augmentation():

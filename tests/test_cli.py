@@ -68,6 +68,41 @@ def test_user_mistakes_end_in_one_line_naming_the_flag(args, message, tmp_path, 
   assert exit_.value.code == 2 and len(errors) == 1 and errors[0].startswith("error: ") and message in errors[0]
 
 
+_CHOICE_FIELDS = [field.name for _, field in section_fields() if field.metadata.get("choices")]
+# Every range the config checks, with a value outside it (the choices are found from the fields themselves).
+_OUT_OF_RANGE = {"image_size": 100000, "batch_size": 0, "frozen_epochs": -1, "frozen_lr": 0, "dropout": 1.0,
+                 "head_units": -1, "feature_views": 0, "validation_split": 1.0, "alpha": 0, "max_image_pixels": 0,
+                 "memory_budget": "lots", "top_k": 0, "rotation": -2, "rand_augment": 1.5, "lr_base_batch_size": -1}
+
+
+@pytest.mark.parametrize("name,value", [(name, "no_such_choice") for name in _CHOICE_FIELDS]
+                         + list(_OUT_OF_RANGE.items()))
+def test_every_choice_and_range_is_refused_before_any_file_is_read(name, value, tmp_path, capsys):
+  """A data folder that does not exist and a workdir not yet made: the flag's line must come first, so no file
+  was read and nothing was created (a refusal after a scan, or after training, would say otherwise)."""
+  from trainer import main
+  workdir = tmp_path / "run"
+  trainer_flags.FLAGS(["trainer", f"--data_dir={tmp_path / 'missing'}", f"--workdir={workdir}", f"--{name}={value}"])
+  try:
+    with pytest.raises(SystemExit) as exit_:
+      main.main(["trainer"])
+  finally:
+    trainer_flags.FLAGS.unparse_flags()
+  errors = capsys.readouterr().err.splitlines()
+  assert exit_.value.code == 2 and len(errors) == 1 and f"--{name}=" in errors[0], errors
+  assert not workdir.exists()
+
+
+def test_declared_choices_are_what_the_registries_implement():
+  from trainer import augment, backbones, config as config_lib
+  assert set(config_lib.BACKBONES) == set(backbones.REGISTRY)
+  assert set(config_lib.AUGMENT_PRESETS) == set(augment.PRESETS)
+  assert set(config_lib.FLIPS) - {""} == set(augment.FLIPS)
+  # --help lists a field's choices.
+  assert all(", ".join(config_lib.BACKBONES) in field.metadata["help"] for _, field in section_fields()
+             if field.name == "backbone")
+
+
 def _help_of(groups, capsys):
   with pytest.raises(SystemExit) as exit_:
     usage.parse(["prog", "--help"], "prog --flag=value: what it does.", groups)

@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import CLASS_COLORS, write_image
-from trainer import data, data_checks
+from trainer import config_checks, data, data_checks
 from trainer.config import Config
 from trainer.errors import UserInputError
 
@@ -264,7 +264,7 @@ def test_balanced_class_weights():
   assert data.class_weights("", [0, 0, 0, 1], 2) is None
   assert data.class_weights("balanced", [0, 0, 0, 1], 2) == [4 / 6, 2.0]
   with pytest.raises(UserInputError, match="--class_weight"):
-    data.class_weights("inverse", [0, 1], 2)
+    config_checks.validate(Config().replace(class_weight="inverse"))
 
 
 def test_tfrecord_shards_give_the_folders_pixels_and_split_by_file_across_workers(color_folder, tmp_path):

@@ -12,8 +12,8 @@ import tensorflow as tf
 
 import trainer_process
 from conftest import REPO
-from trainer import distribute
-from trainer.config import RuntimeConfig
+from trainer import config_checks, distribute
+from trainer.config import Config, RuntimeConfig
 from trainer.errors import UserInputError
 
 
@@ -35,12 +35,12 @@ def test_auto_precision_is_float32_on_this_cpu_and_choices_map_to_keras_policies
   assert distribute.resolve_precision(RuntimeConfig(mixed_precision="float16"), strategy) == "mixed_float16"
   assert distribute.resolve_precision(RuntimeConfig(mixed_precision="bfloat16"), strategy) == "mixed_bfloat16"
   with pytest.raises(UserInputError, match="--mixed_precision"):
-    distribute.resolve_precision(RuntimeConfig(mixed_precision="half"), strategy)
+    config_checks.validate(Config().replace(mixed_precision="half"))
 
 
 def test_unknown_strategy_is_a_user_error():
   with pytest.raises(UserInputError, match="--strategy=parameter_server"):
-    distribute.create_strategy(RuntimeConfig(strategy="parameter_server"))
+    config_checks.validate(Config().replace(strategy="parameter_server"))
 
 
 def test_tf_config_names_every_worker_and_this_task():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import cli, train, tuning
+from trainer import cli, config_checks, train, tuning
 from trainer.config import Config
 from trainer.errors import UserInputError
 
@@ -221,7 +221,7 @@ def test_a_worker_does_not_take_the_result_of_another_search(searched, tmp_path,
 def test_bayesian_without_scikit_learn_names_both_packages(tune_config, tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, "sklearn", None)
   with pytest.raises(UserInputError, match=r"scipy and scikit-learn.*transfer-trainer\[bayesian\]"):
-    tuning.search(tune_config.replace(tuner="bayesian"), str(tmp_path))
+    config_checks.validate(tune_config.replace(tuner="bayesian"))
 
 
 def test_bayesian_search_runs(tune_config, tmp_path):

@@ -14,7 +14,6 @@ import math
 import keras
 
 from trainer.config import TrainConfig
-from trainer.errors import UserInputError
 
 FLIPS = ("none", "horizontal", "vertical", "horizontal_and_vertical")
 
@@ -55,18 +54,10 @@ PRESETS = {
 
 
 def factors(config: TrainConfig) -> Factors:
-  """The preset's factors with the ones given on the command line (a flip name, or a number >= 0) replacing them."""
-  if config.augment not in PRESETS:
-    raise UserInputError(f"--augment={config.augment} is not known. Choose one of: {', '.join(PRESETS)}.")
+  """The preset's factors with the ones given on the command line (a flip name, or a number >= 0) replacing them.
+  Names and ranges were checked when the command started (trainer.config_checks)."""
   overrides = {name: getattr(config, name) for name in FLAG_FACTORS}
   overrides = {name: value for name, value in overrides.items() if value != "" and value != -1.0}
-  if overrides.get("flip", "none") not in FLIPS:
-    raise UserInputError(f"--flip={overrides['flip']} is not known. Choose one of: {', '.join(FLIPS)}.")
-  for name, value in overrides.items():
-    if name != "flip" and value < 0:
-      raise UserInputError(f"--{name}={value}: give a value >= 0, or -1 for the --augment preset's.")
-  if overrides.get("rand_augment", 0.0) > 1.0:
-    raise UserInputError(f"--rand_augment={overrides['rand_augment']}: RandAugment's strength is between 0 and 1.")
   return dataclasses.replace(PRESETS[config.augment], **overrides)
 
 

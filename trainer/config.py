@@ -11,8 +11,27 @@ import json
 from typing import Any
 
 
-def _field(default: Any, help: str) -> Any:  # noqa: A002 - mirrors absl's keyword
-  return dataclasses.field(default=default, metadata={"help": help})
+def _field(default: Any, help: str, choices: tuple = ()) -> Any:  # noqa: A002 - mirrors absl's keyword
+  """A config field; `choices`, when given, are its only valid values (checked by trainer.config_checks when the
+  command starts, and listed in --help)."""
+  if choices:
+    help = f"{help} One of: {', '.join(repr(c) if c == '' else c for c in choices)}."
+  return dataclasses.field(default=default, metadata={"help": help, "choices": tuple(choices)})
+
+
+# The choices of the fields below: plain names here (this module loads without TensorFlow, for --help); tests check
+# them against the registries that implement them (trainer.backbones, trainer.augment, ...).
+BACKBONES = ("vgg16", "resnet50", "inception_v3", "mobilenet_v2", "mobilenet", "efficientnet_b0")
+AUGMENT_PRESETS = ("none", "light", "classic", "strong")
+FLIPS = ("", "none", "horizontal", "vertical", "horizontal_and_vertical")
+CLASS_WEIGHTS = ("", "balanced")
+CACHE_MODES = ("auto", "memory", "disk", "none")
+BATCHNORM_MODES = ("", "frozen", "train")
+FINETUNE_SCHEDULES = ("constant", "cosine")
+STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
+PRECISIONS = ("auto", "float16", "bfloat16", "float32")
+TFLITE_QUANTIZATIONS = ("float16", "dynamic_range")
+TUNERS = ("random", "bayesian", "hyperband")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,9 +55,9 @@ class DataConfig:
                          "optional image/class/text): the training data.")
   tfrecord_val: str = _field("", "Glob of TFRecord shards for validation ('' = a --validation_split carve of "
                              "--tfrecord).")
-  cache: str = _field("auto", "Where decoded images are kept between epochs: auto | memory | disk | none (auto: "
-                      "memory when they fit --memory_budget, else disk when the disk has room, else none: "
-                      "decode every epoch).")
+  cache: str = _field("auto", "Where decoded images are kept between epochs (auto: memory when they fit "
+                      "--memory_budget, else disk when the disk has room, else none: decode every epoch).",
+                      CACHE_MODES)
   memory_budget: str = _field("", "Memory the decoded-image cache may use, in bytes or with a unit (e.g. 4GB); "
                               "'' = a quarter of RAM.")
   cache_dir: str = _field("", "Folder of the disk cache of decoded images and of the cached backbone features "
@@ -52,7 +71,7 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  backbone: str = _field("mobilenet_v2", "Backbone name (see --list_layers and trainer/backbones.py).")
+  backbone: str = _field("mobilenet_v2", "Backbone name (--list_layers prints its layers).", BACKBONES)
   weights: str = _field("imagenet", "imagenet | none | PATH to a local Keras .h5 weights file (no top). none trains "
                         "from scratch: every layer, one phase of --frozen_epochs + --finetune_epochs epochs at "
                         "--frozen_lr.")
@@ -64,8 +83,8 @@ class ModelConfig:
   unfreeze_from: str = _field("", "Name of the backbone layer where fine-tuning starts (this layer and every "
                               "layer above it train); all unfreezes every layer; '' means the backbone's last "
                               "block.")
-  batchnorm: str = _field("", "frozen | train: whether BatchNorm statistics adapt while backbone layers train "
-                          "('' = frozen with pretrained weights, train from scratch).")
+  batchnorm: str = _field("", "Whether BatchNorm statistics adapt while backbone layers train ('' = frozen with "
+                          "pretrained weights, train from scratch).", BATCHNORM_MODES)
   feature_layer: str = _field("", "Cut the backbone at this layer (pooling and the head follow it); '' keeps the "
                               "whole backbone.")
 
@@ -77,13 +96,13 @@ class TrainConfig:
   frozen_lr: float = _field(1e-3, "Adam learning rate of the frozen phase.")
   finetune_lr: float = _field(1e-4, "Adam learning rate of the fine-tune phase (its start with the cosine schedule).")
   finetune_schedule: str = _field("cosine", "Learning rate over the fine-tune phase: constant, or cosine "
-                                  "(from --finetune_lr down to 0 at the end of --finetune_epochs).")
+                                  "(from --finetune_lr down to 0 at the end of --finetune_epochs).",
+                                  FINETUNE_SCHEDULES)
   lr_base_batch_size: int = _field(0, "Global batch size --frozen_lr and --finetune_lr were chosen for: with "
                                    "another --batch_size both scale linearly (Goyal et al. 2017); 0 uses them "
                                    "as given.")
-  augment: str = _field("light", "Augmentation preset: none | light | classic | strong.")
-  flip: str = _field("", "Overrides the preset's random flip: horizontal | vertical | horizontal_and_vertical | "
-                     "none.")
+  augment: str = _field("light", "Augmentation preset.", AUGMENT_PRESETS)
+  flip: str = _field("", "Overrides the preset's random flip ('' = the preset's).", FLIPS)
   rotation: float = _field(-1.0, "Overrides the preset's maximum random rotation, in degrees (-1: the preset's).")
   shift: float = _field(-1.0, "Overrides the preset's maximum random width and height shift, as a fraction of the "
                         "size (-1: the preset's).")
@@ -95,8 +114,8 @@ class TrainConfig:
   contrast: float = _field(-1.0, "Overrides the preset's maximum random contrast factor (-1: the preset's).")
   rand_augment: float = _field(-1.0, "Overrides the preset's RandAugment strength, 0..1; 0 turns it off (-1: the "
                                "preset's).")
-  class_weight: str = _field("", "'' (every example weighs the same) | balanced (weights n / (classes * count) "
-                             "from the training counts, recorded in config.json).")
+  class_weight: str = _field("", "'' (every example weighs the same) or balanced (weights n / (classes * count) "
+                             "from the training counts, recorded in config.json).", CLASS_WEIGHTS)
   cache_features: bool = _field(True, "Frozen phase on cached features: the frozen backbone's pooled features are "
                                 "computed once and only the head trains on them (much faster epochs).")
   feature_views: int = _field(2, "With --cache_features and augmentation: augmented views computed per image; "
@@ -106,9 +125,10 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RuntimeConfig:
-  strategy: str = _field("default", "tf.distribute strategy: default | one_device | mirrored | multi_worker | tpu.")
+  strategy: str = _field("default", "tf.distribute strategy.", STRATEGIES)
   tpu: str = _field("", "TPU address for --strategy=tpu ('' = the local TPU or the one in TPU_NAME).")
-  mixed_precision: str = _field("auto", "auto | float16 | bfloat16 | float32 (auto: float32 on CPU).")
+  mixed_precision: str = _field("auto", "Compute precision (auto: float32 on CPU, where float16 is slower).",
+                                PRECISIONS)
   example_log: str = _field("", "Debugging: a folder where every worker writes the ids of the training examples "
                            "of each epoch (worker_<i>.jsonl), to check that each is trained on once per epoch.")
   verbosity: int = _field(0, "absl's --verbosity: -1 warnings only; 0 a progress bar and one line per epoch; "
@@ -121,15 +141,15 @@ class ExportConfig:
   top_k: int = _field(5, "How many best classes the serving signatures return (top_k_classes, top_k_scores; at most "
                       "the number of classes); also the k of evaluation's top-k accuracy.")
   tflite: bool = _field(False, "Also write model.tflite next to the SavedModel (and record its parity).")
-  tflite_quantization: str = _field("float16", "Quantization of model.tflite: float16 | dynamic_range.")
+  tflite_quantization: str = _field("float16", "Quantization of model.tflite.", TFLITE_QUANTIZATIONS)
 
 
 @dataclasses.dataclass(frozen=True)
 class TuneConfig:
   tune: bool = _field(False, "Search head_units, frozen_lr and dropout with KerasTuner before training, on cached "
                       "backbone features, then train with the best values.")
-  tuner: str = _field("random", "KerasTuner search algorithm: random | bayesian (needs scipy and scikit-learn) | "
-                      "hyperband (its shortened trials are not compared with the defaults' full-length score).")
+  tuner: str = _field("random", "KerasTuner search algorithm (bayesian needs scipy and scikit-learn; hyperband's "
+                      "shortened trials are not compared with the defaults' full-length score).", TUNERS)
   max_trials: int = _field(20, "Trials of the random and bayesian searches (hyperband sizes itself from "
                            "--tune_epochs).")
   tune_epochs: int = _field(10, "Epochs of one trial, as many as the frozen phase's default (hyperband: the most "

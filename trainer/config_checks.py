@@ -1,18 +1,24 @@
-"""Every numeric and choice flag checked in one place, before anything is built: a bad value ends the command in
-one line that names the flag and the allowed range (trainer.errors.UserInputError)."""
+"""Every numeric and choice flag checked in one place, before any file is read or anything is built: a bad value
+ends the command in one line that names the flag and the allowed range (trainer.errors.UserInputError). Every
+command that takes a config calls `validate` first (train, evaluate, export, data service, to_tfrecord).
 
+Choices are declared on the config fields (`choices` metadata in trainer.config); ranges are here."""
+
+import importlib
 import math
 import os
 from typing import Collection
 
-from trainer.config import Config
+from trainer.config import Config, section_fields
 from trainer.errors import UserInputError
 
-CACHE_MODES = ("auto", "memory", "disk", "none")
-BATCHNORM_MODES = ("", "frozen", "train")
-FINETUNE_SCHEDULES = ("constant", "cosine")
 # The smallest input Keras' applications accept (InceptionV3's stem needs 75 px; the others 32).
 _MIN_IMAGE_SIZE = {"inception_v3": 75}
+# The largest input: a batch of 32 float32 images of 2048 px is 1.6 GB before the first convolution; past that a
+# run fails minutes later, out of memory or in an op's size limit (100000 px: an InvalidArgumentError after 7 min).
+MAX_IMAGE_SIZE = 2048
+# Augmentation factors given as numbers: -1 keeps the preset's, else at least 0 (rand_augment at most 1).
+_AUGMENT_FACTORS = ("rotation", "shift", "shear", "zoom", "brightness", "contrast", "rand_augment")
 _UNITS = {"": 1, "B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40}
 
 
@@ -20,6 +26,7 @@ def validate(config: Config, given: Collection[str] = ()) -> None:
   """Raises UserInputError for the first flag outside its range. `given`: the names of the flags on the command
   line, for combinations refused only when asked for (a default that does not apply is no mistake)."""
   data, model, train, tune = config.data, config.model, config.train, config.tune
+  _check_choices(config)
   if model.weights == "none" and train.cache_features and "cache_features" in given:
     raise UserInputError("--cache_features with --weights=none: a run from scratch has no frozen phase whose "
                          "features could be cached; drop --cache_features.")
@@ -38,6 +45,15 @@ def validate(config: Config, given: Collection[str] = ()) -> None:
   _at_least("batch_size", data.batch_size, 1)
   if data.image_size:
     _at_least("image_size", data.image_size, _MIN_IMAGE_SIZE.get(model.backbone, 32))
+    if data.image_size > MAX_IMAGE_SIZE:
+      raise UserInputError(f"--image_size={data.image_size}: must be <= {MAX_IMAGE_SIZE} (0: the backbone's own "
+                           "size); larger inputs do not fit a training step's memory.")
+  for name in _AUGMENT_FACTORS:
+    value = getattr(train, name)
+    if value != -1.0 and not (math.isfinite(value) and value >= 0):
+      raise UserInputError(f"--{name}={value}: give a value >= 0, or -1 for the --augment preset's.")
+  if train.rand_augment > 1.0:
+    raise UserInputError(f"--rand_augment={train.rand_augment}: RandAugment's strength is between 0 and 1.")
   _at_least("feature_views", train.feature_views, 1)
   _at_least("lr_base_batch_size", train.lr_base_batch_size, 0)
   _at_least("max_image_pixels", data.max_image_pixels, 1)
@@ -45,19 +61,35 @@ def validate(config: Config, given: Collection[str] = ()) -> None:
     raise UserInputError(f"--validation_split={data.validation_split}: the held-out fraction must be in [0, 1).")
   if not model.alpha > 0:
     raise UserInputError(f"--alpha={model.alpha}: the width multiplier must be > 0 (e.g. 0.25, 0.5, 1.0).")
-  if data.cache not in CACHE_MODES:
-    raise UserInputError(f"--cache={data.cache} is not known. Choose one of: {', '.join(CACHE_MODES)}.")
   memory_budget(data.memory_budget)
-  if train.finetune_schedule not in FINETUNE_SCHEDULES:
-    raise UserInputError(f"--finetune_schedule={train.finetune_schedule} is not known. Choose one of: "
-                         f"{', '.join(FINETUNE_SCHEDULES)}.")
-  if model.batchnorm not in BATCHNORM_MODES:
-    raise UserInputError(f"--batchnorm={model.batchnorm} is not known. Choose frozen or train (or leave it empty).")
   _at_least("top_k", config.export.top_k, 1)
   if tune.tune:
+    if tune.tuner == "bayesian" and not all(_importable(name) for name in ("scipy", "sklearn")):
+      # KerasTuner's Gaussian process needs both; without them it would fail only mid-search.
+      raise UserInputError("--tuner=bayesian needs scipy and scikit-learn: pip install "
+                           "'transfer-trainer[bayesian]' (or pip install scipy scikit-learn), or choose "
+                           "--tuner=hyperband or random.")
     _at_least("max_trials", tune.max_trials, 1)
     _at_least("tune_epochs", tune.tune_epochs, 1)
     _at_least("tune_folds", tune.tune_folds, 2)
+
+
+def _check_choices(config: Config) -> None:
+  """Every field that declares its choices holds one of them."""
+  for section, field in section_fields():
+    choices = field.metadata.get("choices")
+    value = getattr(getattr(config, section), field.name)
+    if choices and value not in choices:
+      allowed = ", ".join(repr(choice) if choice == "" else choice for choice in choices)
+      raise UserInputError(f"--{field.name}={value} is not known. Choose one of: {allowed}.")
+
+
+def _importable(module: str) -> bool:
+  try:
+    importlib.import_module(module)
+  except ImportError:
+    return False
+  return True
 
 
 def memory_budget(text: str) -> int | None:

@@ -6,7 +6,7 @@ import dataclasses
 import keras
 import tensorflow as tf
 
-from trainer import checkpoints
+from trainer import checkpoints, config_checks
 from trainer import model as model_lib
 from trainer import sources
 from trainer import workdir as workdir_lib
@@ -31,6 +31,9 @@ def restore(workdir: str, overrides: dict | None = None) -> TrainedModel:
   overrides: config fields changed from config.json's (export settings, the data source, the batch size); a
   data source given here replaces the run's one.
   """
+  # The flags given are checked before anything is read (an unknown --tflite_quantization is refused here, not
+  # after the export).
+  config_checks.validate(Config().replace(**(overrides or {})))
   if not workdir:
     raise UserInputError("Pass --workdir=FOLDER: the workdir of a trained run.")
   run = workdir_lib.RunDir(workdir)

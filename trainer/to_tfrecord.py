@@ -13,7 +13,7 @@ import random
 import tensorflow as tf
 from absl import flags
 
-from trainer import data_checks, sources, tfrecords, usage
+from trainer import config_checks, data_checks, sources, tfrecords, usage
 from trainer.config import DataConfig
 from trainer import flags as trainer_flags
 from trainer.errors import UserInputError, exit_on_user_error
@@ -97,7 +97,9 @@ def main(argv):
     usage.refuse_arguments(argv)
     given = trainer_flags.FLAGS
     output = given.output
-    written = convert(trainer_flags.config_from_flags().data, output, given.shards)
+    config = trainer_flags.config_from_flags()
+    config_checks.validate(config)
+    written = convert(config.data, output, given.shards)
     print(f"Wrote {written['train']} training and {written['val']} validation records to {output}. Train with "
           f"--tfrecord='{os.path.join(output, 'train-*')}' --tfrecord_val='{os.path.join(output, 'val-*')}'.")
 

@@ -32,7 +32,6 @@ from trainer import workdir as workdir_lib
 from trainer.config import Config
 from trainer.errors import UserInputError
 
-TUNERS = ("hyperband", "random", "bayesian")
 # The search space: (name, low, high, log sampling). The names are Config fields, so the best values apply as is.
 # frozen_lr is searched and recorded unscaled: the trials train at frozen_lr * lr_scale, as the run's Trainer does.
 SPACE = (("head_units", 32, 1024, True), ("frozen_lr", 1e-5, 1e-2, True), ("dropout", 0.0, 0.6, False))
@@ -53,7 +52,6 @@ def search(config: Config, workdir: str, strategy: tf.distribute.Strategy | None
   feature_cache: its features, if already computed (else read from, or extracted into, WORKDIR/cache).
   """
   import keras_tuner  # Imported here: only --tune pays for it.
-  _check_tuner(config.tune.tuner)
   tuning_dir = os.path.join(workdir, "tuning")
   space = _search_space(config)
   fingerprint = hashlib.sha256(json.dumps([space, config.tune.max_trials]).encode()).hexdigest()[:16]
@@ -307,20 +305,6 @@ def _make_tuner(keras_tuner, config: Config, scorer: FoldScorer, directory: str,
 
   return CrossValidationTuner(oracle, hypermodel=scorer.hypermodel, directory=directory, project_name="search",
                               overwrite=False)
-
-
-def _check_tuner(name: str) -> None:
-  if name not in TUNERS:
-    raise UserInputError(f"--tuner={name} is not known. Choose one of: {', '.join(TUNERS)}.")
-  if name == "bayesian":
-    try:
-      # KerasTuner's Gaussian process needs both; without them it would fail only mid-search.
-      import scipy  # noqa: F401
-      import sklearn  # noqa: F401
-    except ImportError:
-      raise UserInputError("--tuner=bayesian needs scipy and scikit-learn: pip install "
-                           "'transfer-trainer[bayesian]' (or pip install scipy scikit-learn), or choose "
-                           "--tuner=hyperband or random.") from None
 
 
 def _lr_scale(config: Config, strategy: tf.distribute.Strategy | None) -> float:
