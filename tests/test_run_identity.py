@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from conftest import tiny_run, write_color_dataset
+from conftest import tiny_run, write_color_dataset, write_image
 from trainer import cli, config_checks, train
 from trainer.config import Config
 from trainer.errors import UserInputError
@@ -24,6 +24,37 @@ def test_a_renamed_class_folder_is_refused_with_the_old_and_new_classes(tmp_path
   os.rename(data_dir / "blue", data_dir / "zblue")
   with pytest.raises(UserInputError, match=r"\['blue', 'green', 'red'\].*\['green', 'red', 'zblue'\]"):
     train.setup(config.replace(finetune_epochs=1), str(tmp_path / "run"))
+
+
+def test_changed_files_and_a_changed_model_are_refused_before_restoring(tmp_path, random_mobilenet_025_weights):
+  """Resuming on other files trained the old weights on the new files and rewrote config.json's counts; changing
+  --backbone or --head_units ended in a 194-line restore traceback. Each is one line now, before any restore."""
+  data_dir = write_color_dataset(tmp_path / "colors", 4)
+  config = tiny_run(random_mobilenet_025_weights, data_dir=str(data_dir), finetune_epochs=0)
+  workdir = str(tmp_path / "run")
+  run = train.setup(config, workdir)
+  train.train_epochs(run)
+  run.tensorboard.close()
+  facts = RunDir(workdir).load_run_facts()
+
+  for changed in ({"head_units": 16}, {"backbone": "mobilenet_v2"}):
+    with pytest.raises(UserInputError, match=f"different run.*--{next(iter(changed))}"):
+      train.setup(config.replace(**changed), workdir)
+  write_image(data_dir / "red" / "red_0.jpg", (0, 0, 255))  # Same name, other pixels (the class of blue).
+  write_image(data_dir / "green" / "green_new.jpg", (0, 255, 0))
+  (data_dir / "blue" / "blue_3.jpg").unlink()
+  with pytest.raises(UserInputError, match="other data files: 1 added, 1 removed, 1 changed.*--accept_changed_data"):
+    train.setup(config.replace(finetune_epochs=1), workdir)
+  assert RunDir(workdir).load_run_facts() == facts  # Refused before config.json was rewritten.
+
+  run = train.setup(config.replace(finetune_epochs=1, accept_changed_data=True), workdir)
+  run.tensorboard.close()
+  recorded = RunDir(workdir).load_run_facts()
+  assert {kind: recorded["data_changes"][0]["changes"][kind] for kind in ("added", "removed", "changed")} == \
+      {"added": 1, "removed": 1, "changed": 1}
+  assert recorded["data_identity"] != facts["data_identity"]
+  again = train.setup(config.replace(finetune_epochs=1), workdir)  # The new files are now the run's.
+  again.tensorboard.close()
 
 
 def _workdir_with_checkpoints(tmp_path, **config_values) -> RunDir:

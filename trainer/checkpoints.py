@@ -50,8 +50,26 @@ def restore_latest(checkpoint: tf.train.Checkpoint, directory: str, max_to_keep:
     _wait_for_state(directory, prefix)
   manager = tf.train.CheckpointManager(checkpoint, directory, max_to_keep=max_to_keep)
   if prefix:
-    checkpoint.restore(prefix).assert_existing_objects_matched()
+    restore_matching(checkpoint, prefix)
   return manager
+
+
+def restore_matching(checkpoint: tf.train.Checkpoint, prefix: str, partial: bool = False) -> None:
+  """checkpoint.restore(prefix), every object of `checkpoint` found there with its shape; a checkpoint of another
+  model (its config.json edited, or a checkpoint copied from another run) ends in one line naming it.
+
+  partial: objects saved in the checkpoint but absent from `checkpoint` are fine (export restores the model of a
+  training checkpoint, which also holds the optimizers)."""
+  try:
+    status = checkpoint.restore(prefix)
+    if partial:
+      status.expect_partial()
+    status.assert_existing_objects_matched()
+  except (ValueError, AssertionError, tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as e:
+    first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise UserInputError(f"Checkpoint {prefix} does not fit the model its workdir's config.json describes "
+                         f"({first_line[:200]}): the run's settings were changed after it was trained. Restore "
+                         "config.json, or train in a new --workdir.") from None
 
 
 def _repair(directory: str) -> str | None:

@@ -30,7 +30,7 @@ BATCHNORM_MODES = ("", "frozen", "train")
 FINETUNE_SCHEDULES = ("constant", "cosine")
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
 PRECISIONS = ("auto", "float16", "bfloat16", "float32")
-TFLITE_QUANTIZATIONS = ("float16", "dynamic_range")
+TFLITE_QUANTIZATIONS = ("float32", "float16", "dynamic_range", "int8")
 TUNERS = ("random", "bayesian", "hyperband")
 
 
@@ -65,6 +65,9 @@ class DataConfig:
                          "a multi-worker run keeps its decoded images in its own sub-folder.")
   data_service: str = _field("", "grpc://HOST:PORT of a tf.data service dispatcher that decodes and resizes for "
                              "the trainers (python -m trainer.data_service); '' decodes in this process.")
+  accept_changed_data: bool = _field(False, "Continue a run whose data files changed since its checkpoints were "
+                                     "trained (added, removed or changed files), recording the change in "
+                                     "config.json; without it such a resume is refused.")
   max_image_pixels: int = _field(89_478_485, "Image files with more pixels (width x height, read from the header) "
                                  "are skipped like undecodable ones (PIL's decompression-bomb limit).")
 
@@ -133,6 +136,8 @@ class RuntimeConfig:
                            "of each epoch (worker_<i>.jsonl), to check that each is trained on once per epoch.")
   verbosity: int = _field(0, "absl's --verbosity: -1 warnings only; 0 a progress bar and one line per epoch; "
                           "1 debug logs.")
+  peer_timeout: float = _field(600.0, "--strategy=multi_worker: seconds a worker waits for every worker of TF_CONFIG "
+                               "to come before it ends with exit code 138 (a line every 30 s names who is missing).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,8 +145,12 @@ class ExportConfig:
   model_name: str = _field("classifier", "Name of the model in the TF Serving layout export/<model_name>/<version>/.")
   top_k: int = _field(5, "How many best classes the serving signatures return (top_k_classes, top_k_scores; at most "
                       "the number of classes); also the k of evaluation's top-k accuracy.")
-  tflite: bool = _field(False, "Also write model.tflite next to the SavedModel (and record its parity).")
-  tflite_quantization: str = _field("float16", "Quantization of model.tflite.", TFLITE_QUANTIZATIONS)
+  tflite: bool = _field(False, "Also write model.tflite (TFLite metadata inside: labels, input, description) next "
+                       "to the SavedModel, judged on the validation split; needs the tflite extra.")
+  tflite_quantization: str = _field("float16", "Quantization of model.tflite (int8: full-integer, uint8 camera "
+                                    "pixels in, calibrated on training images).", TFLITE_QUANTIZATIONS)
+  tflite_max_accuracy_drop: float = _field(0.01, "The export refuses a model.tflite whose val accuracy is more than "
+                                           "this below the SavedModel's (0.01: one point); 1 accepts any loss.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,12 +206,12 @@ class Config:
 
 # Changing these in an existing workdir continues the same run (more epochs, quieter logs).
 _NOT_IDENTITY = (("train", "frozen_epochs"), ("train", "finetune_epochs"), ("runtime", "verbosity"),
-                 ("runtime", "strategy"), ("runtime", "tpu"), ("runtime", "example_log"), ("data", "cache_dir"),
+                 ("runtime", "strategy"), ("runtime", "tpu"), ("runtime", "example_log"), ("data", "cache_dir"), ("data", "accept_changed_data"),
                  ("data", "cache"), ("data", "memory_budget"), ("data", "data_service"), ("tune", "tune_folds"),
                  ("model", "weights_fallback"), ("export", "top_k"), ("export", "tflite"),
-                 ("export", "tflite_quantization"),
+                 ("export", "tflite_quantization"), ("export", "tflite_max_accuracy_drop"),
                  ("tune", "tune"), ("tune", "tuner"), ("tune", "max_trials"), ("tune", "tune_epochs"),
-                 ("tune", "tune_only"))
+                 ("tune", "tune_only"), ("runtime", "peer_timeout"))
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "runtime": RuntimeConfig,

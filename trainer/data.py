@@ -120,6 +120,16 @@ class InputData:
   val: Examples
   skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # unusable file (of this worker) -> why
   identity: str = ""  # digest of every example this worker trains and validates on, and of the image size
+  # File sources: every file of this worker's share -> "split<TAB>class<TAB>content hash" (whatever the cache
+  # mode), so that a resume can say which files were added, removed or changed (trainer.workdir.data_changes).
+  manifest: dict[str, str] = dataclasses.field(default_factory=dict)
+
+  @property
+  def data_identity(self) -> str:
+    """What the run's checkpoints were trained on, independent of where decoded images are kept."""
+    if not self.manifest:
+      return self.identity
+    return _digest(sorted(f"{name}\t{entry}" for name, entry in self.manifest.items()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,9 +161,10 @@ def load(config: DataConfig, image_size: int, cache_root: str = "", shard: Shard
   if folder and shard.count > 1:
     folder = os.path.join(folder, f"worker_{shard.index}")  # Two workers writing one cache file collide.
   skipped: dict[str, str] = {}
+  manifest: dict[str, str] = {}
   if source in ("data_dir", "csv"):
-    classes, train_examples, val_examples, skipped, train, val = _file_examples(config, shard, pad_multiple,
-                                                                                image_size, budget, folder)
+    classes, train_examples, val_examples, skipped, train, val, manifest = _file_examples(
+        config, shard, pad_multiple, image_size, budget, folder)
   else:
     if source == "tfds":
       classes, train, val = _tfds_lists(config, shard, pad_multiple)
@@ -168,7 +179,7 @@ def load(config: DataConfig, image_size: int, cache_root: str = "", shard: Shard
   for name, examples in (("train", train_examples), ("val", val_examples)):
     logging.info("%s: %d images, cache %s (%s).", name, len(examples), examples.cache.mode, examples.cache.reason)
   identity = hashlib.sha256(f"{image_size}\n{_PIXELS_VERSION}\n{train.identity}\n{val.identity}".encode())
-  return InputData(classes, train_examples, val_examples, skipped, identity.hexdigest()[:16])
+  return InputData(classes, train_examples, val_examples, skipped, identity.hexdigest()[:16], manifest)
 
 
 # Sources ---------------------------------------------------------------------------------------------------------
@@ -197,6 +208,8 @@ def _file_examples(config: DataConfig, shard: Shard, pad_multiple: int, image_si
   unreadable = dict(scan.unreadable)
   # Also gets the files that fail to decode in an epoch.
   reported = {**skipped, **unreadable}
+  manifest = {path: f"{name}\t{files.classes[split.labels[index]]}\t{scan.digests.get(path, 'unreadable')}"
+              for name, split, share in zip(("train", "val"), splits, shares) for path, index in share}
   examples, lists = [], []
   for name, split, share, length, cache, fill in zip(("training", "validation"), splits, shares, lengths,
                                                      (train_cache, val_cache), prefill):
@@ -233,7 +246,7 @@ def _file_examples(config: DataConfig, shard: Shard, pad_multiple: int, image_si
       raise UserInputError(f"Class(es) {empty} have no usable training images left after skipping "
                            f"{len(unreadable)} unusable file(s). Add readable images of those classes.")
   data_checks.warn_leakage(data_checks.leaked(train.paths, val.paths, scan.digests))
-  return files.classes, examples[0], examples[1], reported, train, val
+  return files.classes, examples[0], examples[1], reported, train, val, manifest
 
 
 def _filled_cache(usable: list[tuple[str, int]], image_size: int, cache: CacheChoice, unreadable: dict[str, str]):

@@ -22,7 +22,7 @@ import tensorflow as tf
 from absl import logging
 
 from export import saved_model
-from trainer import augment, backbones, checkpoints, data, distribute, features, randomness, reporting
+from trainer import augment, backbones, checkpoints, data, distribute, features, randomness, report_page, reporting
 from trainer import progress as progress_lib
 from trainer import model as model_lib
 from trainer import workdir as workdir_lib
@@ -230,12 +230,14 @@ def train_and_evaluate(config: Config, workdir: str, strategy: tf.distribute.Str
   strategy: the run's, when the caller had to create it first (a multi-worker strategy must exist before any
   other TensorFlow work, such as a tuning search); else created here from the config. inputs: this worker's data
   as `load_inputs` gave it to the caller (a --tune search), so that the files are decoded once."""
-  run = setup(config, workdir, strategy, inputs)
-  finished = _finished_export(run)
-  if finished:
-    return finished
-  val_metrics = train_epochs(run)
-  return finalize(run, val_metrics)
+  # A lost peer ends a multi-worker run in one line and a code schedulers retry (distribute.exit_on_peer_loss).
+  with distribute.exit_on_peer_loss():
+    run = setup(config, workdir, strategy, inputs)
+    finished = _finished_export(run)
+    if finished:
+      return finished
+    val_metrics = train_epochs(run)
+    return finalize(run, val_metrics)
 
 
 def _plan_and_shard(config: Config, strategy: tf.distribute.Strategy) -> tuple[distribute.BatchPlan, data.Shard]:
@@ -263,6 +265,9 @@ def setup(config: Config, workdir: str, strategy: tf.distribute.Strategy | None 
           inputs: data.InputData | None = None) -> Run:
   """Strategy and precision, this worker's data, the model, and the run's checkpoint restored."""
   config = resolve(config)
+  run_dir = workdir_lib.RunDir(workdir)
+  # Before any file is read or anything is built: checkpoints of another model would fail to restore.
+  run_dir.check_config(config)
   # tf.data's seeded shuffles derive their permutation from the global seed too: set here, a run's epochs are the
   # same whatever ran before it in the process (a model built from scratch, say, sets the global seed).
   keras.utils.set_random_seed(config.data.seed)
@@ -274,9 +279,10 @@ def setup(config: Config, workdir: str, strategy: tf.distribute.Strategy | None 
   plan, shard = _plan_and_shard(config, strategy)
   inputs = inputs or load_inputs(config, workdir, strategy)
   class_weights = data.class_weights(config.train.class_weight, inputs.train.all_labels, len(inputs.classes))
-  run_dir = workdir_lib.RunDir(workdir)
   chief = distribute.is_chief(strategy)
   _check_run_facts(run_dir, inputs.classes, policy)
+  data_changes = _check_data(run_dir, workdir_lib.RunDir(distribute.write_dir(workdir, strategy)), inputs,
+                             config.data.accept_changed_data)
   logging.info("Classes %s; %d training and %d validation images%s.", list(inputs.classes),
                len(inputs.train.all_labels), len(inputs.val.all_labels),
                f" (this worker: {len(inputs.train)} and {len(inputs.val)})" if shard.count > 1 else "")
@@ -302,7 +308,8 @@ def setup(config: Config, workdir: str, strategy: tf.distribute.Strategy | None 
         "workers": shard.count, "cache": {"train": dataclasses.asdict(inputs.train.cache),
                                           "val": dataclasses.asdict(inputs.val.cache)},
         **dataclasses.asdict(plan), "frozen_lr": config.train.frozen_lr * plan.lr_scale,
-        "finetune_lr": config.train.finetune_lr * plan.lr_scale, "phases": dict(model_lib.phases(config))})
+        "finetune_lr": config.train.finetune_lr * plan.lr_scale, "phases": dict(model_lib.phases(config)),
+        "data_identity": inputs.data_identity, "data_changes": data_changes})
   else:
     run_dir.check_config(config)
   history = run_dir.load_history()[:int(trainer.epoch)]
@@ -331,6 +338,35 @@ def _check_run_facts(run_dir: workdir_lib.RunDir, classes: tuple[str, ...], poli
                          "use a new --workdir.")
 
 
+def _check_data(run_dir: workdir_lib.RunDir, own_dir: workdir_lib.RunDir, inputs: data.InputData,
+                accept: bool) -> list[dict]:
+  """Refuses to continue checkpoints trained on other files (added, removed, or the same names with other pixels,
+  classes or splits) unless --accept_changed_data, which records the change. Saves this process's manifest.
+  Returns the run's record of accepted changes (config.json's run.data_changes)."""
+  facts = run_dir.load_run_facts()
+  accepted = list(facts.get("data_changes") or [])
+  old_manifest = own_dir.load_manifest()
+  if run_dir.has_checkpoints():
+    if old_manifest is not None and inputs.manifest:
+      changes = workdir_lib.data_changes(old_manifest, inputs.manifest)
+      changed = any(changes.values())
+      what = ", ".join(f"{count} {kind}" for kind, count in changes.items() if count)
+    else:  # A source without files (TFRecord, TFDS), or a run from before manifests: the digest alone.
+      changed = bool(facts.get("data_identity")) and facts["data_identity"] != inputs.data_identity
+      changes, what = {}, "its digest differs"
+    if changed and not accept:
+      raise UserInputError(f"--workdir={run_dir.root} holds checkpoints trained on other data files: {what} since "
+                           "then. Use a new --workdir to train on the files as they are, restore the files, or "
+                           "pass --accept_changed_data to continue on the new files (recorded in config.json).")
+    if changed:
+      logging.warning("The data changed since the last checkpoint (%s): continuing on the new files, as "
+                      "--accept_changed_data asks (recorded in config.json).", what)
+      accepted.append({"changes": changes or what, "previous_data_identity": facts.get("data_identity")})
+  if inputs.manifest and old_manifest != inputs.manifest:
+    own_dir.save_manifest(inputs.manifest)
+  return accepted
+
+
 def _check_phase_change(run_dir: workdir_lib.RunDir, config: Config, started_epochs: int) -> None:
   """--frozen_epochs may grow or shrink only while no epoch it would move to another phase has started."""
   if not started_epochs or not os.path.isfile(run_dir.config_file):
@@ -345,17 +381,21 @@ def _check_phase_change(run_dir: workdir_lib.RunDir, config: Config, started_epo
 
 def _finished_export(run: Run) -> dict | None:
   """A rerun of a finished run: its export of the last checkpoint exists, so nothing is trained or exported."""
-  if int(run.trainer.epoch) < run.total_epochs or not run.manager.latest_checkpoint or not run.chief:
+  if int(run.trainer.epoch) < run.total_epochs or not run.manager.latest_checkpoint:
     return None
-  if run.shard.count > 1:
-    return None  # Every worker must take the same path; a finished cluster run re-exports (rare).
+  # Every worker of a cluster reads the same files of the shared workdir here, before any collective of this start,
+  # so all take the same path: a chief lost after its export is not exported twice when the job restarts.
   exported = _export_of(run.run_dir, run.config, run.manager.latest_checkpoint)
   if not exported or not os.path.isfile(run.run_dir.metrics_file):
     return None
   logging.warning("The run is complete (%d epochs) and its export of %s is at %s: nothing to do. Raise "
                   "--finetune_epochs to train more, or run python -m export.main --workdir=%s to export again.",
                   run.total_epochs, os.path.basename(run.manager.latest_checkpoint), exported, run.workdir)
+  if run.chief and not os.path.isfile(report_page.page_file(run.workdir)):  # Finished before the page existed.
+    _report_top_losses(run)
+    report_page.write_page(run.workdir)
   run.tensorboard.close()
+  distribute.remove_worker_files(run.workdir, run.strategy)
   return workdir_lib.read_json(run.run_dir.metrics_file)
 
 
@@ -544,18 +584,29 @@ def finalize(run: Run, val_metrics: dict | None) -> dict:
                                                  steps=_steps(run, run.inputs.val), progress=False)
   metrics = summarize(run.history, list(run.inputs.classes), None, [phase for phase, _ in model_lib.phases(run.config)])
   metrics["skipped_files"] = [{"path": path, "reason": why} for path, why in sorted(run.inputs.skipped.items())]
+  if run.chief:  # Before the writers close: the grid goes to TensorBoard too.
+    _report_top_losses(run)
   run.tensorboard.close()
   if run.chief:
     # The report first: a failed export check must not lose it either.
     run.run_dir.save_metrics(metrics)
     reporting.write_reports(run.run_dir.report, run.history, val_metrics["confusion_matrix"], run.inputs.classes)
+    report_page.write_page(run.workdir)
     samples = data.sample_files(run.inputs.val, os.path.join(run.workdir, "cache", "samples"),
                                 saved_model.PARITY_FILES)
     metrics["export_path"] = _export(run, samples)
     run.run_dir.save_metrics(metrics)
+    report_page.write_page(run.workdir)  # Again, with the export's link.
   distribute.wait_for_all_workers(run.strategy)
   distribute.remove_worker_files(run.workdir, run.strategy)
   return metrics
+
+
+def _report_top_losses(run: Run) -> None:
+  """The validation images of the chief's share the final model gets most wrong, for the report and TensorBoard:
+  one forward pass over them."""
+  report_page.report_top_losses(run.trainer.model, run.inputs.val, run.inputs.classes, run.config.data.batch_size,
+                                run.run_dir.report, run.tensorboard, int(run.trainer.epoch), run.shard.count)
 
 
 def _export(run: Run, samples) -> str:
@@ -563,7 +614,8 @@ def _export(run: Run, samples) -> str:
   and `python -m export.main` retries."""
   try:
     path = saved_model.export_saved_model(run.trainer.model, list(run.inputs.classes), run.config,
-                                          run.run_dir.export, samples, source=run.manager.latest_checkpoint or "")
+                                          run.run_dir.export, samples, source=run.manager.latest_checkpoint or "",
+                                          inputs=run.inputs)
   except saved_model.ExportParityError as e:
     raise UserInputError(f"{e} Training is complete and kept in {run.run_dir.checkpoints}; retry the export with "
                          f"python -m export.main --workdir={run.workdir}.") from None

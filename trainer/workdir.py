@@ -23,6 +23,7 @@ class RunDir:
     self.report = os.path.join(root, "report")
     self.history_file = os.path.join(self.report, "history.json")
     self.metrics_file = os.path.join(self.report, "metrics.json")
+    self.manifest_file = os.path.join(root, "data_manifest.tsv")
 
   def load_config(self) -> Config:
     if not os.path.isfile(self.config_file):
@@ -61,6 +62,26 @@ class RunDir:
 
   def save_metrics(self, metrics: dict) -> None:
     write_json(self.metrics_file, metrics)
+
+  def save_manifest(self, manifest: dict[str, str]) -> None:
+    """The files this process trains on (name -> split, class, content hash), one line each, sorted."""
+    write_text(self.manifest_file, "".join(f"{name}\t{entry}\n" for name, entry in sorted(manifest.items())))
+
+  def load_manifest(self) -> dict[str, str] | None:
+    """The manifest a run saved here, None when there is none (an older run, or a source without files)."""
+    if not os.path.isfile(self.manifest_file):
+      return None
+    with open(self.manifest_file, encoding="utf-8") as f:
+      return dict(line.rstrip("\n").split("\t", 1) for line in f if "\t" in line)
+
+
+def data_changes(old: dict[str, str], new: dict[str, str]) -> dict[str, int]:
+  """How two manifests differ: files added, removed, changed (other content or class), and moved between the
+  splits (a --validation_split carve deals files anew when others are added or removed)."""
+  both = old.keys() & new.keys()
+  changed = {name for name in both if old[name].split("\t", 1)[1] != new[name].split("\t", 1)[1]}
+  return {"added": len(new.keys() - old.keys()), "removed": len(old.keys() - new.keys()), "changed": len(changed),
+          "moved between train and val": sum(1 for name in both - changed if old[name] != new[name])}
 
 
 def _differences(old: dict, new: dict) -> list[str]:
@@ -134,13 +155,18 @@ def read_json(path: str):
 
 
 def write_json(path: str, value) -> None:
+  """Atomic: a run killed while writing leaves the previous file intact (see `write_text`)."""
+  write_text(path, json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def write_text(path: str, text: str) -> None:
   """Atomic: a run killed while writing leaves the previous file intact. Each writer has its own temporary file
   (a fixed name would let two writers interleave into one); uuid rather than tempfile keeps the umask's mode."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
   partial = f"{path}.{uuid.uuid4().hex}.partial"
   try:
     with open(partial, "x", encoding="utf-8") as f:
-      json.dump(value, f, indent=2, ensure_ascii=False)
+      f.write(text)
     os.replace(partial, path)
   except OSError as e:
     if e.errno not in (errno.ENOSPC, errno.EDQUOT):
