@@ -123,3 +123,11 @@ def format_predictions(predictions: Sequence[Prediction], fmt: str) -> str:
                                       "  ".join(f"{label} {score:.4f}" for label, score in p.top))
            for p in predictions]
   return "".join(line + "\n" for line in lines)
+
+
+if __name__ == "__main__":
+  # `python -m export.classify FILES` ran this library module, printed nothing and exited 0, as if it had worked.
+  import sys
+  print("error: export.classify is the library behind the command; classify files with: python -m export.predict "
+        "--model=WORKDIR/export/<model_name>/<version> FILE_OR_FOLDER...", file=sys.stderr)
+  sys.exit(2)

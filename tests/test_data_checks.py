@@ -61,6 +61,23 @@ def test_huge_images_are_skipped_before_decoding(color_folder, tmp_path):
   assert "300x200 pixels" in inputs.skipped[str(color_folder / "blue" / "huge.png")]
 
 
+def _png_header_only(path, width, height):
+  """A PNG whose header declares width x height pixels (a decompression bomb's) over one pixel of data."""
+  import struct
+  import zlib
+  write_image(path, (40, 60, 220), size=(1, 1), fmt="PNG")
+  content = path.read_bytes()
+  ihdr = b"IHDR" + struct.pack(">II", width, height) + content[24:29]  # bit depth, colour type, ... kept
+  path.write_bytes(content[:12] + ihdr + struct.pack(">I", zlib.crc32(ihdr)) + content[33:])
+
+
+def test_an_image_larger_than_pils_own_bomb_limit_is_skipped_by_its_size(color_folder, tmp_path):
+  """PIL refuses to open a 400 MP header (its own limit), which read as a 0x0 size that passed the check."""
+  _png_header_only(color_folder / "blue" / "bomb.png", 20_000, 20_000)
+  inputs = _load(color_folder, tmp_path)
+  assert "20000x20000 pixels exceeds --max_image_pixels" in inputs.skipped[str(color_folder / "blue" / "bomb.png")]
+
+
 def _odd_but_valid(folder):
   """Files that TensorFlow decodes: each must be used, as RGB, with its true colours."""
   red = np.zeros((24, 32, 3), np.uint8) + np.array(CLASS_COLORS["red"], np.uint8)
@@ -130,6 +147,8 @@ def test_odd_paths_and_broken_files_work_end_to_end(tmp_path, tiny_config):
     report = json.load(f)
   assert [entry["path"] for entry in report["skipped_files"]] == [str(root / "пчела" / "broken ü.jpg")]
   assert report["classes"] == sorted(names)
+  facts = json.loads((tmp_path / "run" / "config.json").read_text(encoding="utf-8"))["run"]
+  assert facts["train_examples"] + facts["val_examples"] == 12  # The skipped file is not counted.
   served = tf.saved_model.load(metrics["export_path"]).signatures["serving_default"]
   image_bytes = (root / "éléphant gris" / "photo 0 é.jpg").read_bytes()
   outputs = served(image_bytes=tf.constant([image_bytes]))

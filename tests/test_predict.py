@@ -82,3 +82,12 @@ def test_the_readme_quotes_the_error_a_request_of_no_image_gets(trained_export_d
     serve(image_bytes=tf.constant([b"hello"]))
 
   assert quoted.replace("[i]", "[0]").replace("(n bytes)", "(5 bytes)") in error.value.message
+
+
+def test_running_the_library_module_says_which_command_classifies(capsys):
+  """`python -m export.classify --model=MISSING img.jpg` printed nothing and exited 0."""
+  import runpy
+  with pytest.raises(SystemExit) as exit_:
+    runpy.run_module("export.classify", run_name="__main__")
+  errors = capsys.readouterr().err.splitlines()
+  assert exit_.value.code == 2 and len(errors) == 1 and "python -m export.predict" in errors[0]

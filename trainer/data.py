@@ -226,7 +226,10 @@ def _file_examples(config: DataConfig, shard: Shard, pad_multiple: int, image_si
       decoded, usable = _filled_cache(usable, image_size, cache, unreadable)
     labels = tuple(split.labels[index] for _, index in usable)
     paths, ids = tuple(path for path, _ in usable), tuple(index for _, index in usable)
-    listed = _SplitList(None, labels, ids, tuple(split.labels), length, identity, paths, items_are_paths=True)
+    # One worker knows every file it skipped: the split's count is what it trains on (config.json said 33 with 32
+    # trained on). A worker of several knows only its own share's skipped files, so the listing's count stays.
+    all_labels = labels if shard.count == 1 else tuple(split.labels)
+    listed = _SplitList(None, labels, ids, all_labels, length, identity, paths, items_are_paths=True)
     if fill:
       examples.append(_cached_examples(listed, _padded(decoded, labels, ids, length), cache, budget, image_size))
     else:

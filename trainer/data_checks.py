@@ -25,6 +25,9 @@ from trainer.errors import UserInputError
 
 # How many skipped files a warning names (all of them go into the run's report).
 _LISTED = 5
+# PIL's own decompression-bomb check raises in Image.open above ~179 MP, before the size is known: such a file read
+# as 0x0 and passed. Our --max_image_pixels is the one limit, applied to every size read from the header.
+Image.MAX_IMAGE_PIXELS = None
 
 
 @dataclasses.dataclass(frozen=True)
