@@ -1,6 +1,7 @@
 """Where labelled files come from, as a user lays them out: what is read, what is skipped (and why), and layouts
 that would train the wrong classes, refused in one line that says what was expected."""
 
+import logging
 import os
 
 import pytest
@@ -194,3 +195,45 @@ def test_train_valid_and_test_folders_train_on_train_validate_on_valid_and_hold_
 
   assert all("/train/" in path for path in files.train.paths) and all("/valid/" in path for path in files.val.paths)
   assert any("test is held out" in message for message in said)
+
+
+def test_a_label_typo_in_a_csv_is_warned_about_in_one_line(tmp_path, caplog):
+  """`bee` among `bees` silently made a 3-class model."""
+  rows = []
+  for label, color, count in (("bees", (230, 200, 40), 12), ("ants", (90, 40, 20), 12), ("bee", (230, 200, 40), 2)):
+    for i in range(count):
+      write_image(tmp_path / "photos" / f"{label}_{i}.jpg", color)
+      rows.append(f"photos/{label}_{i}.jpg,{label}")
+  (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+  with caplog.at_level(logging.WARNING):
+    files = sources.find_files(_data(csv=str(tmp_path / "labels.csv")))
+  assert files.classes == ("ants", "bee", "bees")  # Warned, never changed silently.
+  warnings = [r.getMessage() for r in caplog.records if "label typo" in r.getMessage()]
+  assert len(warnings) == 1
+  assert "'bee' and 'bees' differ only by case" in warnings[0] and "class 'bee' has 2 image(s)" in warnings[0]
+
+
+def test_ordinary_class_names_raise_no_typo_warning(tmp_path, caplog):
+  for name in ("cat", "car", "class_1", "class_2", "0", "1"):
+    for i in range(3):
+      write_image(tmp_path / "d" / name / f"{i}.jpg", (i * 40, 90, 20))
+  with caplog.at_level(logging.WARNING):
+    sources.find_files(_data(data_dir=str(tmp_path / "d")))
+  assert not [r for r in caplog.records if "label typo" in r.getMessage()]
+
+
+def test_an_unreadable_split_folder_is_one_line(tmp_path, monkeypatch):
+  """An unreadable val/ ended in a PermissionError traceback (an unreadable class folder was handled). Tests run
+  as root, who reads any folder: the refusal is played by os.listdir."""
+  for split in ("train", "val"):
+    for name in ("cat", "dog"):
+      write_image(tmp_path / "d" / split / name / "a.jpg", (1, 2, 3))
+  real_listdir = os.listdir
+
+  def listdir(path):
+    if os.path.basename(path) == "val":
+      raise PermissionError(13, "Permission denied")
+    return real_listdir(path)
+  monkeypatch.setattr(os, "listdir", listdir)
+  with pytest.raises(UserInputError, match=r"val cannot be read \(Permission denied\)"):
+    sources.find_files(_data(data_dir=str(tmp_path / "d")))

@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import os
 import random
+import re
 from typing import Collection, Hashable, Iterable, Iterator, Sequence
 
 import tensorflow as tf
@@ -82,11 +83,13 @@ def find_files(config: DataConfig) -> LabelledFiles:
   if chosen(config) == "csv":
     classes, files = _csv_files(config.csv, min_classes=2)
     skipped, where = {}, f"--csv={config.csv}"
+    warn_suspicious_classes(files, where)
   else:
     root = _existing_folder(config.data_dir)
     splits = _split_folders(root)
     if "train" in splits and "val" in splits:
       classes, train, skipped = class_folders(splits["train"])
+      warn_suspicious_classes(train, splits["train"])
       val_classes, val, val_skipped = class_folders(splits["val"])
       if val_classes != classes:
         raise UserInputError(
@@ -105,6 +108,7 @@ def find_files(config: DataConfig) -> LabelledFiles:
     classes, files, skipped = class_folders(root)
     _refuse_split_names_as_classes(root, classes)
     where = f"--data_dir={root}"
+    warn_suspicious_classes(files, where)
   train, val = stratified_split(files, config.validation_split, config.seed, where=where)
   return LabelledFiles(tuple(classes), as_split(train, classes), as_split(val, classes), skipped)
 
@@ -166,7 +170,7 @@ def _split_folders(root: str) -> dict[str, str]:
 
 
 def _is_split_folder(path: str) -> bool:
-  return os.path.isdir(path) and not any(is_image_file(name) for name in os.listdir(path))
+  return os.path.isdir(path) and not any(is_image_file(name) for name in _listdir(path))
 
 
 def _listed(splits: dict[str, str]) -> str:
@@ -249,7 +253,7 @@ def _refuse_images_one_level_deeper(folder: str, files: dict[str, list[str]], sk
   if not files or any(files.values()):
     return
   for sub_folder in (path for path in sorted(skipped) if os.path.isdir(path)):
-    example = next((name for name in sorted(os.listdir(sub_folder)) if is_image_file(name)), None)
+    example = next((name for name in sorted(_listdir(sub_folder)) if is_image_file(name)), None)
     if example:
       parent = os.path.dirname(sub_folder)
       raise UserInputError(f"{folder}: expected one sub-folder per class holding the images, but the images are "
@@ -347,6 +351,29 @@ def _csv_files(csv_path: str, min_classes: int) -> tuple[list[str], dict[str, li
                    if min_classes > 1 else "Add rows of images and their labels.")
   files = {name: sorted(path for path, label in label_of.items() if label == name) for name in classes}
   return classes, files
+
+
+# A class this small beside classes of at least _TYPICAL images is more likely a label typo than a class.
+_TINY_CLASS, _TYPICAL = 2, 10
+
+
+def warn_suspicious_classes(files: dict[str, list[str]], where: str) -> None:
+  """One warning line when class names look like copies of each other (case, punctuation or a plural 's': 'bee'
+  beside 'bees', a typo in a CSV) or a class is tiny beside the others: the run would train an extra class."""
+  counts = {name: len(paths) for name, paths in files.items()}
+  by_key: dict[str, list[str]] = {}
+  for name in counts:
+    key = re.sub(r"[^0-9a-z]", "", name.casefold())
+    by_key.setdefault(key.removesuffix("s"), []).append(name)
+  problems = [f"classes {' and '.join(repr(n) for n in names)} differ only by case, punctuation or a plural"
+              for names in by_key.values() if len(names) > 1]
+  typical = sorted(counts.values())[len(counts) // 2]
+  if typical >= _TYPICAL:
+    problems += [f"class {name!r} has {count} image(s) against {typical} for a typical class"
+                 for name, count in counts.items() if count <= _TINY_CLASS]
+  if problems:
+    logging.warning("%s: %s. If these are label typos, fix the labels: each name is trained as a class of its "
+                    "own.", where, "; ".join(problems))
 
 
 def stratified_split(items: dict[str, list[Hashable]], fraction: float, seed: int,
