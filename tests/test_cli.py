@@ -151,3 +151,13 @@ def test_local_launcher_resolves_paths_against_the_callers_folder(tmp_path):
   errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
   assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
   assert "one_class has 1 class(es) ['cat']" in errors[0]
+
+
+def test_ctrl_c_outside_the_epochs_is_one_line_and_exit_130(capsys):
+  from trainer import exit_codes
+  from trainer.errors import exit_on_user_error
+  with pytest.raises(SystemExit) as exit_:
+    with exit_on_user_error():
+      raise KeyboardInterrupt
+  lines = capsys.readouterr().err.splitlines()
+  assert exit_.value.code == exit_codes.INTERRUPTED == 130 and len(lines) == 1 and "Ctrl-C" in lines[0]

@@ -9,7 +9,7 @@ import time
 import pytest
 
 import trainer_process
-from conftest import CLASS_COLORS, write_image
+from conftest import CLASS_COLORS, tiny_run, write_image
 from trainer import distribute
 from trainer.config import Config
 from trainer.errors import UserInputError
@@ -103,3 +103,29 @@ def test_a_different_configuration_is_refused_in_a_workdir_with_checkpoints(tmp_
   # More epochs, another strategy or other logs continue the same run.
   run.save_config(config.replace(seed=2, finetune_epochs=9, strategy="mirrored", verbosity=1), {})
   assert run.load_config().train.finetune_epochs == 9
+
+
+def test_ctrl_c_saves_mid_epoch_and_exits_130_in_one_line(color_folder, random_mobilenet_025_weights, tmp_path,
+                                                          monkeypatch):
+  """Ctrl-C ended in a KeyboardInterrupt traceback and lost the epoch's steps: it now saves as SIGTERM does."""
+  from trainer import exit_codes, train
+  config = tiny_run(random_mobilenet_025_weights, data_dir=str(color_folder), finetune_epochs=0, batch_size=2)
+  run = train.setup(config, str(tmp_path / "run"))
+
+  class PressCtrlCAtStep2:
+    def __init__(self, steps, progress):
+      pass
+
+    def update(self, step, values):
+      if step == 2:
+        signal.raise_signal(signal.SIGINT)
+  monkeypatch.setattr(train.progress_lib, "bar", PressCtrlCAtStep2)
+  with pytest.raises(SystemExit) as exit_:
+    train.train_epochs(run)
+  run.tensorboard.close()
+  assert exit_.value.code == exit_codes.INTERRUPTED
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C is Python's own again.
+  monkeypatch.undo()
+  resumed = train.setup(config, str(tmp_path / "run"))
+  resumed.tensorboard.close()
+  assert int(resumed.trainer.epoch) == 0 and int(resumed.trainer.epoch_step) >= 2  # The steps done were saved.

@@ -3,6 +3,8 @@
 import contextlib
 import sys
 
+from trainer import exit_codes
+
 
 class UserInputError(Exception):
   """A mistake the user can fix; the message names the flag or file and the fix."""
@@ -10,9 +12,14 @@ class UserInputError(Exception):
 
 @contextlib.contextmanager
 def exit_on_user_error():
-  """Ends a command on a UserInputError with its message on stderr and exit code 2."""
+  """Ends a command on a UserInputError with its message on stderr and exit code 2, and on Ctrl-C with one line
+  and 130 (trainer.exit_codes; while epochs train, Ctrl-C saves a checkpoint first: trainer.train)."""
   try:
     yield
   except UserInputError as e:
     print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(exit_codes.USER_ERROR)
+  except KeyboardInterrupt:
+    print("Interrupted (Ctrl-C): files already written are complete and the last checkpoint is kept; run the same "
+          "command again to continue.", file=sys.stderr)
+    sys.exit(exit_codes.INTERRUPTED)

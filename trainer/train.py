@@ -13,7 +13,9 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 
 import keras
@@ -22,7 +24,8 @@ import tensorflow as tf
 from absl import logging
 
 from export import saved_model
-from trainer import augment, backbones, checkpoints, data, distribute, features, randomness, report_page, reporting
+from trainer import augment, backbones, checkpoints, data, distribute, exit_codes, features, randomness
+from trainer import report_page, reporting
 from trainer import progress as progress_lib
 from trainer import model as model_lib
 from trainer import workdir as workdir_lib
@@ -412,10 +415,15 @@ def _export_of(run_dir: workdir_lib.RunDir, config: Config, checkpoint: str) -> 
 
 def train_epochs(run: Run) -> dict | None:
   """The epochs left to train; returns the last validation's metrics (None when no epoch ran here)."""
+  with _CtrlCAsSigterm() as stops:
+    return _train_epochs(run, stops)
+
+
+def _train_epochs(run: Run, stops: "_CtrlCAsSigterm") -> dict | None:
   config, trainer = run.config, run.trainer
   preemption = distribute.preemption_handler(run.strategy, run.manager,
                                              save_fn=lambda: checkpoints.save(run.own_manager),
-                                             exit_fn=lambda: _exit_preempted(trainer))
+                                             exit_fn=lambda: _exit_preempted(trainer, stops.ctrl_c))
   progress = config.runtime.verbosity >= 0
   run.tensorboard.log_run(config, {"precision": run.policy, "num_replicas": run.strategy.num_replicas_in_sync,
                                    "classes": list(run.inputs.classes), "run_name": os.path.basename(
@@ -623,11 +631,35 @@ def _export(run: Run, samples) -> str:
   return path
 
 
-def _exit_preempted(trainer: Trainer) -> None:
-  """After the checkpoint PreemptionCheckpointHandler saved on SIGTERM: exit with a code schedulers retry."""
-  logging.warning("Stopped by SIGTERM: saved a checkpoint after %d step(s) of epoch %d. Run the same command again "
-                  "to continue.", int(trainer.epoch_step), int(trainer.epoch) + 1)
-  sys.exit(distribute.PREEMPTED_EXIT_CODE)
+class _CtrlCAsSigterm:
+  """While epochs train, Ctrl-C (SIGINT) stops the run as SIGTERM does: TensorFlow's PreemptionCheckpointHandler
+  saves a checkpoint at the next step, then the run exits (exit_codes.INTERRUPTED). Before, Ctrl-C raised
+  KeyboardInterrupt wherever the loop was, lost the epoch's steps and printed a traceback."""
+
+  def __init__(self):
+    self.ctrl_c = False
+    self._previous = None
+
+  def __enter__(self) -> "_CtrlCAsSigterm":
+    if threading.current_thread() is threading.main_thread():  # Python's signal handlers live there only.
+      self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+    return self
+
+  def _on_sigint(self, signum, frame) -> None:
+    self.ctrl_c = True
+    signal.raise_signal(signal.SIGTERM)
+
+  def __exit__(self, *exc_info) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGINT, self._previous)
+
+
+def _exit_preempted(trainer: Trainer, ctrl_c: bool = False) -> None:
+  """After the checkpoint PreemptionCheckpointHandler saved on SIGTERM (or Ctrl-C): exit with the code of the
+  table in trainer.exit_codes (both are retryable: the same command continues)."""
+  logging.warning("Stopped by %s: saved a checkpoint after %d step(s) of epoch %d. Run the same command again to "
+                  "continue.", "Ctrl-C" if ctrl_c else "SIGTERM", int(trainer.epoch_step), int(trainer.epoch) + 1)
+  sys.exit(exit_codes.INTERRUPTED if ctrl_c else exit_codes.PREEMPTED)
 
 
 def _first_augmented_batch(config: Config, train_images: tf.data.Dataset,
