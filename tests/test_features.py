@@ -87,6 +87,40 @@ def test_load_or_extract_extracts_once_and_reads_the_same_features_back(tiny_con
   assert [p.name for p in (tmp_path / "cache").iterdir() if p.name.startswith("features_")] == ["features_k1.npz"]
 
 
+def test_a_corrupt_or_unwritable_features_file_is_rebuilt_not_fatal(tiny_config, color_folder, tmp_path,
+                                                                     monkeypatch, caplog):
+  """A truncated .npz failed every rerun (BadZipFile); a full disk while writing it stopped the run and left a 0-byte
+  partial; a killed writer's .partial.npz stayed forever."""
+  import errno
+  import logging
+  config, model, images = _model_and_images(tiny_config, color_folder, tmp_path)
+  cache = tmp_path / "cache"
+  first = features.load_or_extract(model, images, images, 8, None, 1, str(cache), "k1")
+  stored = cache / "features_k1.npz"
+  stored.write_bytes(stored.read_bytes()[:100])
+  dead = cache / "features_k2.npz.thathost.1.partial.npz"  # Another host's: never removed from here.
+  own_dead = cache / f"features_k3.npz.{features.socket.gethostname()}.999999999.partial.npz"
+  dead.write_bytes(b"x")
+  own_dead.write_bytes(b"x")
+  with caplog.at_level(logging.WARNING):
+    again = features.load_or_extract(model, images, images, 8, None, 1, str(cache), "k1")
+  np.testing.assert_array_equal(again.train_features, first.train_features)
+  assert (cache / "corrupt" / "features_k1.npz").is_file() and stored.is_file()
+  assert any("do not read back" in r.getMessage() for r in caplog.records)
+  assert dead.exists() and not own_dead.exists()
+
+  def full_disk(path, **arrays):
+    with open(path, "wb") as f:
+      f.write(b"partial")
+    raise OSError(errno.ENOSPC, "No space left on device")
+  monkeypatch.setattr(features.np, "savez", full_disk)
+  with caplog.at_level(logging.WARNING):
+    in_memory = features.load_or_extract(model, images, images, 8, None, 1, str(cache), "k4")
+  np.testing.assert_array_equal(in_memory.train_features, first.train_features)
+  assert not list(cache.glob("features_k4*"))  # Neither the file nor its partial.
+  assert any(f"disk holding {cache} is full" in r.getMessage() for r in caplog.records)
+
+
 def test_runs_sharing_a_cache_dir_extract_the_features_once(color_folder, tmp_path, tiny_config, monkeypatch):
   # Another fine-tune rate and head: the same features (a sweep extracts once); the decoded images are shared too.
   config = tiny_config.replace(data_dir=str(color_folder), frozen_epochs=1, finetune_epochs=1,

@@ -26,9 +26,14 @@ the ids (`train_ids`, `val_ids`: which example each row is; None without them).
 """
 
 import dataclasses
+import errno
+import glob
 import hashlib
 import json
 import os
+import shutil
+import socket
+import zipfile
 
 import keras
 import numpy as np
@@ -110,11 +115,7 @@ class FeatureCache:
   def __init__(self, model: keras.Model, train_images: tf.data.Dataset, val_images: tf.data.Dataset,
                batch_size: int, augmenter: keras.Layer | None = None, views: int = 1, path: str = ""):
     self.head = head_of(model)
-    if path and os.path.isfile(path):
-      with np.load(path) as stored:
-        self.train_features, self.train_labels, self.val_features, self.val_labels = (
-            stored[name] for name in _ARRAYS)
-        self.train_ids, self.val_ids = (stored[name] if name in stored else None for name in _ID_ARRAYS)
+    if path and os.path.isfile(path) and self._read(path):
       logging.info("Read the cached features of %d training images (%d views) from %s.",
                    len(self.train_labels), self.views, path)
       return
@@ -125,6 +126,23 @@ class FeatureCache:
     if path:
       _save_arrays(path, {name: getattr(self, name) for name in _ARRAYS + _ID_ARRAYS
                           if getattr(self, name) is not None})
+
+  def _read(self, path: str) -> bool:
+    """Reads the arrays of `path`; a file that does not read back whole (truncated by a full disk or a copy,
+    which failed every rerun with BadZipFile) is set aside in corrupt/ beside it, with one warning: False."""
+    try:
+      with np.load(path) as stored:
+        self.train_features, self.train_labels, self.val_features, self.val_labels = (
+            np.asarray(stored[name]) for name in _ARRAYS)
+        self.train_ids, self.val_ids = (np.asarray(stored[name]) if name in stored else None for name in _ID_ARRAYS)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+      aside = os.path.join(os.path.dirname(path), "corrupt", os.path.basename(path))
+      os.makedirs(os.path.dirname(aside), exist_ok=True)
+      os.replace(path, aside)
+      logging.warning("The cached features %s do not read back (%s: %s): moved to %s; extracting them again.",
+                      path, type(e).__name__, str(e).strip()[:120], aside)
+      return False
+    return True
 
   @property
   def views(self) -> int:
@@ -166,6 +184,7 @@ def load_or_extract(model: keras.Model, train_images: tf.data.Dataset, val_image
                     batch_size: int, augmenter: keras.Layer | None, views: int, cache_dir: str,
                     key: str) -> FeatureCache:
   """The features in cache_dir/features_<key>.npz, extracted and written there first if the file is missing."""
+  _remove_dead_partials(cache_dir)
   return FeatureCache(model, train_images, val_images, batch_size, augmenter, views,
                       os.path.join(cache_dir, f"features_{key}.npz"))
 
@@ -178,10 +197,47 @@ def _file_identity(weights: str) -> str | list:
   return [os.path.abspath(weights), status.st_size, status.st_mtime_ns]
 
 
+# A partial file's name says who writes it: runs sharing a --cache_dir (on several hosts) may write one file at once.
+_PARTIAL = ".{host}.{pid}.partial.npz"
+
+
 def _save_arrays(path: str, arrays: dict) -> None:
-  """Atomic: a run killed while writing leaves no partial file under the final name."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  partial = f"{path}.{os.getpid()}.partial.npz"  # Runs sharing a --cache_dir may write the same file at once.
-  np.savez(partial, **arrays)
-  os.replace(partial, path)
+  """Atomic: a run killed while writing leaves no partial file under the final name. A full disk is no reason to
+  stop a run that has its features in memory: one warning names the folder and the bytes needed, the partial
+  file is removed, and the next run extracts again."""
+  partial = path + _PARTIAL.format(host=socket.gethostname(), pid=os.getpid())
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    np.savez(partial, **arrays)
+    os.replace(partial, path)
+  except OSError as e:
+    if os.path.exists(partial):
+      os.remove(partial)
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+      raise
+    needed = sum(array.nbytes for array in arrays.values())
+    logging.warning("The disk holding %s is full: the features (%.1f MiB) were not cached there (%.1f MiB free). "
+                    "Training goes on with them in memory; free space there so that the next run need not extract "
+                    "them again.", os.path.dirname(path), needed / 2**20,
+                    shutil.disk_usage(os.path.dirname(path)).free / 2**20)
+    return
   logging.info("Cached the features of %d training images in %s.", len(arrays["train_labels"]), path)
+
+
+def _remove_dead_partials(folder: str) -> None:
+  """Partial feature files that a killed run of this host left (its PID no longer runs) would stay forever."""
+  host = socket.gethostname()
+  for partial in glob.glob(os.path.join(glob.escape(folder), "features_*" + _PARTIAL.format(host=host, pid="*"))):
+    pid = partial[:-len(".partial.npz")].rsplit(".", 1)[-1]
+    if pid.isdigit() and not _runs(int(pid)):
+      os.remove(partial)
+
+
+def _runs(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True  # Another user's process.
+  return True
