@@ -1,6 +1,7 @@
 """Sources (folders, CSV, TFDS), their user errors, the decoded-image cache, shuffling and class weights."""
 
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -210,6 +211,43 @@ def test_a_disk_cache_of_changed_files_is_never_reused(color_folder, tmp_path):
     assert list(CLASS_COLORS)[_mean_colour_class(image)] == swapped[classes[label]]
   assert second.identity != first.identity
   assert before < cache_files() and len(cache_files()) == 2 * len(before)  # New caches beside the old ones.
+
+
+def test_disk_caches_shared_by_concurrent_runs_and_truncated_ones_are_rebuilt(color_folder, tmp_path, caplog):
+  """Two runs sharing a --cache_dir with --cache=disk crashed with AlreadyExistsError on tf.data's lock file; a
+  truncated cache file failed every rerun with OutOfRange."""
+  import logging
+  import threading
+  cache = tmp_path / "shared_cache"
+  values = dict(data_dir=str(color_folder), cache_dir=str(cache), cache="disk", validation_split=0.34)
+  alone = _epoch(_load(tmp_path, **values).train, 3)
+  shutil.rmtree(cache)
+  results, errors = {}, []
+
+  def run(name):
+    try:
+      results[name] = _epoch(_load(tmp_path, **values).train, 3)
+    except Exception as e:  # noqa: BLE001 - the test reports whatever a thread raised.
+      errors.append(e)
+  threads = [threading.Thread(target=run, args=(name,)) for name in ("a", "b")]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join()
+  assert not errors, errors
+  for name in ("a", "b"):
+    for got, expected in zip(results[name], alone):
+      np.testing.assert_array_equal(got, expected)
+  assert not [name for name in os.listdir(cache) if "@" in name]  # No writer's file is left.
+
+  data_file = next(path for path in cache.iterdir() if ".data-" in path.name and "images_" in path.name)
+  data_file.write_bytes(data_file.read_bytes()[:1000])
+  with caplog.at_level(logging.WARNING):
+    rebuilt = _epoch(_load(tmp_path, **values).train, 3)
+  for got, expected in zip(rebuilt, alone):
+    np.testing.assert_array_equal(got, expected)
+  assert any("does not read back" in r.getMessage() for r in caplog.records)
+  assert (cache / "corrupt").is_dir()
 
 
 @pytest.mark.parametrize("mode", ["memory", "disk", "none"])

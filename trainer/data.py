@@ -28,6 +28,7 @@ import itertools
 import math
 import os
 import shutil
+import socket
 import threading
 import uuid
 from typing import Callable, Sequence
@@ -260,15 +261,95 @@ def _filled_cache(usable: list[tuple[str, int]], image_size: int, cache: CacheCh
   decoded = tf.data.Dataset.zip(tf.data.Dataset.from_tensor_slices(paths), positions).map(
       _plain_graph(lambda path, position: (images.load(tf.io.read_file(path), image_size), position)),
       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
-  decoded = _cached(decoded, cache)
-  good = set()
-  for batch in decoded.map(_plain_graph(lambda image, position: position)).batch(4096):
-    good.update(batch.numpy().tolist())
+  if cache.mode == "disk":
+    decoded, good = _shared_disk_cache(decoded, cache.path)
+  else:
+    decoded = decoded.cache()
+    good = _positions_in(decoded)
   for position, (path, _) in enumerate(usable):
     if position not in good:
       unreadable[path] = data_checks.why_it_failed(path)
   kept = [item for position, item in enumerate(usable) if position in good]
   return decoded.map(_plain_graph(lambda image, position: image)), kept
+
+
+def _positions_in(decoded: tf.data.Dataset) -> set[int]:
+  """The positions of the elements of (image, position) `decoded`, read through once (which fills its cache)."""
+  good = set()
+  for batch in decoded.map(_plain_graph(lambda image, position: position)).batch(4096):
+    good.update(batch.numpy().tolist())
+  return good
+
+
+def _shared_disk_cache(decoded: tf.data.Dataset, prefix: str) -> tuple[tf.data.Dataset, set[int]]:
+  """`decoded` cached in the files of `prefix`, and the positions they hold.
+
+  Runs that share a --cache_dir may need the same cache at once (tf.data's writer then failed with AlreadyExists
+  on its lock file): each process fills a file of its own (host and PID in its name) and publishes it under
+  `prefix` by renaming, unless another published first. A published cache that does not read back whole (a
+  truncated file: OutOfRange on every rerun) is set aside in corrupt/ with one warning and filled again."""
+  if os.path.exists(f"{prefix}.index"):
+    try:
+      return decoded.cache(prefix), _positions_in(decoded.cache(prefix))
+    # A truncated file surfaces as InternalError ("FileCacheImpl returned OutOfRange"), others as these.
+    except (tf.errors.OutOfRangeError, tf.errors.DataLossError, tf.errors.InvalidArgumentError,
+            tf.errors.InternalError, tf.errors.NotFoundError) as e:
+      aside = _set_aside(prefix)
+      logging.warning("The disk cache %s does not read back (%s): moved to %s; decoding the images again.",
+                      prefix, e.message.strip().splitlines()[0][:160], aside)
+  own = _writer_prefix(prefix, os.getpid())
+  os.makedirs(os.path.dirname(prefix), exist_ok=True)
+  _remove_dead_writers(prefix)
+  good = _positions_in(decoded.cache(own))
+  files = glob.glob(glob.escape(own) + "*")
+  if os.path.exists(f"{prefix}.index"):  # Another run published the same cache meanwhile: keep one.
+    for path in files:
+      os.remove(path)
+  else:
+    # The index last: a cache is complete when its index exists.
+    for path in sorted(files, key=lambda path: path.endswith(".index")):
+      os.replace(path, prefix + path[len(own):])
+  return decoded.cache(prefix), good
+
+
+def _set_aside(prefix: str) -> str:
+  folder = os.path.join(os.path.dirname(prefix), "corrupt")
+  os.makedirs(folder, exist_ok=True)
+  for path in glob.glob(glob.escape(prefix) + ".*"):
+    if not _is_writer_file(prefix, path):
+      os.replace(path, os.path.join(folder, os.path.basename(path)))
+  return folder
+
+
+def _writer_prefix(prefix: str, pid: int | str) -> str:
+  """Where process `pid` of this host fills the cache of `prefix` before publishing it (no host name has '@'); a
+  random part keeps two fills of one process apart."""
+  return f"{prefix}.{pid}@{socket.gethostname()}.{uuid.uuid4().hex[:8]}.fill"
+
+
+def _is_writer_file(prefix: str, path: str) -> bool:
+  return "@" in path[len(prefix):]
+
+
+def _remove_dead_writers(prefix: str) -> None:
+  """The files of fills of `prefix` that a killed process of this host left (its PID no longer runs)."""
+  for path in glob.glob(f"{glob.escape(prefix)}.*@{glob.escape(socket.gethostname())}.*.fill*"):
+    pid = path[len(prefix) + 1:].split("@")[0]
+    if pid.isdigit() and not _process_runs(int(pid)):
+      if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+      else:
+        os.remove(path)
+
+
+def _process_runs(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True  # Another user's process.
+  return True
 
 
 def _cached_examples(listed: _SplitList, padded: tf.data.Dataset, cache: CacheChoice, budget: int,
