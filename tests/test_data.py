@@ -268,6 +268,24 @@ def test_every_cache_mode_gives_the_same_uint8_pixels_in_the_same_seeded_order(c
   assert sorted(ids) == sorted(inputs.train.ids)  # Every example once.
 
 
+@pytest.mark.parametrize("order", [data.WHOLE, data.BUFFERED])
+def test_a_runs_epoch_order_is_the_same_in_every_cache_mode(color_folder, tmp_path, order):
+  """A resume whose cache mode changed (--memory_budget or free disk moved it from disk to none) trained other
+  epochs: the run's order now decides the shuffle, never where the decoded images live."""
+  epochs = {}
+  for mode in ("memory", "disk", "none"):
+    inputs = data.load(Config().replace(data_dir=str(color_folder), cache=mode, cache_dir=str(tmp_path / mode)).data,
+                       SIZE, order=order)
+    assert inputs.train.order == order
+    if order == data.WHOLE and mode == "disk":
+      assert inputs.train.cache.mode == "none" and "shuffled whole" in inputs.train.cache.reason
+    epochs[mode] = _epoch(inputs.train, 7)
+  for mode in ("disk", "none"):
+    for got, want in zip(epochs[mode], epochs["memory"]):
+      np.testing.assert_array_equal(got, want)
+  assert sorted(epochs["memory"][3]) == sorted(inputs.train.ids)  # Every example once.
+
+
 def test_auto_picks_memory_then_disk_then_none_from_the_budget_and_the_free_disk(color_folder, tmp_path,
                                                                                  monkeypatch):
   assert _load(tmp_path, data_dir=str(color_folder)).train.cache.mode == "memory"

@@ -53,8 +53,10 @@ def test_changed_files_and_a_changed_model_are_refused_before_restoring(tmp_path
   assert {kind: recorded["data_changes"][0]["changes"][kind] for kind in ("added", "removed", "changed")} == \
       {"added": 1, "removed": 1, "changed": 1}
   assert recorded["data_identity"] != facts["data_identity"]
-  again = train.setup(config.replace(finetune_epochs=1), workdir)  # The new files are now the run's.
+  # The new files are now the run's; a cache that moved to disk keeps the run's whole-share shuffle.
+  again = train.setup(config.replace(finetune_epochs=1, cache="disk"), workdir)
   again.tensorboard.close()
+  assert facts["epoch_order"] == again.inputs.train.order == "whole" and again.inputs.train.cache.mode == "none"
 
 
 def _workdir_with_checkpoints(tmp_path, **config_values) -> RunDir:

@@ -51,6 +51,9 @@ _MAX_SHUFFLE_BUFFER = 10_000
 _MAX_SHUFFLE_BYTES = 256 << 20
 # Bumped when `images.load` changes what pixels a file gives: old cache files must not be reused.
 _PIXELS_VERSION = 2
+# How an epoch is shuffled (`load`): a permutation of the whole share, or, over what cannot be held whole (a disk
+# cache, a stream of records), the share stored in a seeded random order and shuffled in a bounded buffer.
+WHOLE, BUFFERED = "whole", "buffered"
 # Examples decoded together where an undecodable one becomes a stand-in (`_decode_or_stand_in`).
 _DECODE_CHUNK = 64
 # The pipelines' map functions are plain TensorFlow ops: AutoGraph, which tf.data runs on each of them, need not
@@ -93,6 +96,7 @@ class Examples:
   epoch: Callable[[int | None], tf.data.Dataset]
   paths: tuple[str, ...] | None = None
   failures: "_DecodeFailures | None" = None
+  order: str = WHOLE  # How epochs are shuffled (see `load`): recorded with the run, so that a resume keeps it.
 
   def __len__(self) -> int:
     return len(self.labels)
@@ -147,14 +151,20 @@ class _SplitList:
   # buffer).
   items_are_paths: bool = False
   record_name: Callable[[int], str] | None = None  # id -> "SHARD record N" of a TFRecord record
+  order: str = ""  # WHOLE or BUFFERED; '' until the cache is chosen
 
 
 def load(config: DataConfig, image_size: int, cache_root: str = "", shard: Shard = Shard(),
-         pad_multiple: int = 1) -> InputData:
+         pad_multiple: int = 1, order: str = "") -> InputData:
   """The checked, decoded and cached train and val data of this worker.
 
   cache_root: where the disk cache goes when --cache_dir is not set. pad_multiple: every worker's share is
   padded to the same multiple of this (the examples of one step over this worker's replicas).
+
+  order: how epochs are shuffled, so that an epoch depends on the seed alone, never on where decoded images live:
+  '' lets the cache decide (WHOLE in memory and for files decoded every epoch, BUFFERED from a disk cache); a
+  resumed run passes the order it started with (Examples.order, recorded in config.json). Every mode can give a
+  BUFFERED epoch; a WHOLE one cannot come from a disk cache, so such a run decodes every epoch instead.
   """
   source = sources.chosen(config)
   budget = config_checks.memory_budget(config.memory_budget) or _default_memory_budget()
@@ -165,7 +175,7 @@ def load(config: DataConfig, image_size: int, cache_root: str = "", shard: Shard
   manifest: dict[str, str] = {}
   if source in ("data_dir", "csv"):
     classes, train_examples, val_examples, skipped, train, val, manifest = _file_examples(
-        config, shard, pad_multiple, image_size, budget, folder)
+        config, shard, pad_multiple, image_size, budget, folder, order)
   else:
     if source == "tfds":
       classes, train, val = _tfds_lists(config, shard, pad_multiple)
@@ -174,9 +184,9 @@ def load(config: DataConfig, image_size: int, cache_root: str = "", shard: Shard
     skipped = dict(skipped)  # Also gets the records that fail to decode in an epoch (`_DecodeFailures`).
     where = f"--{source}={getattr(config, source)}"
     train_examples = _decoded(train, image_size, config, budget, folder,
-                              failures=_DecodeFailures(skipped, f"{where} training", train.record_name))
+                              failures=_DecodeFailures(skipped, f"{where} training", train.record_name), order=order)
     val_examples = _decoded(val, image_size, config, _budget_left(budget, train_examples, image_size), folder,
-                            failures=_DecodeFailures(skipped, f"{where} validation", val.record_name))
+                            failures=_DecodeFailures(skipped, f"{where} validation", val.record_name), order=order)
   for name, examples in (("train", train_examples), ("val", val_examples)):
     logging.info("%s: %d images, cache %s (%s).", name, len(examples), examples.cache.mode, examples.cache.reason)
   identity = hashlib.sha256(f"{image_size}\n{_PIXELS_VERSION}\n{train.identity}\n{val.identity}".encode())
@@ -186,7 +196,8 @@ def load(config: DataConfig, image_size: int, cache_root: str = "", shard: Shard
 # Sources ---------------------------------------------------------------------------------------------------------
 
 
-def _file_examples(config: DataConfig, shard: Shard, pad_multiple: int, image_size: int, budget: int, folder: str):
+def _file_examples(config: DataConfig, shard: Shard, pad_multiple: int, image_size: int, budget: int, folder: str,
+                   order: str):
   """Folder and CSV sources. Every file is decoded once in a first epoch: a split whose decoded images are kept
   (memory or disk cache) decodes in the pass that fills the cache, which drops the files that cannot be decoded.
   Without a cache (or with --data_service, whose workers decode) a file that fails to decode becomes a stand-in of
@@ -197,10 +208,10 @@ def _file_examples(config: DataConfig, shard: Shard, pad_multiple: int, image_si
   splits = (files.train, files.val)
   shares = [_share(split.paths, shard) for split in splits]
   lengths = [padded_length(len(split.labels), shard.count, pad_multiple) for split in splits]
-  train_cache = choose_cache(config.cache, lengths[0], image_size, budget, folder)
-  val_cache = choose_cache(config.cache, lengths[1], image_size,
-                           budget - (lengths[0] * _bytes_per_image(image_size) if train_cache.mode == "memory" else 0),
-                           folder)
+  train_cache = _keeping_order(choose_cache(config.cache, lengths[0], image_size, budget, folder), order)
+  val_cache = _keeping_order(choose_cache(config.cache, lengths[1], image_size, budget - (
+      lengths[0] * _bytes_per_image(image_size) if train_cache.mode == "memory" else 0), folder), order)
+  orders = [order or (BUFFERED if cache.mode == "disk" else WHOLE) for cache in (train_cache, val_cache)]
   prefill = [cache.mode != "none" and not config.data_service for cache in (train_cache, val_cache)]
   decode_first = [path for share, filled in zip(shares, prefill) if not filled and config.strict_data
                   for path, _ in share]
@@ -212,12 +223,12 @@ def _file_examples(config: DataConfig, shard: Shard, pad_multiple: int, image_si
   manifest = {path: f"{name}\t{files.classes[split.labels[index]]}\t{scan.digests.get(path, 'unreadable')}"
               for name, split, share in zip(("train", "val"), splits, shares) for path, index in share}
   examples, lists = [], []
-  for name, split, share, length, cache, fill in zip(("training", "validation"), splits, shares, lengths,
-                                                     (train_cache, val_cache), prefill):
+  for name, split, share, length, cache, fill, split_order in zip(("training", "validation"), splits, shares,
+                                                                  lengths, (train_cache, val_cache), prefill, orders):
     usable = [(path, index) for path, index in share if path not in unreadable]
-    if cache.mode == "disk":
-      # A disk cache is read in order and shuffled in a bounded buffer: stored in a seeded random order, its
-      # batches are not runs of one class (folders list each class's files together).
+    if split_order == BUFFERED:
+      # Read in order and shuffled in a bounded buffer: stored in a seeded random order, its batches are not runs
+      # of one class (folders list each class's files together).
       usable = [usable[i] for i in np.random.default_rng(config.seed).permutation(len(usable))]
     identity = _digest([f"{scan.digests[path]}\t{split.labels[index]}\t{index}" for path, index in usable]
                        + [f"padded to {length}"])
@@ -230,9 +241,10 @@ def _file_examples(config: DataConfig, shard: Shard, pad_multiple: int, image_si
     # One worker knows every file it skipped: the split's count is what it trains on (config.json said 33 with 32
     # trained on). A worker of several knows only its own share's skipped files, so the listing's count stays.
     all_labels = labels if shard.count == 1 else tuple(split.labels)
-    listed = _SplitList(None, labels, ids, all_labels, length, identity, paths, items_are_paths=True)
+    listed = _SplitList(None, labels, ids, all_labels, length, identity, paths, items_are_paths=True,
+                        order=split_order)
     if fill:
-      examples.append(_cached_examples(listed, _padded(decoded, labels, ids, length), cache, budget, image_size))
+      examples.append(_cached_examples(listed, _padded(decoded, labels, ids, length), cache, image_size))
     else:
       # File names, read when decoded: an epoch's shuffle then holds names, not file contents.
       encoded = _padded(tf.data.Dataset.from_tensor_slices(list(paths)), labels, ids, length)
@@ -251,6 +263,15 @@ def _file_examples(config: DataConfig, shard: Shard, pad_multiple: int, image_si
                            f"{len(unreadable)} unusable file(s). Add readable images of those classes.")
   data_checks.warn_leakage(data_checks.leaked(train.paths, val.paths, scan.digests))
   return files.classes, examples[0], examples[1], reported, train, val, manifest
+
+
+def _keeping_order(cache: CacheChoice, order: str) -> CacheChoice:
+  """A disk cache cannot give the WHOLE shuffle a run started with (in memory, or decoding every epoch): such a run
+  decodes every epoch instead, so that its resumed epochs are the ones it would have trained."""
+  if order == WHOLE and cache.mode == "disk":
+    return CacheChoice("none", f"{cache.reason}; but this run started with its epochs shuffled whole, which a disk "
+                       "cache cannot give: decoded every epoch to keep the run's order")
+  return cache
 
 
 def _filled_cache(usable: list[tuple[str, int]], image_size: int, cache: CacheChoice, unreadable: dict[str, str]):
@@ -352,18 +373,18 @@ def _process_runs(pid: int) -> bool:
   return True
 
 
-def _cached_examples(listed: _SplitList, padded: tf.data.Dataset, cache: CacheChoice, budget: int,
-                     image_size: int, failures: "_DecodeFailures | None" = None) -> Examples:
+def _cached_examples(listed: _SplitList, padded: tf.data.Dataset, cache: CacheChoice, image_size: int,
+                     failures: "_DecodeFailures | None" = None) -> Examples:
   """Examples of a split whose decoded images are cached: each epoch a seeded shuffle of `padded`. With
   `failures`, its stand-ins are recorded as they pass in every epoch: a cache filled by an earlier process holds
   them too."""
-  buffer = listed.padded_length if cache.mode == "memory" else _bounded_buffer(listed.padded_length, budget, image_size)
+  buffer = _shuffle_buffer(listed, image_size)
 
   def epoch(seed):
     shuffled = padded if seed is None else padded.shuffle(max(buffer, 1), seed=seed, reshuffle_each_iteration=False)
     return _with_options(failures.recorded(shuffled) if failures else shuffled)
   return Examples(listed.labels, listed.all_labels, listed.ids, listed.padded_length, cache, epoch, listed.paths,
-                  failures)
+                  failures, listed.order)
 
 
 def _budget_left(budget: int, examples: Examples, image_size: int) -> int:
@@ -371,10 +392,12 @@ def _budget_left(budget: int, examples: Examples, image_size: int) -> int:
   return max(budget - used, 0)
 
 
-def _bounded_buffer(length: int, budget: int, image_size: int) -> int:
-  """Elements of a shuffle over what cannot be held whole (a disk cache, a stream of records): at most a quarter
-  of the memory budget, and at most _MAX_SHUFFLE_BYTES."""
-  return min(length, _MAX_SHUFFLE_BUFFER, max(1, min(budget // 4, _MAX_SHUFFLE_BYTES) // _bytes_per_image(image_size)))
+def _shuffle_buffer(split: _SplitList, image_size: int) -> int:
+  """Elements of an epoch's shuffle: the whole share, or for a BUFFERED order at most _MAX_SHUFFLE_BUFFER elements
+  and _MAX_SHUFFLE_BYTES of decoded images. Never the memory budget: the order must not change with it."""
+  if split.order == WHOLE:
+    return split.padded_length
+  return min(split.padded_length, _MAX_SHUFFLE_BUFFER, max(1, _MAX_SHUFFLE_BYTES // _bytes_per_image(image_size)))
 
 
 def _share(paths: Sequence[str], shard: Shard) -> list[tuple[str, int]]:
@@ -476,10 +499,19 @@ def _padded(encoded: tf.data.Dataset, labels: Sequence[int], ids: Sequence[int],
 
 
 def _decoded(split: _SplitList, image_size: int, config: DataConfig, budget: int, folder: str,
-             cache: CacheChoice | None = None, failures: "_DecodeFailures | None" = None) -> Examples:
+             cache: CacheChoice | None = None, failures: "_DecodeFailures | None" = None,
+             order: str = "") -> Examples:
   """Examples that decode `split.encoded` (into a cache when the mode keeps decoded images). An item that fails to
   decode becomes a stand-in of weight 0, named by `failures` when an epoch meets it."""
   cache = cache or choose_cache(config.cache, split.padded_length, image_size, budget, folder, split.identity)
+  if not split.order:
+    # Records stream from their files: only a memory cache holds them whole.
+    whole = cache.mode == "memory" and order != BUFFERED
+    if order == WHOLE and not whole:
+      logging.warning("This run started with its records shuffled whole in memory; they are now %s (%s), so the "
+                      "resumed epochs are shuffled in a buffer: not the order an uninterrupted run would have. Give "
+                      "--memory_budget room for them to keep it.", cache.mode, cache.reason)
+    split = dataclasses.replace(split, order=WHOLE if whole else BUFFERED)
 
   def decode(dataset: tf.data.Dataset) -> tf.data.Dataset:
     decoded = _decode_or_stand_in(dataset, image_size, split.items_are_paths)
@@ -493,7 +525,7 @@ def _decoded(split: _SplitList, image_size: int, config: DataConfig, budget: int
 
   if cache.mode == "none":
     # Shuffle what is cheap to hold (file names), then decode; records are shuffled in a bounded buffer.
-    buffer = split.padded_length if split.items_are_paths else _bounded_buffer(split.padded_length, budget, image_size)
+    buffer = _shuffle_buffer(split, image_size)
 
     def epoch(seed):
       encoded = split.encoded if seed is None else split.encoded.shuffle(max(buffer, 1), seed=seed,
@@ -501,8 +533,8 @@ def _decoded(split: _SplitList, image_size: int, config: DataConfig, budget: int
       decoded = decode(encoded)
       return _with_options(failures.recorded(decoded) if failures else decoded)
     return Examples(split.labels, split.all_labels, split.ids, split.padded_length, cache, epoch, split.paths,
-                    failures)
-  return _cached_examples(split, _cached(decode(split.encoded), cache), cache, budget, image_size, failures)
+                    failures, split.order)
+  return _cached_examples(split, _cached(decode(split.encoded), cache), cache, image_size, failures)
 
 
 def _decode_or_stand_in(encoded: tf.data.Dataset, image_size: int, items_are_paths: bool) -> tf.data.Dataset:

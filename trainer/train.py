@@ -261,7 +261,10 @@ def load_inputs(config: Config, workdir: str, strategy: tf.distribute.Strategy) 
   config = resolve(config)
   plan, shard = _plan_and_shard(config, strategy)
   pad_multiple = _examples_per_step(plan, shard) if plan.num_replicas > 1 else 1
-  return data.load(config.data, config.data.image_size, os.path.join(workdir, "cache"), shard, pad_multiple)
+  # A resumed run keeps the epoch order it started with, wherever its decoded images live now.
+  run_dir = workdir_lib.RunDir(workdir)
+  order = run_dir.load_run_facts().get("epoch_order", "") if run_dir.has_checkpoints() else ""
+  return data.load(config.data, config.data.image_size, os.path.join(workdir, "cache"), shard, pad_multiple, order)
 
 
 def setup(config: Config, workdir: str, strategy: tf.distribute.Strategy | None = None,
@@ -312,7 +315,7 @@ def setup(config: Config, workdir: str, strategy: tf.distribute.Strategy | None 
                                           "val": dataclasses.asdict(inputs.val.cache)},
         **dataclasses.asdict(plan), "frozen_lr": config.train.frozen_lr * plan.lr_scale,
         "finetune_lr": config.train.finetune_lr * plan.lr_scale, "phases": dict(model_lib.phases(config)),
-        "data_identity": inputs.data_identity, "data_changes": data_changes})
+        "data_identity": inputs.data_identity, "data_changes": data_changes, "epoch_order": inputs.train.order})
   else:
     run_dir.check_config(config)
   history = run_dir.load_history()[:int(trainer.epoch)]
