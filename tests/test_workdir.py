@@ -62,6 +62,23 @@ def test_the_lock_is_released_when_the_run_fails(tmp_path):
     pass
 
 
+def test_a_full_disk_at_the_lock_is_one_line(tmp_path, monkeypatch):
+  """The lock's PID write was the first of seven places where a full disk ended in a traceback."""
+  import errno
+  import io
+
+  class FullDisk(io.TextIOWrapper):
+    def write(self, text):
+      raise OSError(errno.ENOSPC, "No space left on device")
+
+  def open_on_a_full_disk(path, mode, encoding):
+    return FullDisk(io.FileIO(path, "a+"), encoding=encoding)
+  monkeypatch.setattr(workdir, "open", open_on_a_full_disk, raising=False)
+  with pytest.raises(UserInputError, match=f"disk holding --workdir={tmp_path} is full"):
+    with workdir.lock(str(tmp_path)):
+      pass
+
+
 def test_workers_of_one_cluster_share_the_workdir_but_not_a_lock(tmp_path, monkeypatch):
   cluster = {"worker": ["localhost:1", "localhost:2"]}
   with workdir.lock(str(tmp_path)):

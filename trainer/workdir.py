@@ -115,9 +115,16 @@ def lock(root: str):
       pid = holder.read().strip() or "unknown"
       raise UserInputError(f"--workdir={root} is in use by another run (PID {pid}): wait for it to end, or pass "
                            "another --workdir.") from None
-    holder.truncate(0)
-    holder.write(f"{os.getpid()}\n")
-    holder.flush()
+    try:
+      holder.truncate(0)
+      holder.write(f"{os.getpid()}\n")
+      holder.flush()
+    except OSError as e:
+      if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        raise
+      raise UserInputError(f"The disk holding --workdir={root} is full: not even its lock file could be written. "
+                           "Free space there (a run needs room for its checkpoints) and run the same command "
+                           "again.") from None
     yield
 
 
