@@ -38,6 +38,12 @@ MAX_LABEL_CHARS = 18
 # a grid of two rows of four tiles, with titles of GRID_LABEL_CHARS, fills it and reads there.
 GRID_COLUMNS, GRID_IMAGES, GRID_LABEL_CHARS = 4, 8, 13
 
+# The top-losses grid (report/top_losses.png and TensorBoard) has rows of this many images.
+TOP_LOSS_COLUMNS = 6
+
+# report/ file of the last validation's confusion counts, as JSON.
+CONFUSION_FILE = "confusion_matrix.json"
+
 # Config fields that change neither what a run learns nor how fast, left out of the HParams.
 _NOT_HPARAMS = frozenset({"verbosity", "cache_dir", "tpu", "top_k", "tflite", "tflite_quantization"})
 
@@ -132,6 +138,12 @@ class TensorBoardLog:
         tf.summary.scalar(tag, value, description="The run's metric in the HParams dashboard.")
     for writer in (self._train, self._validation, self._hparams):
       writer.flush()
+
+  def log_top_losses(self, figure: Figure, step: int, description: str) -> None:
+    """The top-losses grid (`top_losses_figure`) as an image of the validation run at `step` (the last epoch)."""
+    with self._validation.as_default(step=step):
+      tf.summary.image("top_losses", _png_tensor(figure), description=description)
+    self._validation.flush()
 
   def log_phase_start(self, epoch: int, phase: str, config: Config) -> None:
     """A Markdown note at the first epoch of a phase (the 1-based `epoch`), beside the step of `epoch_phase`."""
@@ -276,6 +288,10 @@ def write_reports(report_dir: str, history: Sequence[dict], confusion: np.ndarra
   write_confusion_matrix_png(confusion, classes, os.path.join(report_dir, "confusion_matrix.png"),
                              title=f"Validation after epoch {history[-1]['epoch']}" if history else "Validation")
   write_classification_report(confusion, classes, os.path.join(report_dir, "classification_report.txt"))
+  # The counts themselves, for what is drawn from the report later (report_page's per-class table).
+  with open(os.path.join(report_dir, CONFUSION_FILE), "w", encoding="utf-8") as f:
+    json.dump({"classes": list(classes), "counts": np.asarray(confusion).astype(np.int64).tolist()}, f,
+              ensure_ascii=False)
 
 
 def write_confusion_matrix_png(confusion: np.ndarray, classes: Sequence[str], path: str,
@@ -432,6 +448,27 @@ def image_grid_figure(images: np.ndarray, class_ids: Sequence[int], classes: Seq
     axes.axis("off")
   if labels.note():
     figure.supxlabel(labels.note(), fontsize=10)
+  return figure
+
+
+def top_losses_figure(images: np.ndarray, labels: Sequence[int], predicted: Sequence[int],
+                      probabilities: Sequence[float], classes: Sequence[str],
+                      columns: int = TOP_LOSS_COLUMNS) -> Figure:
+  """fastai's `plot_top_losses` layout: each image ([N, H, W, 3] in 0..255) titled with its true class and, below,
+  the predicted class with its probability, in red where the prediction is wrong."""
+  labels_of = figure_labels(classes, GRID_LABEL_CHARS)
+  columns = max(1, min(columns, len(images)))
+  rows = max(1, -(-len(images) // columns))
+  figure = Figure(figsize=(1.7 * columns, 2.2 * rows + (0.25 if labels_of.note() else 0)), dpi=100,
+                  layout="constrained")
+  for index, (image, label, guess, probability) in enumerate(zip(images, labels, predicted, probabilities)):
+    axes = figure.add_subplot(rows, columns, index + 1)
+    axes.imshow(np.clip(np.asarray(image), 0, 255).astype(np.uint8))
+    axes.set_title(f"{labels_of.texts[int(label)]}\n→ {labels_of.texts[int(guess)]} {probability:.2f}", fontsize=11,
+                   fontfamily=labels_of.fonts, color="black" if int(label) == int(guess) else "#b00020")
+    axes.axis("off")
+  if labels_of.note():
+    figure.supxlabel(labels_of.note(), fontsize=9)
   return figure
 
 

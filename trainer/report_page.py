@@ -1,0 +1,443 @@
+"""WORKDIR/report/index.html: one static page per run, read offline in any browser.
+
+The page is drawn only from files the run already wrote (config.json, report/metrics.json, history.json,
+confusion_matrix.json, the report PNGs, tuning/best_hparams.json, report/top_losses.json and its thumbnails), so
+`write_page` can draw it again for a finished run at any time. Every link is relative and every text escaped
+(class names may hold `<&>` or any script).
+
+The top losses are the one thing computed here: `report_top_losses` runs the final model once over this worker's
+validation examples, keeping a bounded top-k (`TopK`) while it streams, so a split of any size costs one forward
+pass and memory for `TOP_LOSSES` thumbnails. They rank as fastai's `plot_top_losses` users expect, largest loss
+first, with the misclassified images before any correctly classified one.
+"""
+
+import dataclasses
+import datetime
+import heapq
+import html
+import itertools
+import json
+import os
+import shlex
+import shutil
+import time
+import urllib.parse
+import uuid
+from typing import Callable, Generic, Sequence, TypeVar
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+from PIL import Image
+
+from trainer import data, reporting
+
+# Images in the top-losses grid: four rows of reporting.TOP_LOSS_COLUMNS.
+TOP_LOSSES = 24
+# The longer side of a thumbnail (the model's input is kept when smaller): a tile of the page's grid at 1280 px.
+THUMBNAIL_PIXELS = 160
+
+PAGE_FILE = "index.html"
+TOP_LOSSES_FILE = "top_losses.json"
+TOP_LOSSES_PNG = "top_losses.png"
+THUMBNAIL_DIR = "top_losses"
+
+# -log of a probability is capped as Keras' crossentropy caps it (its epsilon), so a probability of 0 ranks finite.
+_EPSILON = 1e-7
+
+# The settings the page lists, by flag name (the rest are in config.json, linked beside them).
+_SETTINGS = ("backbone", "alpha", "weights", "image_size", "batch_size", "frozen_epochs", "finetune_epochs",
+             "frozen_lr", "finetune_lr", "finetune_schedule", "unfreeze_from", "head_units", "dropout", "augment",
+             "class_weight", "seed", "strategy", "mixed_precision")
+
+# Backbones whose --alpha (width multiplier) means something.
+_ALPHA_BACKBONES = ("mobilenet", "mobilenet_v2")
+
+_PHASE_NAMES = {"frozen": "frozen", "finetune": "fine-tune", "scratch": "from scratch"}
+
+Item = TypeVar("Item")
+
+
+class TopK(Generic[Item]):
+  """The `count` items of a stream with the largest keys, in memory for `count` items whatever the stream's length.
+  Of equal keys the earlier item ranks first (and stays when only one fits)."""
+
+  def __init__(self, count: int):
+    self.count = count
+    self._heap: list = []  # min-heap of (key, -position, item): its root is the first to leave
+    self._position = itertools.count()
+
+  def offer(self, key, make_item: Callable[[], Item]) -> None:
+    """Considers the next item of the stream; `make_item` is called only when the item is kept (a thumbnail is
+    made for the few images that rank, not for every image)."""
+    entry = (key, -next(self._position))
+    if len(self._heap) < self.count:
+      heapq.heappush(self._heap, (*entry, make_item()))
+    elif self.count and entry > self._heap[0][:2]:
+      heapq.heapreplace(self._heap, (*entry, make_item()))
+
+  def floor(self):
+    """The smallest key kept when full (a key must exceed it to enter), else None."""
+    return self._heap[0][0] if self.count and len(self._heap) == self.count else None
+
+  def ranked(self) -> list[Item]:
+    """The kept items, largest key first."""
+    return [item for *_, item in sorted(self._heap, key=lambda entry: entry[:2], reverse=True)]
+
+
+@dataclasses.dataclass(frozen=True)
+class TopLoss:
+  """One validation example as the final model sees it."""
+  id: int
+  label: int
+  predicted: int
+  probability: float  # of the predicted class
+  true_probability: float
+  loss: float  # -log(true_probability)
+  thumbnail: np.ndarray  # uint8 [h, w, 3], the model's input image at most THUMBNAIL_PIXELS on its longer side
+
+  @property
+  def wrong(self) -> bool:
+    return self.label != self.predicted
+
+
+def find_top_losses(model: Callable, images_with_ids: tf.data.Dataset, batch_size: int,
+                    count: int = TOP_LOSSES) -> tuple[list[TopLoss], int, int]:
+  """The `count` examples of `images_with_ids` ((float32 image 0..255, label, id), as `data.Examples`) that rank
+  highest: misclassified before correct, then by loss. Returns them, the examples seen and how many of those the
+  model gets wrong."""
+  # One trace for every batch, the last (smaller) one included: tracing the model costs more than a small split's
+  # forward pass.
+  @tf.function(input_signature=[tf.TensorSpec([None, *images_with_ids.element_spec[0].shape], tf.float32)])
+  def probabilities_of(images):
+    return tf.cast(model(images, training=False), tf.float32)
+
+  top: TopK[TopLoss] = TopK(count)
+  seen = wrong = 0
+  for images, labels, ids in images_with_ids.batch(batch_size).prefetch(tf.data.AUTOTUNE):
+    probabilities = probabilities_of(images).numpy().astype(np.float64)
+    labels, ids = labels.numpy().astype(np.int64), ids.numpy()
+    predicted = probabilities.argmax(axis=-1)
+    true_probabilities = probabilities[np.arange(len(labels)), labels]
+    losses = -np.log(np.clip(true_probabilities, _EPSILON, 1.0))
+    misclassified = predicted != labels
+    seen += len(labels)
+    wrong += int(np.sum(misclassified))
+    floor = top.floor()
+    # Only the rows that beat the batch's first floor can enter (it only rises): the rest cost no Python.
+    rows = (np.arange(len(labels)) if floor is None else
+            np.flatnonzero((misclassified > floor[0]) | ((misclassified == floor[0]) & (losses > floor[1]))))
+    for row in rows:
+      top.offer((bool(misclassified[row]), float(losses[row])), lambda row=row: TopLoss(
+          int(ids[row]), int(labels[row]), int(predicted[row]), float(probabilities[row, predicted[row]]),
+          float(true_probabilities[row]), float(losses[row]), _thumbnail(images[row].numpy())))
+  return top.ranked(), seen, wrong
+
+
+def _thumbnail(image: np.ndarray) -> np.ndarray:
+  pixels = Image.fromarray(np.clip(np.rint(image), 0, 255).astype(np.uint8), "RGB")
+  pixels.thumbnail((THUMBNAIL_PIXELS, THUMBNAIL_PIXELS), Image.Resampling.LANCZOS)  # Only ever shrinks.
+  return np.asarray(pixels)
+
+
+def report_top_losses(model: Callable, examples: data.Examples, classes: Sequence[str], batch_size: int,
+                      report_dir: str, tensorboard: reporting.TensorBoardLog | None = None, step: int = 0,
+                      workers: int = 1) -> None:
+  """The top losses of this worker's validation examples: thumbnails in report/top_losses/, the list in
+  report/top_losses.json, the grid in report/top_losses.png and (given `tensorboard`) in TensorBoard's Images of
+  the validation run at `step`."""
+  start = time.perf_counter()
+  ranked, seen, wrong = find_top_losses(model, examples.images_with_ids, batch_size)
+  seconds = time.perf_counter() - start
+  logging.info("Top losses: %d of %d validation images misclassified; one pass over them took %.1f s.", wrong, seen,
+               seconds)
+  sources = dict(zip(examples.ids, examples.paths)) if examples.paths is not None else {}
+  folder = os.path.join(report_dir, THUMBNAIL_DIR)
+  shutil.rmtree(folder, ignore_errors=True)  # A rerun's list may be shorter: no stale thumbnail stays.
+  os.makedirs(folder)
+  entries = []
+  for rank, example in enumerate(ranked, 1):
+    thumbnail = f"{THUMBNAIL_DIR}/{rank:03d}.jpg"
+    Image.fromarray(example.thumbnail).save(os.path.join(report_dir, thumbnail), quality=90)
+    entries.append({"rank": rank, "id": example.id, "label": example.label, "predicted": example.predicted,
+                    "probability": example.probability, "true_probability": example.true_probability,
+                    "loss": example.loss, "wrong": example.wrong, "thumbnail": thumbnail,
+                    "source": sources.get(example.id, f"record {example.id}")})
+  _write_text(os.path.join(report_dir, TOP_LOSSES_FILE), json.dumps(
+      {"classes": list(classes), "examples": seen, "wrong": wrong, "all_examples": len(examples.all_labels),
+       "workers": workers, "seconds": seconds, "top": entries}, indent=2, ensure_ascii=False))
+  png = os.path.join(report_dir, TOP_LOSSES_PNG)
+  if not ranked:
+    if os.path.exists(png):
+      os.remove(png)
+    return
+  figure = reporting.top_losses_figure(np.stack([e.thumbnail for e in ranked]),
+                                       [e.label for e in ranked], [e.predicted for e in ranked],
+                                       [e.probability for e in ranked], classes)
+  reporting.write_png(figure, png)
+  if tensorboard is not None:
+    tensorboard.log_top_losses(figure, step, f"The {len(ranked)} validation images with the largest loss "
+                                             f"(misclassified first; {wrong} of {seen} misclassified): true class, "
+                                             "then the predicted class and its probability.")
+
+
+def page_file(workdir: str) -> str:
+  return os.path.join(workdir, "report", PAGE_FILE)
+
+
+def write_page(workdir: str) -> str:
+  """(Re)writes WORKDIR/report/index.html from the run's files; returns its path. Missing files leave out their
+  section (a run that failed before its export has no export link yet)."""
+  report_dir = os.path.join(workdir, "report")
+  config = _json_or_empty(os.path.join(workdir, "config.json"))
+  metrics = _json_or_empty(os.path.join(report_dir, "metrics.json"))
+  history = _json_or_empty(os.path.join(report_dir, "history.json")) or []
+  confusion = _json_or_empty(os.path.join(report_dir, reporting.CONFUSION_FILE))
+  top_losses = _json_or_empty(os.path.join(report_dir, TOP_LOSSES_FILE))
+  tuning = _json_or_empty(os.path.join(workdir, "tuning", "best_hparams.json"))
+  name = os.path.basename(os.path.normpath(os.path.abspath(workdir)))
+  sections = [_outcome(metrics, history, config),
+              _figures(report_dir),
+              _per_class(confusion),
+              _top_losses(top_losses),
+              _tuning(tuning, config),
+              _settings(config),
+              _files(workdir, report_dir, metrics)]
+  page = _PAGE.format(title=_text(f"{name}: training report"), heading=_text(name), body="\n".join(sections),
+                      written=_text(datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")))
+  path = os.path.join(report_dir, PAGE_FILE)
+  _write_text(path, page)
+  return path
+
+
+def _outcome(metrics: dict, history: list, config: dict) -> str:
+  """The run in a sentence: val accuracy, classes, epochs per phase, time, skipped files."""
+  if not metrics:
+    return "<p class=outcome>The run has not finished: report/metrics.json is not written yet.</p>"
+  classes = metrics.get("classes", [])
+  accuracy = metrics.get("val_accuracy")
+  lead = (f"Validation accuracy <strong>{100 * accuracy:.1f}%</strong>" if accuracy is not None
+          else "No validation accuracy")
+  rest = f" (loss {metrics['val_loss']:.3f})" if metrics.get("val_loss") is not None else ""
+  rest += f" on {len(classes)} classes"
+  val_examples = config.get("run", {}).get("val_examples")
+  if val_examples is not None:
+    rest += f" and {val_examples} validation images"
+  rest += f", after {metrics.get('epochs', len(history))} epochs"
+  phases = [f"{values['epochs']} {_PHASE_NAMES.get(phase, phase)}"
+            for phase, values in metrics.get("phases", {}).items() if values.get("epochs")]
+  if phases:
+    rest += f" ({', '.join(phases)})"
+  rest += f" in {_duration(sum(record.get('seconds', 0.0) for record in history))}."
+  skipped = len(metrics.get("skipped_files") or [])
+  if skipped:
+    rest += f" {skipped} file{'s' if skipped != 1 else ''} could not be used (listed in report/metrics.json)."
+  model = config.get("model", {})
+  facts = " · ".join(str(part) for part in (model.get("backbone"), ", ".join(classes)) if part)
+  return f"<p class=outcome>{lead}{_text(rest)}</p>\n<p class=facts>{_text(facts)}</p>"
+
+
+def _figures(report_dir: str) -> str:
+  figures = [(file, caption) for file, caption in (
+      ("curves.png", "Accuracy and loss per epoch, training against validation; the dashed line is where "
+                     "fine-tuning starts."),
+      ("confusion_matrix.png", "The last validation: rows are the true class, each cell its share of the row."))
+             if os.path.isfile(os.path.join(report_dir, file))]
+  if not figures:
+    return ""
+  items = "\n".join(f'<figure><img src="{_href(file)}" alt="{_text(file)}"><figcaption>{_text(caption)}'
+                    "</figcaption></figure>" for file, caption in figures)
+  return f"<section><h2>Curves and confusion matrix</h2>\n<div class=figures>\n{items}\n</div></section>"
+
+
+def _per_class(confusion: dict) -> str:
+  if not confusion:
+    return ""
+  classes, counts = confusion["classes"], np.asarray(confusion["counts"])
+  values = reporting.per_class_metrics(counts)
+  rows = "\n".join(
+      f"<tr><td class=num>{index}</td><td>{_text(name)}</td><td class=num>{values['precision'][index]:.3f}</td>"
+      f"<td class=num>{values['recall'][index]:.3f}</td><td class=num>{values['f1'][index]:.3f}</td>"
+      f"<td class=num>{values['support'][index]}</td></tr>" for index, name in enumerate(classes))
+  return ("<section><h2>Per class</h2>\n<p>On the last validation (every worker's share). "
+          f'Also as text: <a href="{_href("classification_report.txt")}">classification_report.txt</a>.</p>\n'
+          "<table class=per-class><thead><tr><th>id</th><th>class</th><th>precision</th><th>recall</th><th>F1</th>"
+          f"<th>support</th></tr></thead>\n<tbody>\n{rows}\n</tbody></table></section>")
+
+
+def _top_losses(top_losses: dict) -> str:
+  if not top_losses:
+    return ""
+  classes, top = top_losses["classes"], top_losses["top"]
+  seen, wrong = top_losses["examples"], top_losses["wrong"]
+  scope = f"{seen} validation images"
+  if top_losses.get("workers", 1) > 1:
+    scope = (f"this worker's share of the validation images: {seen} of {top_losses['all_examples']} (in a "
+             f"multi-worker run of {top_losses['workers']} workers the chief, which writes this page, sees only "
+             "its own share)")
+  summary = f"The final model misclassifies {wrong} of {scope}."
+  if top:
+    summary += (f" The {len(top)} with the largest loss, misclassified ones first (as fastai's plot_top_losses): "
+                "true class, then the predicted class and its probability.")
+  tiles = "\n".join(_tile(entry, classes) for entry in top)
+  grid = f"<div class=grid>\n{tiles}\n</div>" if top else ""
+  return f"<section><h2>Top losses</h2>\n<p>{_text(summary)}</p>\n{grid}</section>"
+
+
+def _tile(entry: dict, classes: Sequence[str]) -> str:
+  true, predicted = classes[entry["label"]], classes[entry["predicted"]]
+  verdict = "wrong" if entry["wrong"] else "right"
+  source = _text(entry["source"])
+  return (f'<figure class="tile {verdict}"><img src="{_href(entry["thumbnail"])}" alt="{source}">'
+          f"<figcaption><span class=true>true: {_text(true)}</span><span class=predicted>predicted: "
+          f'{_text(predicted)} {entry["probability"]:.2f}</span><span class=loss>loss {entry["loss"]:.2f}, p(true) '
+          f'{entry["true_probability"]:.2f}</span><span class=source title="{source}">{source}</span></figcaption>'
+          "</figure>")
+
+
+def _tuning(tuning: dict, config: dict) -> str:
+  if not tuning:
+    why = ("the search has not written tuning/best_hparams.json" if config.get("tune", {}).get("tune")
+           else "--tune was off")
+    return (f"<section><h2>Tuning</h2>\n<p>No search decided ({_text(why)}): the run trained with its flags' "
+            "values.</p></section>")
+  candidates = tuning.get("candidates") or []
+  defaults = next((c["hparams"] for c in candidates if c.get("default")), {})
+  chosen = tuning.get("hparams", {})
+  kept = tuning.get("decision") == "defaults"
+  search = (f"{tuning.get('tuner', '')} search, {tuning.get('trials', len(candidates) - 1)} trials, each scored by "
+            f"{tuning.get('folds', '?')}-fold cross-validation inside the training split")
+  outcome = "kept the defaults" if kept else f"replaced the defaults by trial {tuning.get('chosen_trial')}'s values"
+  rows = "\n".join(f"<tr><td>--{_text(name)}</td><td class=num>{_text(_value(defaults.get(name)))}</td>"
+                   f"<td class=num>{_text(_value(value))}</td></tr>" for name, value in chosen.items())
+  return (f"<section><h2>Tuning</h2>\n<p>{_text(f'A {search}: {outcome}.')}</p>\n<p>{_text(tuning.get('reason', ''))}"
+          f"</p>\n<table><thead><tr><th>setting</th><th>defaults</th><th>trained with</th></tr></thead>\n<tbody>\n"
+          f'{rows}\n</tbody></table>\n<p>Every candidate: <a href="{_href("../tuning/best_hparams.json")}">'
+          "tuning/best_hparams.json</a>.</p></section>")
+
+
+def _settings(config: dict) -> str:
+  if not config:
+    return ""
+  values = {name: value for section, fields in config.items() if section != "run" and isinstance(fields, dict)
+            for name, value in fields.items()}
+  if values.get("backbone") not in _ALPHA_BACKBONES:
+    values.pop("alpha", None)
+  rows = [(f"--{name}", _value(values[name])) for name in _SETTINGS if name in values]
+  facts = config.get("run", {})
+  if "train_examples" in facts:
+    rows.append(("train / validation images", f"{facts['train_examples']} / {facts['val_examples']}"))
+  if "num_replicas" in facts:
+    rows.append(("replicas, workers", f"{facts['num_replicas']}, {facts.get('workers', 1)}"))
+  if "dtype_policy" in facts:
+    rows.append(("precision", facts["dtype_policy"]))
+  if "frozen_lr" in facts:  # Scaled by --lr_base_batch_size.
+    rows.append(("learning rates applied", f"frozen {_value(facts['frozen_lr'])}, fine-tune "
+                                           f"{_value(facts['finetune_lr'])}"))
+  body = "\n".join(f"<tr><td>{_text(name)}</td><td>{_text(value)}</td></tr>" for name, value in rows)
+  return (f'<section><h2>Settings</h2>\n<p>The ones that matter most; every setting is in <a href="'
+          f'{_href("../config.json")}">config.json</a>.</p>\n<table class=settings><tbody>\n{body}\n</tbody></table>'
+          "</section>")
+
+
+def _files(workdir: str, report_dir: str, metrics: dict) -> str:
+  items = []
+  export = metrics.get("export_path")
+  if export and os.path.isdir(export):
+    relative = os.path.relpath(export, report_dir)
+    items.append(f'The SavedModel: <a href="{_href(relative + "/")}">{_text(relative)}</a> (TF Serving layout; '
+                 "python -m export.predict classifies files with it)")
+  else:
+    items.append(_text("No export yet: python -m export.main --workdir=" + shlex.quote(os.path.abspath(workdir)) +
+                       " writes it from the last checkpoint"))
+  command = f"tensorboard --logdir {shlex.quote(os.path.join(os.path.abspath(workdir), 'tensorboard'))}"
+  items.append(f"TensorBoard (scalars, HParams, top losses under Images): <code>{_text(command)}</code>")
+  links = [(file, file) for file in ("metrics.json", "history.json", "classification_report.txt", TOP_LOSSES_PNG)
+           if os.path.isfile(os.path.join(report_dir, file))]
+  if links:
+    items.append("Report files: " + ", ".join(f'<a href="{_href(href)}">{_text(label)}</a>' for href, label in links))
+  return "<section><h2>Files</h2>\n<ul>\n" + "\n".join(f"<li>{item}</li>" for item in items) + "\n</ul></section>"
+
+
+def _json_or_empty(path: str):
+  """The file's JSON, or {} when the run has not written it (or a reader caught it half-written)."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return {}
+
+
+def _write_text(path: str, text: str) -> None:
+  """Atomic, as workdir.write_json: a reader never sees half a page."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  partial = f"{path}.{uuid.uuid4().hex}.partial"
+  with open(partial, "w", encoding="utf-8") as f:
+    f.write(text)
+  os.replace(partial, path)
+
+
+def _text(value) -> str:
+  return html.escape(str(value), quote=True)
+
+
+def _href(relative_path: str) -> str:
+  """A relative URL of a path (percent-encoded: a class or run name may hold spaces, '#' or '?')."""
+  return _text(urllib.parse.quote(relative_path.replace(os.sep, "/")))
+
+
+def _value(value) -> str:
+  if isinstance(value, float):
+    return f"{value:g}"
+  if value in ("", None):
+    return "(default)"
+  return str(value)
+
+
+def _duration(seconds: float) -> str:
+  if seconds < 60:
+    return f"{seconds:.1f} s"
+  minutes, seconds = divmod(round(seconds), 60)
+  if minutes < 60:
+    return f"{minutes} min {seconds:02d} s"
+  hours, minutes = divmod(minutes, 60)
+  return f"{hours} h {minutes:02d} min"
+
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{title}</title>
+<style>
+body {{ font-family: system-ui, -apple-system, "Segoe UI", "Noto Sans", "Noto Sans CJK SC", "WenQuanYi Zen Hei",
+       sans-serif; margin: 0 auto; max-width: 1240px; padding: 16px 20px 40px; color: #1d1d1f; line-height: 1.45; }}
+h1 {{ font-size: 1.6em; margin: 0.2em 0; }}
+h2 {{ font-size: 1.25em; border-bottom: 1px solid #ddd; padding-bottom: 4px; margin-top: 1.6em; }}
+.outcome {{ font-size: 1.15em; }}
+.facts, .written, figcaption {{ color: #555; font-size: 0.9em; }}
+.figures {{ display: flex; flex-wrap: wrap; gap: 16px; align-items: flex-start; }}
+.figures figure {{ margin: 0; flex: 1 1 420px; max-width: 640px; }}
+.figures img {{ max-width: 100%; height: auto; border: 1px solid #eee; }}
+table {{ border-collapse: collapse; margin: 8px 0; }}
+th, td {{ border-bottom: 1px solid #e5e5e5; padding: 3px 12px 3px 6px; text-align: left; }}
+td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
+.grid {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(180px, 1fr)); gap: 12px; }}
+.tile {{ margin: 0; padding: 6px; border: 1px solid #ddd; border-radius: 4px; }}
+.tile.wrong {{ border-color: #e0a0a8; background: #fff6f7; }}
+.tile img {{ display: block; width: 100%; height: 160px; object-fit: contain; background: #f4f4f4; }}
+.tile figcaption span {{ display: block; overflow-wrap: anywhere; }}
+.tile .true {{ color: #1d1d1f; font-weight: 600; }}
+.tile.wrong .predicted {{ color: #b00020; }}
+.tile .source {{ font-size: 0.8em; color: #777; }}
+code {{ background: #f4f4f4; padding: 2px 5px; border-radius: 3px; overflow-wrap: anywhere; }}
+</style>
+</head>
+<body>
+<h1>{heading}</h1>
+{body}
+<p class=written>Written {written} by trainer.report_page from the run's files.</p>
+</body>
+</html>
+"""
