@@ -109,7 +109,8 @@ def test_ctrl_c_saves_mid_epoch_and_exits_130_in_one_line(color_folder, random_m
                                                           monkeypatch):
   """Ctrl-C ended in a KeyboardInterrupt traceback and lost the epoch's steps: it now saves as SIGTERM does."""
   from trainer import exit_codes, train
-  config = tiny_run(random_mobilenet_025_weights, data_dir=str(color_folder), finetune_epochs=0, batch_size=2)
+  config = tiny_run(random_mobilenet_025_weights, data_dir=str(color_folder), frozen_epochs=0, finetune_epochs=2,
+                    batch_size=2)
   run = train.setup(config, str(tmp_path / "run"))
 
   class PressCtrlCAtStep2:
@@ -127,5 +128,8 @@ def test_ctrl_c_saves_mid_epoch_and_exits_130_in_one_line(color_folder, random_m
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C is Python's own again.
   monkeypatch.undo()
   resumed = train.setup(config, str(tmp_path / "run"))
-  resumed.tensorboard.close()
   assert int(resumed.trainer.epoch) == 0 and int(resumed.trainer.epoch_step) >= 2  # The steps done were saved.
+  # The resumed epoch records the rate it started at (the cosine schedule's first), not the rate at the resume.
+  train.train_epochs(resumed)
+  resumed.tensorboard.close()
+  assert [record["learning_rate"] for record in resumed.history][0] == pytest.approx(config.train.finetune_lr)

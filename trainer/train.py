@@ -62,9 +62,9 @@ class Trainer:
     with strategy.scope():
       self.model = model_lib.build_classifier(config.model, num_classes, config.data.image_size, config.data.seed)
       self.augmenter = augment.build(config.train, config.data.seed)
-      self.optimizers = {phase: keras.optimizers.Adam(model_lib.learning_rate(phase, config.train, lr_scale,
-                                                                              epochs * steps_per_epoch))
-                         for phase, epochs in model_lib.phases(config)}
+      self.learning_rates = {phase: model_lib.learning_rate(phase, config.train, lr_scale, epochs * steps_per_epoch)
+                             for phase, epochs in model_lib.phases(config)}
+      self.optimizers = {phase: keras.optimizers.Adam(rate) for phase, rate in self.learning_rates.items()}
       if distribute.needs_loss_scaling(keras.config.dtype_policy().name):
         self.optimizers = {phase: keras.optimizers.LossScaleOptimizer(optimizer)
                            for phase, optimizer in self.optimizers.items()}
@@ -91,6 +91,14 @@ class Trainer:
     self.network = self.model if head is None else head
     self._train_step = None
     self._eval_step = self._make_eval_step()
+
+  def epoch_start_rate(self, phase: str) -> float:
+    """The learning rate of the first step of the epoch under way (a cosine schedule ends the phase at 0): also
+    after a resume mid-epoch, whose optimizer has counted the steps done."""
+    rate = self.learning_rates[phase]
+    if not callable(rate):
+      return float(rate)
+    return float(rate(int(self.optimizers[phase].iterations) - int(self.epoch_step)))
 
   def set_phase(self, phase: str) -> None:
     model_lib.set_phase(self.model, phase, self.config.model.unfreeze_from,
@@ -449,8 +457,7 @@ def _train_epochs(run: Run, stops: "_CtrlCAsSigterm") -> dict | None:
     if (trainer.network is not trainer.model) != on_features:
       trainer.train_on_features(feature_cache.head if on_features else None)
     done_steps = int(trainer.epoch_step)
-    # The rate the epoch starts at (a cosine schedule ends the phase at 0).
-    learning_rate = float(tf.convert_to_tensor(trainer.optimizers[phase].learning_rate))
+    learning_rate = trainer.epoch_start_rate(phase)
     train_metrics = trainer.run_epoch(_train_batches(run, epoch, feature_cache if on_features else None, done_steps),
                                       training=True, steps=_steps(run, run.inputs.train) - done_steps,
                                       progress=progress, preemption=preemption)
