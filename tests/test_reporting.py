@@ -207,6 +207,25 @@ def _log(log_dir, config, history, classes=("a", "b")):
   log.close()
 
 
+def test_a_resumed_run_shows_each_epoch_once_in_tensorboard(tmp_path):
+  """Epoch 3 was logged, then the run was killed before its checkpoint (or that checkpoint was found corrupt):
+  the rerun trains epoch 3 again, and TensorBoard drew both. It shows the second one only, as TensorBoard reads."""
+  from tensorboard.backend.event_processing import plugin_event_accumulator as event_accumulator  # TensorBoard's
+  log_dir = tmp_path / "tensorboard"
+  _log(log_dir, Config(), [_record(1), _record(2), _record(3, loss=0.9)])
+  for path in log_dir.rglob("events.out.tfevents.*"):  # Written by an earlier process: it started seconds before.
+    parts = path.name.split(".")
+    parts[3] = f"{int(parts[3]) - 10:010d}"
+    path.rename(path.with_name(".".join(parts)))
+  resumed = reporting.TensorBoardLog(str(log_dir), ("a", "b"), next_epoch=3)
+  resumed.log_epoch([_record(1), _record(2), _record(3, loss=0.4)], np.eye(2, dtype=np.int64))
+  resumed.close()
+  accumulator = event_accumulator.EventAccumulator(str(log_dir / "train"), purge_orphaned_data=True)
+  accumulator.Reload()
+  losses = [(event.step, float(tf.make_ndarray(event.tensor_proto))) for event in accumulator.Tensors("epoch_loss")]
+  assert losses == [(1, 1.0), (2, 0.5), (3, pytest.approx(0.4))]
+
+
 def test_hparams_dashboard_of_several_runs_shows_first_what_differs(tmp_path):
   history = [_record(1), _record(2)]
   _log(tmp_path / "plain" / "tensorboard", Config(), history)

@@ -13,6 +13,8 @@ import json
 import logging
 import math
 import os
+import socket
+import time
 from typing import Sequence
 
 import numpy as np
@@ -20,6 +22,7 @@ import tensorflow as tf
 from matplotlib import font_manager, ft2font, rcParams
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+from tensorboard.compat.proto import event_pb2
 from tensorboard.plugins.hparams import api as hp
 
 from trainer.config import Config
@@ -74,9 +77,11 @@ class TensorBoardLog:
   `hparams/` its HParams and their metrics.
   """
 
-  def __init__(self, log_dir: str | None, classes: Sequence[str]):
+  def __init__(self, log_dir: str | None, classes: Sequence[str], next_epoch: int = 1):
     """`log_dir` None logs nothing (a worker that is not the chief of a multi-worker run). The HParams trial is
-    named after the folder holding `log_dir` (the workdir)."""
+    named after the folder holding `log_dir` (the workdir). next_epoch: the first epoch this process logs; what an
+    earlier process logged from it on (an epoch trained past its last checkpoint before a kill, or after a
+    checkpoint that was found corrupt) is purged, so that no epoch shows twice."""
     self.classes = list(classes)
     self._labels = figure_labels(self.classes)
     if log_dir is None:
@@ -84,10 +89,11 @@ class TensorBoardLog:
       self._run = self._train = self._validation = self._hparams = tf.summary.create_noop_writer()
     else:
       self.name = os.path.basename(os.path.dirname(os.path.abspath(log_dir)))
-      self._run = tf.summary.create_file_writer(log_dir)
-      self._train = tf.summary.create_file_writer(os.path.join(log_dir, "train"))
-      self._validation = tf.summary.create_file_writer(os.path.join(log_dir, "validation"))
-      self._hparams = tf.summary.create_file_writer(os.path.join(log_dir, HPARAMS_DIR))
+      folders = [log_dir] + [os.path.join(log_dir, name) for name in ("train", "validation", HPARAMS_DIR)]
+      for folder in folders:
+        purge_from(folder, next_epoch)  # Before the writers make their files: it must sort between.
+      self._run, self._train, self._validation, self._hparams = (tf.summary.create_file_writer(folder)
+                                                                 for folder in folders)
 
   def log_run(self, config: Config, facts: dict) -> None:
     """The config (and the run's resolved facts: precision, replicas, classes) as text, and the HParams."""
@@ -162,6 +168,27 @@ class TensorBoardLog:
   def close(self) -> None:
     for writer in (self._run, self._train, self._validation, self._hparams):
       writer.close()
+
+
+def purge_from(folder: str, step: int) -> None:
+  """Makes TensorBoard drop the events of `folder` at `step` and after that earlier event files hold.
+
+  TensorBoard reads a run's event files in name order and, at a SessionLog START event (what TF1 wrote when a
+  training restarted), purges the events it has read with a step at or past the event's. This writes one such
+  event in a file named to sort after every earlier file (their timestamps are older) and before the ones this
+  process writes next (their timestamps are not older than now). Nothing is written where nothing was logged."""
+  if not os.path.isdir(folder) or not any(name.startswith("events.out.tfevents.") for name in os.listdir(folder)):
+    return
+  now = time.time()
+  path = os.path.join(folder, f"events.out.tfevents.{int(now) - 1:010d}.{socket.gethostname()}.purge")
+  start = event_pb2.Event(wall_time=now, step=step, session_log=event_pb2.SessionLog(
+      status=event_pb2.SessionLog.START)).SerializeToString()
+  with tf.io.TFRecordWriter(path) as writer:  # Event files are TFRecord files of Event protos.
+    writer.write(event_pb2.Event(wall_time=now, file_version="brain.Event:2").SerializeToString())
+    # TensorBoard takes a run's first START for the session's start, and purges at the ones after it (TF2's
+    # writers write none): the second one here is the restart.
+    writer.write(start)
+    writer.write(start)
 
 
 def _log_loss_and_accuracy(phase: str, loss: float, accuracy: float) -> None:

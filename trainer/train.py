@@ -328,7 +328,8 @@ def setup(config: Config, workdir: str, strategy: tf.distribute.Strategy | None 
     run_dir.check_config(config)
   history = run_dir.load_history()[:int(trainer.epoch)]
   _log_share(config.runtime.example_log, shard, inputs)
-  tensorboard = reporting.TensorBoardLog(run_dir.tensorboard if chief else None, inputs.classes)
+  tensorboard = reporting.TensorBoardLog(run_dir.tensorboard if chief else None, inputs.classes,
+                                         next_epoch=int(trainer.epoch) + 1)
   return Run(config, workdir, strategy, plan, shard, inputs, run_dir, chief, trainer, manager, own_manager, history,
              tensorboard, policy)
 
