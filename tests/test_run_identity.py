@@ -140,3 +140,22 @@ def test_rerunning_a_finished_run_does_not_export_it_again(trained_workdir, capl
   metrics = train.train_and_evaluate(config, str(trained_workdir))
   assert sorted(os.listdir(trained_workdir / "export" / "classifier")) == versions
   assert "The run is complete" in caplog.text and metrics["export_path"]
+
+
+def test_a_finished_run_is_finished_idempotently_whatever_its_workdir_is_called(trained_workdir, tmp_path):
+  """Killed between the export and the report, every rerun said "nothing to do" and metrics.json kept
+  export_path null for good; a workdir spelled another way (a symlink, a moved folder) was exported again."""
+  config = Config.from_dict(json.loads((trained_workdir / "config.json").read_text()))
+  versions = sorted(os.listdir(trained_workdir / "export" / "classifier"))
+  link = tmp_path / "same_run"
+  link.symlink_to(trained_workdir)
+  metrics_file = trained_workdir / "report" / "metrics.json"
+  killed = {**json.loads(metrics_file.read_text()), "export_path": None}
+  metrics_file.write_text(json.dumps(killed))
+  (trained_workdir / "report" / "curves.png").unlink()
+
+  metrics = train.train_and_evaluate(config, str(link))
+  assert sorted(os.listdir(trained_workdir / "export" / "classifier")) == versions  # Not exported again.
+  assert (trained_workdir / "report" / "curves.png").is_file()
+  assert metrics["export_path"] and json.loads(metrics_file.read_text())["export_path"] == metrics["export_path"]
+  assert os.path.basename(metrics["export_path"]) == versions[-1]

@@ -307,16 +307,21 @@ def _codes_of(font_file: str) -> frozenset[int]:
     return frozenset()
 
 
+# What `write_reports` writes in the report folder: a finished run rerun makes them again if one is missing.
+REPORT_FILES = ("curves.png", "confusion_matrix.png", "classification_report.txt", CONFUSION_FILE)
+
+
 def write_reports(report_dir: str, history: Sequence[dict], confusion: np.ndarray, classes: Sequence[str]) -> None:
-  """curves.png from the training history; confusion_matrix.png and classification_report.txt from the last
-  validation."""
+  """curves.png from the training history; confusion_matrix.png, classification_report.txt and the counts
+  (CONFUSION_FILE) from the last validation."""
+  curves, confusion_png, report, counts = (os.path.join(report_dir, name) for name in REPORT_FILES)
   os.makedirs(report_dir, exist_ok=True)
-  write_png(curves_figure(history), os.path.join(report_dir, "curves.png"))
-  write_confusion_matrix_png(confusion, classes, os.path.join(report_dir, "confusion_matrix.png"),
+  write_png(curves_figure(history), curves)
+  write_confusion_matrix_png(confusion, classes, confusion_png,
                              title=f"Validation after epoch {history[-1]['epoch']}" if history else "Validation")
-  write_classification_report(confusion, classes, os.path.join(report_dir, "classification_report.txt"))
+  write_classification_report(confusion, classes, report)
   # The counts themselves, for what is drawn from the report later (report_page's per-class table).
-  with open(os.path.join(report_dir, CONFUSION_FILE), "w", encoding="utf-8") as f:
+  with open(counts, "w", encoding="utf-8") as f:
     json.dump({"classes": list(classes), "counts": np.asarray(confusion).astype(np.int64).tolist()}, f,
               ensure_ascii=False)
 

@@ -395,23 +395,30 @@ def _check_phase_change(run_dir: workdir_lib.RunDir, config: Config, started_epo
 
 
 def _finished_export(run: Run) -> dict | None:
-  """A rerun of a finished run: its export of the last checkpoint exists, so nothing is trained or exported."""
+  """A rerun of a finished run whose every artifact exists (the export of the last checkpoint, the metrics naming
+  it, the report files and page): nothing is trained or exported. With one missing (a run killed between its
+  export and its report) this returns None and `finalize` makes what is missing, reusing the export."""
   if int(run.trainer.epoch) < run.total_epochs or not run.manager.latest_checkpoint:
     return None
   # Every worker of a cluster reads the same files of the shared workdir here, before any collective of this start,
   # so all take the same path: a chief lost after its export is not exported twice when the job restarts.
   exported = _export_of(run.run_dir, run.config, run.manager.latest_checkpoint)
-  if not exported or not os.path.isfile(run.run_dir.metrics_file):
+  reports = [run.run_dir.metrics_file, report_page.page_file(run.workdir),
+             *(os.path.join(run.run_dir.report, name) for name in reporting.REPORT_FILES)]
+  if not exported or not all(os.path.isfile(path) for path in reports):
     return None
+  metrics = workdir_lib.read_json(run.run_dir.metrics_file)
+  if metrics.get("export_path") != exported:  # Killed before the metrics named it, or the workdir moved.
+    metrics["export_path"] = exported
+    if run.chief:
+      run.run_dir.save_metrics(metrics)
+      report_page.write_page(run.workdir)
   logging.warning("The run is complete (%d epochs) and its export of %s is at %s: nothing to do. Raise "
                   "--finetune_epochs to train more, or run python -m export.main --workdir=%s to export again.",
                   run.total_epochs, os.path.basename(run.manager.latest_checkpoint), exported, run.workdir)
-  if run.chief and not os.path.isfile(report_page.page_file(run.workdir)):  # Finished before the page existed.
-    _report_top_losses(run)
-    report_page.write_page(run.workdir)
   run.tensorboard.close()
   distribute.remove_worker_files(run.workdir, run.strategy)
-  return workdir_lib.read_json(run.run_dir.metrics_file)
+  return metrics
 
 
 def _export_of(run_dir: workdir_lib.RunDir, config: Config, checkpoint: str) -> str | None:
@@ -420,7 +427,10 @@ def _export_of(run_dir: workdir_lib.RunDir, config: Config, checkpoint: str) -> 
     return None
   for version in sorted((v for v in os.listdir(model_dir) if v.isdigit()), key=int, reverse=True):
     metadata = os.path.join(model_dir, version, saved_model.METADATA_FILE)
-    if os.path.isfile(metadata) and workdir_lib.read_json(metadata).get("source") == checkpoint:
+    # By the checkpoint's name: a workdir spelled another way (a symlink, a relative path, a moved folder) holds
+    # the same checkpoints under another path.
+    source = workdir_lib.read_json(metadata).get("source") if os.path.isfile(metadata) else None
+    if source and os.path.basename(source) == os.path.basename(checkpoint):
       return os.path.join(model_dir, version)
   return None
 
@@ -611,9 +621,12 @@ def finalize(run: Run, val_metrics: dict | None) -> dict:
     run.run_dir.save_metrics(metrics)
     reporting.write_reports(run.run_dir.report, run.history, val_metrics["confusion_matrix"], run.inputs.classes)
     report_page.write_page(run.workdir)
-    samples = data.sample_files(run.inputs.val, os.path.join(run.workdir, "cache", "samples"),
-                                saved_model.PARITY_FILES)
-    metrics["export_path"] = _export(run, samples)
+    # A finished run rerun to make a missing report keeps its export (exports are never made twice).
+    metrics["export_path"] = _export_of(run.run_dir, run.config, run.manager.latest_checkpoint or "")
+    if not metrics["export_path"]:
+      samples = data.sample_files(run.inputs.val, os.path.join(run.workdir, "cache", "samples"),
+                                  saved_model.PARITY_FILES)
+      metrics["export_path"] = _export(run, samples)
     run.run_dir.save_metrics(metrics)
     report_page.write_page(run.workdir)  # Again, with the export's link.
   distribute.wait_for_all_workers(run.strategy)
