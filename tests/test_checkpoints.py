@@ -88,8 +88,11 @@ def test_a_corrupt_newest_checkpoint_falls_back_and_is_kept_aside(corruption, tm
   run.set_epoch(3)
   manager.save()
   again = TinyRun()
-  checkpoints.restore_latest(again.checkpoint, str(directory), max_to_keep=3)
+  again_manager = checkpoints.restore_latest(again.checkpoint, str(directory), max_to_keep=2)
   assert again.restored_epoch() == 3
+  again.set_epoch(4)
+  again_manager.save()  # max_to_keep holds after a fallback (three checkpoints stayed).
+  assert sorted(glob.glob(str(directory / "ckpt-*.index"))) == [str(directory / f"ckpt-{n}.index") for n in (3, 4)]
 
 
 @pytest.mark.parametrize("state", ["", "garbled {{ not a state", 'model_checkpoint_path: "ckpt-9"\n'])

@@ -164,9 +164,13 @@ def _point_state_at(directory: str, prefix: str | None, state: CheckpointState |
   if _named_latest(state, directory) == prefix:
     return
   latest = int(prefix.rsplit("-", 1)[1])
-  kept = [os.path.basename(path) for number, path in reversed(_on_disk(directory)) if number <= latest]
-  text = text_format.MessageToString(CheckpointState(model_checkpoint_path=os.path.basename(prefix),
-                                                     all_model_checkpoint_paths=kept))
+  kept = [path for number, path in reversed(_on_disk(directory)) if number <= latest]
+  # With their times: CheckpointManager deletes past max_to_keep only the checkpoints newer than the state's
+  # last_preserved_timestamp, and a state without times preserved them all (three stayed after a fallback).
+  text = text_format.MessageToString(CheckpointState(
+      model_checkpoint_path=os.path.basename(prefix), all_model_checkpoint_paths=map(os.path.basename, kept),
+      all_model_checkpoint_timestamps=[os.path.getmtime(f"{path}.index") for path in kept],
+      last_preserved_timestamp=0.0))
   partial = f"{state_file}.partial"
   with open(partial, "w", encoding="utf-8") as f:
     f.write(text)
