@@ -50,7 +50,7 @@ _MAX_SHUFFLE_BUFFER = 10_000
 # ... and at most these bytes of decoded images (or records), whatever the memory budget: memory stays bounded.
 _MAX_SHUFFLE_BYTES = 256 << 20
 # Bumped when `images.load` changes what pixels a file gives: old cache files must not be reused.
-_PIXELS_VERSION = 2
+_PIXELS_VERSION = 3
 # How an epoch is shuffled (`load`): a permutation of the whole share, or, over what cannot be held whole (a disk
 # cache, a stream of records), the share stored in a seeded random order and shuffled in a bounded buffer.
 WHOLE, BUFFERED = "whole", "buffered"
