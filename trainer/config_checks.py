@@ -5,6 +5,7 @@ command that takes a config calls `validate` first (train, evaluate, export, dat
 Choices are declared on the config fields (`choices` metadata in trainer.config); ranges are here."""
 
 import importlib
+import importlib.util
 import math
 import os
 from typing import Collection
@@ -63,6 +64,18 @@ def validate(config: Config, given: Collection[str] = ()) -> None:
     raise UserInputError(f"--alpha={model.alpha}: the width multiplier must be > 0 (e.g. 0.25, 0.5, 1.0).")
   memory_budget(data.memory_budget)
   _at_least("top_k", config.export.top_k, 1)
+  export = config.export
+  if not (math.isfinite(export.tflite_max_accuracy_drop) and 0.0 <= export.tflite_max_accuracy_drop <= 1.0):
+    raise UserInputError(f"--tflite_max_accuracy_drop={export.tflite_max_accuracy_drop}: a fraction of accuracy in "
+                         "[0, 1] (0.01: one point; 1 accepts any loss).")
+  if export.tflite and not all(importlib.util.find_spec(name) for name in ("ai_edge_litert", "mediapipe")):
+    # The export needs both at the end of training: refused now rather than after the run (found, not imported:
+    # importing mediapipe takes seconds).
+    raise UserInputError("--tflite needs LiteRT (the interpreter that judges model.tflite) and MediaPipe (its "
+                         "metadata writer): pip install 'transfer-trainer[tflite]'.")
+  if not (math.isfinite(config.runtime.peer_timeout) and config.runtime.peer_timeout > 0):
+    raise UserInputError(f"--peer_timeout={config.runtime.peer_timeout}: seconds to wait for the other workers must "
+                         "be a number > 0 (e.g. 600).")
   if tune.tune:
     if tune.tuner == "bayesian" and not all(_importable(name) for name in ("scipy", "sklearn")):
       # KerasTuner's Gaussian process needs both; without them it would fail only mid-search.

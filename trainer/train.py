@@ -98,7 +98,8 @@ class Trainer:
     rate = self.learning_rates[phase]
     if not callable(rate):
       return float(rate)
-    return float(rate(int(self.optimizers[phase].iterations) - int(self.epoch_step)))
+    # .numpy(): under MultiWorkerMirroredStrategy the step count is a MirroredVariable, which int() refuses.
+    return float(rate(int(self.optimizers[phase].iterations.numpy()) - int(self.epoch_step)))
 
   def set_phase(self, phase: str) -> None:
     model_lib.set_phase(self.model, phase, self.config.model.unfreeze_from,
