@@ -80,7 +80,7 @@ def _free_ports(count: int) -> list[int]:
 
 
 def tf_configs(workers: int) -> list[str]:
-  """TF_CONFIG of each worker of a loopback cluster (as trainer.distribute.tf_config builds them)."""
+  """TF_CONFIG of each worker of a loopback cluster (as trainer.cluster.tf_config builds them)."""
   addresses = [f"127.0.0.1:{port}" for port in _free_ports(workers)]
   return [json.dumps({"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}})
           for index in range(workers)]

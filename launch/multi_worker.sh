@@ -34,7 +34,7 @@ retryable() {  # The one table: trainer/exit_codes.py (which imports nothing els
 start_workers() {
   pids=(); chief_pid=""
   for index in "${!HOSTS[@]}"; do
-    tf_config="$("$PYTHON" -m trainer.distribute --workers="$WORKERS" --index="$index")" || exit 2
+    tf_config="$("$PYTHON" -m trainer.cluster --workers="$WORKERS" --index="$index")" || exit 2
     host="${HOSTS[$index]%:*}"
     if [ "$host" = "127.0.0.1" ] || [ "$host" = "localhost" ]; then
       TF_CONFIG="$tf_config" "$PYTHON" -m trainer.main --strategy=multi_worker "$@" &

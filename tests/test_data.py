@@ -324,9 +324,9 @@ def test_balanced_class_weights():
 
 
 def test_tfrecord_shards_give_the_folders_pixels_and_split_by_file_across_workers(color_folder, tmp_path):
-  from trainer import to_tfrecord
+  from trainer import tfrecords
   folder = Config().replace(data_dir=str(color_folder), validation_split=0.34).data
-  to_tfrecord.convert(folder, str(tmp_path / "shards"), shards=2)
+  tfrecords.convert(folder, str(tmp_path / "shards"), shards=2)
   from_files = data.load(folder, SIZE, str(tmp_path / "cache"))
   records = Config().replace(tfrecord=str(tmp_path / "shards" / "train-*"),
                              tfrecord_val=str(tmp_path / "shards" / "val-*")).data

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import REPO, write_image
-from trainer import data_service, images, tfrecords, to_tfrecord
+from trainer import data_service, images, tfrecords
 from trainer.errors import UserInputError
 
 
@@ -50,7 +50,7 @@ def _shard(path, image_paths) -> str:
   with tf.io.TFRecordWriter(str(path)) as writer:
     for index, image_path in enumerate(image_paths):
       with open(image_path, "rb") as f:
-        writer.write(to_tfrecord.example(f.read(), index % 2, "").SerializeToString())
+        writer.write(tfrecords.example(f.read(), index % 2, "").SerializeToString())
   return str(path)
 
 

@@ -17,6 +17,7 @@ import tensorflow as tf
 
 import trainer_process
 from conftest import REPO
+from trainer import cluster as cluster_lib
 from trainer import config_checks, distribute, exit_codes
 from trainer.config import Config, RuntimeConfig
 from trainer.errors import UserInputError
@@ -49,18 +50,18 @@ def test_unknown_strategy_is_a_user_error():
 
 
 def test_tf_config_names_every_worker_and_this_task():
-  config = distribute.tf_config(["a:2222", "b:2222"], 1)
+  config = cluster_lib.tf_config(["a:2222", "b:2222"], 1)
   assert config == {"cluster": {"worker": ["a:2222", "b:2222"]}, "task": {"type": "worker", "index": 1}}
   for workers, index in ((["a:2222"], 1), (["a"], 0), (["a:1", "a:1"], 0), ([], 0)):
     with pytest.raises(UserInputError):
-      distribute.tf_config(workers, index)
+      cluster_lib.tf_config(workers, index)
 
 
 def test_tf_config_command_prints_json_for_the_launcher():
-  result = subprocess.run([sys.executable, "-m", "trainer.distribute", "--workers=h1:2222,h2:2223", "--index=0"],
+  result = subprocess.run([sys.executable, "-m", "trainer.cluster", "--workers=h1:2222,h2:2223", "--index=0"],
                           cwd=REPO, env=trainer_process.environment(), capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr
-  assert json.loads(result.stdout) == distribute.tf_config(["h1:2222", "h2:2223"], 0)
+  assert json.loads(result.stdout) == cluster_lib.tf_config(["h1:2222", "h2:2223"], 0)
 
 
 def _strategy_in(cluster: dict, task_type: str, task_id: int):
@@ -99,25 +100,25 @@ def test_chief_writes_the_workdir_and_other_workers_a_temporary_folder(tmp_path)
 ])
 def test_a_malformed_tf_config_is_one_user_error_naming_the_mistake(text, names):
   with pytest.raises(UserInputError, match="TF_CONFIG") as error:
-    distribute.cluster_from_tf_config(text)
+    cluster_lib.cluster_from_tf_config(text)
   assert names in str(error.value) and "\n" not in str(error.value)
 
 
 def test_tf_config_gives_the_tasks_chief_first_and_this_one():
-  cluster = distribute.cluster_from_tf_config(json.dumps(
+  cluster = cluster_lib.cluster_from_tf_config(json.dumps(
       {"cluster": {"worker": ["w0:1", "w1:1"], "chief": ["c:1"]}, "task": {"type": "worker", "index": 1}}))
   assert [(t.job, t.index) for t in cluster.tasks] == [("chief", 0), ("worker", 0), ("worker", 1)]
   assert cluster.me.address == "w1:1" and [p.address for p in cluster.peers] == ["c:1", "w0:1"]
-  assert distribute.cluster_from_tf_config("") is None
+  assert cluster_lib.cluster_from_tf_config("") is None
 
 
-def _cluster_of(ports: list[int], index: int) -> distribute.Cluster:
-  return distribute.cluster_from_tf_config(json.dumps(distribute.tf_config([f"127.0.0.1:{p}" for p in ports],
+def _cluster_of(ports: list[int], index: int) -> cluster_lib.Cluster:
+  return cluster_lib.cluster_from_tf_config(json.dumps(cluster_lib.tf_config([f"127.0.0.1:{p}" for p in ports],
                                                                            index)))
 
 
 def test_waiting_for_peers_returns_when_they_listen_and_this_worker_is_seen(monkeypatch):
-  monkeypatch.setattr(distribute, "_PROBE_SECONDS", 0.05)
+  monkeypatch.setattr(cluster_lib, "_PROBE_SECONDS", 0.05)
   ports = trainer_process.free_ports(2)
   seen, done = [], threading.Event()
 
@@ -129,7 +130,7 @@ def test_waiting_for_peers_returns_when_they_listen_and_this_worker_is_seen(monk
   thread.start()
   start = time.monotonic()
   try:
-    distribute.wait_for_peers(_cluster_of(ports, 0), timeout_seconds=5.0)
+    cluster_lib.wait_for_peers(_cluster_of(ports, 0), timeout_seconds=5.0)
   finally:
     done.set()
     thread.join()
@@ -148,11 +149,11 @@ def _connects_within(port: int, seconds: float) -> bool:
 
 
 def test_a_peer_that_never_comes_ends_the_wait_in_one_line_with_the_peer_lost_code(monkeypatch, capsys):
-  monkeypatch.setattr(distribute, "_PROBE_SECONDS", 0.05)
+  monkeypatch.setattr(cluster_lib, "_PROBE_SECONDS", 0.05)
   ports = trainer_process.free_ports(2)
   start = time.monotonic()
   with pytest.raises(SystemExit) as stop:
-    distribute.wait_for_peers(_cluster_of(ports, 1), timeout_seconds=0.5)
+    cluster_lib.wait_for_peers(_cluster_of(ports, 1), timeout_seconds=0.5)
   assert time.monotonic() - start < 3.0
   assert stop.value.code == exit_codes.PEER_LOST and exit_codes.retryable(stop.value.code)
   message = capsys.readouterr().err.strip()
@@ -162,19 +163,19 @@ def test_a_peer_that_never_comes_ends_the_wait_in_one_line_with_the_peer_lost_co
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, exit_codes.PREEMPTED), (signal.SIGINT,
                                                                                    exit_codes.INTERRUPTED)])
 def test_sigterm_and_ctrl_c_end_the_wait_at_once_and_the_handlers_are_given_back(monkeypatch, capsys, signum, code):
-  monkeypatch.setattr(distribute, "_PROBE_SECONDS", 0.05)
+  monkeypatch.setattr(cluster_lib, "_PROBE_SECONDS", 0.05)
   before = signal.getsignal(signum)
   threading.Timer(0.3, os.kill, (os.getpid(), signum)).start()
   start = time.monotonic()
   with pytest.raises(SystemExit) as stop:
-    distribute.wait_for_peers(_cluster_of(trainer_process.free_ports(2), 0), timeout_seconds=30.0)
+    cluster_lib.wait_for_peers(_cluster_of(trainer_process.free_ports(2), 0), timeout_seconds=30.0)
   assert time.monotonic() - start < 3.0 and stop.value.code == code
   assert "while waiting for worker 1" in capsys.readouterr().err
   assert signal.getsignal(signum) is before
 
 
 def test_a_lost_peer_ends_in_one_line_naming_it_with_a_retried_code(monkeypatch, capsys):
-  monkeypatch.setenv("TF_CONFIG", json.dumps(distribute.tf_config(["127.0.0.1:1111", "127.0.0.1:2222"], 0)))
+  monkeypatch.setenv("TF_CONFIG", json.dumps(cluster_lib.tf_config(["127.0.0.1:1111", "127.0.0.1:2222"], 0)))
   ended = []
   monkeypatch.setattr(distribute.os, "_exit", ended.append)
   with distribute.exit_on_peer_loss():

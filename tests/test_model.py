@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from tests.conftest import write_color_dataset
-from trainer import config_checks, restore, train
+from trainer import backbones, config_checks, restore, train
 from trainer import model as model_lib
 from trainer.config import Config
 from trainer.errors import UserInputError
@@ -196,7 +196,7 @@ def test_the_demo_trains_from_scratch_when_imagenet_weights_cannot_be_had(monkey
 
   def offline(*args, **kwargs):
     raise UserInputError("ImageNet weights for mobilenet could not be downloaded")
-  monkeypatch.setattr(demo.backbones, "build", offline)
+  monkeypatch.setattr(backbones, "build", offline)
   assert demo.available_weights("imagenet") == "none"
   assert "from scratch" in capsys.readouterr().out
   assert demo.available_weights("/some/weights.h5") == "/some/weights.h5"

@@ -17,12 +17,13 @@ import pytest
 import trainer_process
 from bench import multi_worker
 from conftest import REPO, write_color_dataset
-from trainer import distribute, exit_codes
+from trainer import cluster as cluster_lib
+from trainer import exit_codes
 
 
 def _run_cluster(flags: list[str], workers: int = 2) -> list[str]:
   addresses = [f"127.0.0.1:{port}" for port in trainer_process.free_ports(workers)]
-  processes = [trainer_process.start(flags, TF_CONFIG=json.dumps(distribute.tf_config(addresses, index)))
+  processes = [trainer_process.start(flags, TF_CONFIG=json.dumps(cluster_lib.tf_config(addresses, index)))
                for index in range(workers)]
   outputs = []
   try:
@@ -75,7 +76,7 @@ def test_a_peer_that_never_comes_ends_within_the_timeout_and_sigterm_ends_the_wa
       trainer_process.start(trainer_process.tiny_flags(data_dir, random_mobilenet_025_weights,
                                                        workdir=tmp_path / name, strategy="multi_worker",
                                                        peer_timeout=timeout),
-                            TF_CONFIG=json.dumps(distribute.tf_config(cluster, index)))
+                            TF_CONFIG=json.dumps(cluster_lib.tf_config(cluster, index)))
       for name, timeout, cluster, index in (("a", 2, addresses[:2], 0), ("b", 600, addresses[2:], 1)))
   try:
     output = timed_out.communicate(timeout=trainer_process.TIMEOUT_SECONDS)[0]
@@ -111,11 +112,11 @@ def _answers(address: str, seconds: float) -> bool:
 
 
 _FAKE_PYTHON = """#!/usr/bin/env bash
-# launch/multi_worker.sh's interpreter, faked: trainer.distribute prints the worker's index as its TF_CONFIG;
+# launch/multi_worker.sh's interpreter, faked: trainer.cluster prints the worker's index as its TF_CONFIG;
 # trainer.main logs its start and plays its worker's next line of codes_<index>: a code to exit with, or "stop" to
 # wait for SIGTERM (then exit 143). Anything else runs the real interpreter (the exit-code table).
 here="$(dirname "$0")"
-if [ "$1" = -m ] && [ "$2" = trainer.distribute ]; then echo "${4#--index=}"; exit 0; fi
+if [ "$1" = -m ] && [ "$2" = trainer.cluster ]; then echo "${4#--index=}"; exit 0; fi
 if [ "$1" = -m ] && [ "$2" = trainer.main ]; then
   index="$TF_CONFIG"
   line="$(head -n 1 "$here/codes_$index")"; sed -i 1d "$here/codes_$index"

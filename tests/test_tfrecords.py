@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import REPO, write_color_dataset
-from trainer import data, images, tfrecords, to_tfrecord
+from trainer import data, images, tfrecords
 from trainer.config import Config
 from trainer.errors import UserInputError
 
@@ -25,7 +25,7 @@ def _write(path, records) -> str:
   """A shard of (image bytes, label, text) examples, or raw bytes records."""
   with tf.io.TFRecordWriter(str(path)) as writer:
     for record in records:
-      writer.write(record if isinstance(record, bytes) else to_tfrecord.example(*record).SerializeToString())
+      writer.write(record if isinstance(record, bytes) else tfrecords.example(*record).SerializeToString())
   return str(path)
 
 
@@ -39,8 +39,8 @@ def _file_contents(split, classes=None) -> collections.Counter:
 
 def test_folder_to_shards_round_trip_keeps_every_image_its_label_and_class_names(tmp_path):
   config = Config().replace(data_dir=str(write_color_dataset(tmp_path / "colors", 5)), validation_split=0.4).data
-  written = to_tfrecord.convert(config, str(tmp_path / "shards"), shards=2)
-  files = to_tfrecord.usable_files(config)
+  written = tfrecords.convert(config, str(tmp_path / "shards"), shards=2)
+  files = tfrecords.usable_files(config)
   assert written == {"train": len(files.train), "val": len(files.val)}
   assert len(tf.io.gfile.glob(str(tmp_path / "shards" / "train-*"))) == 2
   for split, name in ((files.train, "train"), (files.val, "val")):
@@ -62,7 +62,7 @@ def test_the_command_writes_train_and_val_shards_and_refuses_to_mix_with_old_one
                                         for i in range(3)]
   config = Config().replace(data_dir=str(data_dir)).data
   with pytest.raises(UserInputError, match="--output=.*already holds 6 shard"):
-    to_tfrecord.convert(config, str(output), shards=3)
+    tfrecords.convert(config, str(output), shards=3)
 
 
 def test_truncated_shard_keeps_its_readable_records_and_is_counted_and_named(tmp_path):

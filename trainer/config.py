@@ -32,6 +32,10 @@ STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
 PRECISIONS = ("auto", "float16", "bfloat16", "float32")
 TFLITE_QUANTIZATIONS = ("float32", "float16", "dynamic_range", "int8")
 TUNERS = ("random", "bayesian", "hyperband")
+# The fields that name the data source (exactly one is given), and with them the fields a command on a trained run
+# may point elsewhere (where the run's data is now).
+SOURCE_FLAGS = ("data_dir", "csv", "tfds", "tfrecord")
+DATA_SOURCE_FIELDS = SOURCE_FLAGS + ("tfds_data_dir",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +128,9 @@ class TrainConfig:
   feature_views: int = _field(2, "With --cache_features and augmentation: augmented views computed per image; "
                               "frozen epoch e trains on view e mod K (2: measured as good as or better than 1, 4 "
                               "and 8 on hymenoptera and sign_language_digits, BUILD_NOTES.md).")
+  drop_suspects: bool = _field(False, "Train without the training images whose label the label audit suspects "
+                                "(report/suspect_labels.csv, found by confident learning on the frozen phase's "
+                                "features): they weigh 0 in both phases. Labels are never changed.")
 
 
 @dataclasses.dataclass(frozen=True)

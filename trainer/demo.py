@@ -13,9 +13,8 @@ import subprocess
 import sys
 
 import numpy as np
-from absl import app
 
-from trainer import backbones, cli, demo_data
+from trainer import demo_data, usage
 from trainer.config import Config
 from trainer.errors import UserInputError
 # The trainer's own --workdir and --weights (imagenet, none, or a local MobileNet alpha 0.25 .h5 file such as
@@ -38,6 +37,7 @@ def available_weights(weights: str) -> str:
   """`weights`, or none when they are ImageNet's and Keras can neither download nor find them in its cache."""
   if weights != "imagenet":
     return weights
+  from trainer import backbones  # Imported when needed: --help answers without loading TensorFlow.
   try:
     backbones.build(TRANSFER["backbone"], "imagenet", TRANSFER["image_size"], TRANSFER["alpha"])
   except UserInputError:
@@ -61,6 +61,7 @@ def demo(workdir: str, weights: str) -> None:
   run_dir = os.path.join(workdir, run_name(weights))
   settings = SCRATCH if weights == "none" else {**TRANSFER, "weights": weights}
   config = Config().replace(data_dir=data_dir, **settings)
+  from trainer import cli
   cli.run(config, run_dir, list_layers=False)
 
   export_root = os.path.join(run_dir, "export", config.export.model_name)
@@ -90,5 +91,9 @@ def main(argv):
   demo(FLAGS.workdir or DEFAULT_WORKDIR, FLAGS.weights)
 
 
+def run_script():
+  usage.run(main, __doc__, {"demo": ["workdir", "weights"]})
+
+
 if __name__ == "__main__":
-  app.run(main)
+  run_script()

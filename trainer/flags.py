@@ -49,6 +49,12 @@ def given_flags() -> set[str]:
   return {field.name for _, field in section_fields() if FLAGS[field.name].present}
 
 
+def overrides(names: typing.Collection[str]) -> dict:
+  """The config fields among `names` given on the command line: what a command on a trained run changes of its
+  config.json (trainer.restore)."""
+  return {name: FLAGS[name].value for name in names if FLAGS[name].present}
+
+
 def refuse_unused(used: typing.Collection[str], command: str) -> None:
   """A flag of this module given to a command that does not read it would be ignored silently: refused instead
   (commands on a trained run take the model's settings from its config.json)."""

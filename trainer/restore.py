@@ -8,13 +8,9 @@ import tensorflow as tf
 
 from trainer import checkpoints, config_checks
 from trainer import model as model_lib
-from trainer import sources
 from trainer import workdir as workdir_lib
-from trainer.config import Config
+from trainer.config import SOURCE_FLAGS, Config
 from trainer.errors import UserInputError
-
-# One of the first three names the data source; giving one replaces the run's source.
-DATA_SOURCE_FIELDS = sources.SOURCE_FLAGS + ("tfds_data_dir",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,8 +35,8 @@ def restore(workdir: str, overrides: dict | None = None) -> TrainedModel:
   run = workdir_lib.RunDir(workdir)
   config = run.load_config()
   overrides = dict(overrides or {})
-  if any(name in overrides for name in sources.SOURCE_FLAGS):
-    overrides = {**{name: "" for name in sources.SOURCE_FLAGS}, **overrides}
+  if any(name in overrides for name in SOURCE_FLAGS):
+    overrides = {**{name: "" for name in SOURCE_FLAGS}, **overrides}
   config = config.replace(**overrides)
   classes = tuple(run.load_run_facts().get("classes", ()))
   checkpoint = checkpoints.newest_readable(run.checkpoints)  # A corrupt newest one is skipped, in one line.
@@ -52,8 +48,3 @@ def restore(workdir: str, overrides: dict | None = None) -> TrainedModel:
   # Only the model: the training checkpoint also holds the epoch counter and both optimizers.
   checkpoints.restore_matching(tf.train.Checkpoint(model=model), checkpoint, partial=True)
   return TrainedModel(config, classes, model, checkpoint)
-
-
-def flag_overrides(flag_values, names) -> dict:
-  """The config fields among `names` that were given on the command line, for `restore`'s overrides."""
-  return {name: flag_values[name].value for name in names if flag_values[name].present}

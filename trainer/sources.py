@@ -17,7 +17,7 @@ import tensorflow as tf
 from absl import logging
 
 from trainer import images
-from trainer.config import DataConfig
+from trainer.config import SOURCE_FLAGS, DataConfig
 from trainer.errors import UserInputError
 
 
@@ -61,10 +61,6 @@ class TfdsSplits:
   train_labels: tuple[int, ...]
   val: tf.data.Dataset
   val_labels: tuple[int, ...]
-
-
-# The data flags that each name a whole source; exactly one is given.
-SOURCE_FLAGS = ("data_dir", "csv", "tfds", "tfrecord")
 
 
 def chosen(config: DataConfig) -> str:
