@@ -7,9 +7,11 @@ WORKDIR/export/<model_name>/<version>/ holds:
   `top_k_classes` and `top_k_scores` ([None, k]).
 - `assets/labels.txt`, one class name per line: the graph reads its labels from it.
 - `assets.extra/tf_serving_warmup_requests`: real requests (validation images) that TF Serving replays at load.
-- `export_metadata.json`: versions, classes, image size, the training config's hash, the parity check and, for a
-  mixed-precision model, how far the float32 model it serves is from it.
-- `model.tflite` with `--tflite`.
+- `export_metadata.json`: versions, classes, image size, the training config's hash, the parity check, for a
+  mixed-precision model how far the float32 model it serves is from it, and with `--tflite` the TFLite file's
+  description and its evaluation on the validation split (see export/tflite.py).
+- `model.tflite` with `--tflite`: TFLite metadata inside (labels, input, description); refused (the version left
+  unpublished) when its val accuracy is more than --tflite_max_accuracy_drop below the SavedModel's.
 
 Built with keras.export.ExportArchive: a hand-made tf.Module around a Keras 3 model reloads but fails in
 `saved_model_cli run` (measured here). The export is written beside its version folder, loaded back and compared
@@ -31,15 +33,16 @@ import os
 import platform
 import shutil
 import tempfile
-import warnings
 from typing import Sequence
 
 import keras
 import numpy as np
 import tensorflow as tf
+from absl import logging
 from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
-from trainer import images
+from export import tflite
+from trainer import data, images
 from trainer import model as model_lib
 from trainer.config import Config
 from trainer.errors import UserInputError
@@ -48,9 +51,8 @@ SERVING_DEFAULT = "serving_default"
 IMAGE_TENSOR_SIGNATURE = "serving_image_tensor"
 LABELS_FILE = "labels.txt"
 METADATA_FILE = "export_metadata.json"
-TFLITE_FILE = "model.tflite"
+TFLITE_FILE = tflite.TFLITE_FILE
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
-TFLITE_QUANTIZATIONS = ("float16", "dynamic_range")
 
 # Export fails above this difference between the reloaded SavedModel and the in-memory float32 model.
 PARITY_TOLERANCE = 1e-3
@@ -65,7 +67,8 @@ _WEBP = ((0, b"RIFF"), (8, b"WEBP"))
 
 
 class ExportParityError(RuntimeError):
-  """The reloaded SavedModel does not compute what the in-memory model computes."""
+  """The export does not compute what the trained model computes: the reloaded SavedModel differs from it, or
+  model.tflite loses more validation accuracy than --tflite_max_accuracy_drop allows."""
 
 
 def next_version(model_dir: str) -> int:
@@ -77,19 +80,20 @@ def next_version(model_dir: str) -> int:
 
 
 def export_saved_model(model: keras.Model, classes: Sequence[str], config: Config, export_root: str,
-                       parity_paths: Sequence[str], version: int | None = None, source: str = "") -> str:
+                       parity_paths: Sequence[str], version: int | None = None, source: str = "",
+                       inputs: data.InputData | None = None) -> str:
   """Writes export_root/<model_name>/<version>/ after checking it against `model`; returns that path.
 
   parity_paths: validation image files (see `trainer.data.sample_files`); the first PARITY_FILES are fed as bytes
   to the reloaded SavedModel and, decoded, to `model`, and make the warmup requests. source: where the weights
-  came from (a checkpoint). A mixed-precision `model` is exported as its float32 copy (see `float32_copy`).
-  Raises ExportParityError (leaving the checked copy in a hidden `.partial-<version>` folder) when they differ
-  by more than PARITY_TOLERANCE.
+  came from (a checkpoint). inputs: the run's data, needed with --tflite (int8 is calibrated on its training
+  split; the file is judged on its validation split). A mixed-precision `model` is exported as its float32 copy
+  (see `float32_copy`). Raises ExportParityError (leaving the checked copy in a hidden `.partial-<version>`
+  folder) when they differ by more than PARITY_TOLERANCE, or when model.tflite loses more accuracy than allowed.
   """
   export = config.export
-  if export.tflite_quantization not in TFLITE_QUANTIZATIONS:
-    raise UserInputError(f"--tflite_quantization={export.tflite_quantization}: choose one of "
-                         f"{', '.join(TFLITE_QUANTIZATIONS)}.")
+  if export.tflite and inputs is None:
+    raise ValueError("--tflite: export_saved_model needs the run's inputs to calibrate and judge model.tflite.")
   if export.top_k < 1:
     raise UserInputError(f"--top_k={export.top_k}: must be at least 1.")
   if not parity_paths:
@@ -133,11 +137,19 @@ def export_saved_model(model: keras.Model, classes: Sequence[str], config: Confi
   if served is not model:
     metadata["precision"] = {"trained": model.dtype_policy.name, "served": served.dtype_policy.name,
                              "max_abs_diff": max_difference(served, model, samples, image_size)}
+  refused = None
   if export.tflite:
-    metadata["tflite"] = write_tflite(served, image_size, export.tflite_quantization,
-                                      os.path.join(partial, TFLITE_FILE), samples)
+    metadata["tflite"] = tflite.write_tflite(served, classes, config, os.path.join(partial, TFLITE_FILE), inputs)
+    refused = tflite.refusal(metadata["tflite"], export.tflite_max_accuracy_drop)
+    evaluation = metadata["tflite"]["evaluation"]
+    logging.info("model.tflite (%s, %d bytes): val accuracy %.4f, SavedModel %.4f, top-1 agreement %.4f on %d "
+                 "validation images.", export.tflite_quantization, metadata["tflite"]["bytes"],
+                 evaluation["val_accuracy"], evaluation["saved_model_val_accuracy"],
+                 evaluation["agreement_with_saved_model"], evaluation["images"])
   with open(os.path.join(partial, METADATA_FILE), "w", encoding="utf-8") as f:
     json.dump(metadata, f, indent=2, ensure_ascii=False)
+  if refused:
+    raise ExportParityError(f"{refused} The unpublished export is left in {partial} for inspection.")
   os.replace(partial, path)
   return path
 
@@ -253,49 +265,6 @@ def write_warmup_requests(path: str, model_name: str, samples: Sequence[bytes], 
       request.inputs[input_name].CopyFrom(tf.make_tensor_proto(value))
       log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
       writer.write(log.SerializeToString())
-
-
-def write_tflite(model: keras.Model, image_size: int, quantization: str, path: str,
-                 samples: Sequence[bytes]) -> dict:
-  """model.tflite: float32 [1, S, S, 3] pixels in 0..255 (decoded and resized by the caller) -> probabilities.
-
-  Returns its description and parity against `model` (recorded, not enforced: quantization changes the numbers).
-  """
-  # Converted from a SavedModel of the forward pass: from_concrete_functions on a Keras 3 model loses its weights
-  # (NaN out, measured here), and from_keras_model prints every captured variable.
-  with tempfile.TemporaryDirectory() as forward_dir:
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    archive.add_endpoint("serve", lambda pixels: model(pixels, training=False),
-                         input_signature=[tf.TensorSpec([1, image_size, image_size, 3], tf.float32, name="images")])
-    archive.write_out(forward_dir, verbose=False)
-    converter = tf.lite.TFLiteConverter.from_saved_model(forward_dir)
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    if quantization == "float16":
-      converter.target_spec.supported_types = [tf.float16]
-    tflite_model = converter.convert()
-  with open(path, "wb") as f:
-    f.write(tflite_model)
-  with warnings.catch_warnings():
-    # tf.lite.Interpreter warns that it moves to the LiteRT package; for this parity check it is what TF ships.
-    warnings.simplefilter("ignore", UserWarning)
-    interpreter = tf.lite.Interpreter(model_path=path)
-  interpreter.allocate_tensors()
-  input_index = interpreter.get_input_details()[0]["index"]
-  output_index = interpreter.get_output_details()[0]["index"]
-  worst, agree = 0.0, 0
-  for image_bytes in samples:
-    pixels = images.decode_and_resize(image_bytes, image_size)[tf.newaxis]
-    interpreter.set_tensor(input_index, pixels.numpy())
-    interpreter.invoke()
-    served = interpreter.get_tensor(output_index)[0]
-    expected = model(pixels, training=False).numpy()[0]
-    worst = float(np.max([worst, np.max(np.abs(served - expected))]))  # np.max keeps a NaN; max() would drop it.
-    agree += int(np.argmax(served) == np.argmax(expected))
-  return {"file": TFLITE_FILE, "quantization": quantization, "bytes": os.path.getsize(path),
-          "input": f"float32 [1, {image_size}, {image_size}, 3], RGB in 0..255, resized bilinear",
-          "output": "float32 [1, C] probabilities, classes in the order of assets/labels.txt",
-          "parity": {"files": len(samples), "max_abs_diff": worst, "top1_agreement": agree / len(samples)}}
 
 
 def _read(path: str) -> bytes:
