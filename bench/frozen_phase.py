@@ -10,50 +10,52 @@ import json
 import os
 import tempfile
 
-from absl import app, flags
+from absl import flags
 
-from bench import write_figures
+import bench
 
-from trainer import train
 from trainer.config import Config
 
-flags.DEFINE_string("data_dir", "../shared/datasets/hymenoptera", "Dataset (train/ + val/, or class folders).")
-flags.DEFINE_string("backbone", "mobilenet_v2", "Backbone.")
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("data_dir", "../shared/datasets/hymenoptera", "Dataset (train/ + val/, or class folders).",
+                    flag_values=FLAGS)
+flags.DEFINE_string("backbone", "mobilenet_v2", "Backbone.", flag_values=FLAGS)
+flags.DEFINE_float("alpha", 1.0, "Width multiplier of mobilenet / mobilenet_v2.", flag_values=FLAGS)
 flags.DEFINE_string("weights", "../shared/weights/mobilenet_v2_1.0_224_coral-tf2ptq-dequant_no_top.h5",
-                    "No-top weights file of the backbone.")
-flags.DEFINE_integer("image_size", 224, "Input size.")
-flags.DEFINE_integer("frozen_epochs", 5, "Frozen epochs of each run.")
-flags.DEFINE_string("augment", "light", "Augmentation preset of both runs.")
-flags.DEFINE_integer("feature_views", 3, "Augmented views per image of the cached run.")
-flags.DEFINE_string("json", "", "Write the figures to this file.")
-FLAGS = flags.FLAGS
+                    "No-top weights file of the backbone.", flag_values=FLAGS)
+flags.DEFINE_integer("image_size", 224, "Input size.", flag_values=FLAGS)
+flags.DEFINE_integer("frozen_epochs", 5, "Frozen epochs of each run.", flag_values=FLAGS)
+flags.DEFINE_string("augment", "light", "Augmentation preset of both runs.", flag_values=FLAGS)
+flags.DEFINE_integer("feature_views", 3, "Augmented views per image of the cached run.", flag_values=FLAGS)
+flags.DEFINE_string("json", "", "Write the figures to this file.", flag_values=FLAGS)
 
 
 def _frozen_run(config: Config, workdir: str) -> dict:
-  train.train_and_evaluate(config, workdir)
-  with open(os.path.join(workdir, "report", "history.json"), encoding="utf-8") as f:
-    history = json.load(f)
+  history = bench.train_history(config, workdir)
   later = [record["seconds"] for record in history[1:]]
   return {"first_epoch_seconds": history[0]["seconds"], "later_epoch_seconds": sum(later) / len(later),
           "val_accuracy": history[-1]["val_accuracy"]}
 
 
-def main(argv):
-  del argv
-  config = Config().replace(data_dir=FLAGS.data_dir, backbone=FLAGS.backbone, weights=FLAGS.weights,
-                            image_size=FLAGS.image_size, frozen_epochs=FLAGS.frozen_epochs, finetune_epochs=0,
-                            augment=FLAGS.augment, feature_views=FLAGS.feature_views, verbosity=-1)
-  root = tempfile.mkdtemp(prefix="bench_frozen_")
-  figures = {name: _frozen_run(config.replace(cache_features=cached), os.path.join(root, name))
-             for name, cached in (("end_to_end", False), ("cache_features", True))}
+def main(argv: list[str]) -> dict:
+  """Measures, prints, writes --json; returns the figures."""
+  bench.parse_flags(FLAGS, argv, __doc__)
+  config = Config().replace(data_dir=FLAGS.data_dir, backbone=FLAGS.backbone, alpha=FLAGS.alpha,
+                            weights=FLAGS.weights, image_size=FLAGS.image_size, frozen_epochs=FLAGS.frozen_epochs,
+                            finetune_epochs=0, augment=FLAGS.augment, feature_views=FLAGS.feature_views,
+                            verbosity=-1)
+  with tempfile.TemporaryDirectory(prefix="bench_frozen_") as root:
+    figures = {name: _frozen_run(config.replace(cache_features=cached), os.path.join(root, name))
+               for name, cached in (("end_to_end", False), ("cache_features", True))}
   figures["later_epoch_speedup"] = (figures["end_to_end"]["later_epoch_seconds"]
                                     / figures["cache_features"]["later_epoch_seconds"])
   figures["val_accuracy_difference"] = (figures["cache_features"]["val_accuracy"]
                                         - figures["end_to_end"]["val_accuracy"])
   figures["load_average"] = os.getloadavg()[0]
   print(json.dumps(figures, indent=2))
-  write_figures(figures, FLAGS.json)
+  bench.write_figures(figures, FLAGS.json)
+  return figures
 
 
 if __name__ == "__main__":
-  app.run(main)
+  bench.run(main)

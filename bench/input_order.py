@@ -10,16 +10,17 @@ import time
 
 import numpy as np
 import tensorflow as tf
-from absl import app, flags
+from absl import flags
 
-from bench import write_figures
+import bench
 from trainer import images
 
-flags.DEFINE_string("data_dir", "../shared/datasets/hymenoptera", "A folder of images (searched recursively).")
-flags.DEFINE_integer("image_size", 224, "Decoded size.")
-flags.DEFINE_integer("rounds", 3, "Alternating rounds of each order; the median is reported.")
-flags.DEFINE_string("json", "", "Write the figures to this JSON file.")
-FLAGS = flags.FLAGS
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("data_dir", "../shared/datasets/hymenoptera", "A folder of images (searched recursively).",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("image_size", 224, "Decoded size.", flag_values=FLAGS)
+flags.DEFINE_integer("rounds", 3, "Alternating rounds of each order; the median is reported.", flag_values=FLAGS)
+flags.DEFINE_string("json", "", "Write the figures to this JSON file.", flag_values=FLAGS)
 
 
 def _images_per_sec(paths: list[str], in_order: bool) -> float:
@@ -32,8 +33,9 @@ def _images_per_sec(paths: list[str], in_order: bool) -> float:
   return len(paths) / (time.perf_counter() - start)
 
 
-def main(argv):
-  del argv
+def main(argv: list[str]) -> dict:
+  """Measures, prints, writes --json; returns the figures."""
+  bench.parse_flags(FLAGS, argv, __doc__)
   paths = sorted(path for path in glob.glob(os.path.join(FLAGS.data_dir, "**", "*"), recursive=True)
                  if path.lower().endswith((".jpg", ".jpeg", ".png")))
   _images_per_sec(paths[:32], True)  # Warm-up: tracing, file cache.
@@ -44,9 +46,10 @@ def main(argv):
   figures = {"files": len(paths), "image_size": FLAGS.image_size,
              **{f"{name}_images_per_sec": float(np.median(values)) for name, values in rates.items()},
              "ratio_in_order_to_any": float(np.median(rates["in_order"]) / np.median(rates["any_order"]))}
-  write_figures(figures, FLAGS.json)
+  bench.write_figures(figures, FLAGS.json)
   print(figures)
+  return figures
 
 
 if __name__ == "__main__":
-  app.run(main)
+  bench.run(main)

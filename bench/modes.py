@@ -16,31 +16,37 @@ Seconds per epoch are a training pass plus validation, as Keras' fit reports the
 
 import json
 import os
+import shutil
 import statistics
 import tempfile
 
-from absl import app, flags
+from absl import flags
 
-from bench import write_figures
+import bench
 
-from trainer import train
 from trainer.config import Config
 
-flags.DEFINE_string("data_dir", "../shared/datasets/hymenoptera", "Dataset (train/ + val/, or class folders).")
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("data_dir", "../shared/datasets/hymenoptera", "Dataset (train/ + val/, or class folders).",
+                    flag_values=FLAGS)
 flags.DEFINE_string("weights", "../shared/weights/mobilenet_v2_1.0_224_coral-tf2ptq-dequant_no_top.h5",
-                    "No-top MobileNetV2 weights of the frozen and unfrozen modes.")
-flags.DEFINE_integer("image_size", 224, "Input size (the tutorial's InceptionV3 ran at 139).")
-flags.DEFINE_integer("epochs", 5, "Epochs of every mode.")
-flags.DEFINE_integer("batch_size", 32, "Global batch size (the tutorial's).")
-flags.DEFINE_float("frozen_lr", 1e-3, "Adam learning rate of the frozen mode (the tutorial's Adam default).")
+                    "No-top weights of the backbone, for the frozen and unfrozen modes.", flag_values=FLAGS)
+flags.DEFINE_string("backbone", "mobilenet_v2", "Backbone of every mode.", flag_values=FLAGS)
+flags.DEFINE_float("alpha", 1.0, "Width multiplier of mobilenet / mobilenet_v2.", flag_values=FLAGS)
+flags.DEFINE_integer("image_size", 224, "Input size (the tutorial's InceptionV3 ran at 139).", flag_values=FLAGS)
+flags.DEFINE_integer("epochs", 5, "Epochs of every mode.", flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 32, "Global batch size (the tutorial's).", flag_values=FLAGS)
+flags.DEFINE_float("frozen_lr", 1e-3, "Adam learning rate of the frozen mode (the tutorial's Adam default).",
+                   flag_values=FLAGS)
 flags.DEFINE_float("unfrozen_lr", 1e-4, "Adam learning rate of the unfrozen mode: lower than the head's, so the "
-                   "pretrained features survive the first steps of a random head.")
-flags.DEFINE_float("scratch_lr", 1e-3, "Adam learning rate from scratch.")
-flags.DEFINE_string("augment", "none", "Augmentation preset of every mode (the tutorial's generator had none).")
-flags.DEFINE_list("modes", ["frozen", "unfrozen", "scratch"], "Modes to train.")
-flags.DEFINE_list("seeds", ["42"], "Seeds: each mode trains once per seed; the table shows mean and spread.")
-flags.DEFINE_string("json", "", "Write the figures to this file.")
-FLAGS = flags.FLAGS
+                   "pretrained features survive the first steps of a random head.", flag_values=FLAGS)
+flags.DEFINE_float("scratch_lr", 1e-3, "Adam learning rate from scratch.", flag_values=FLAGS)
+flags.DEFINE_string("augment", "none", "Augmentation preset of every mode (the tutorial's generator had none).",
+                    flag_values=FLAGS)
+flags.DEFINE_list("modes", ["frozen", "unfrozen", "scratch"], "Modes to train.", flag_values=FLAGS)
+flags.DEFINE_list("seeds", ["42"], "Seeds: each mode trains once per seed; the table shows mean and spread.",
+                  flag_values=FLAGS)
+flags.DEFINE_string("json", "", "Write the figures to this file.", flag_values=FLAGS)
 
 
 def mode_config(mode: str, base: Config) -> Config:
@@ -56,9 +62,7 @@ def mode_config(mode: str, base: Config) -> Config:
 
 
 def run_mode(config: Config, workdir: str) -> dict:
-  train.train_and_evaluate(config, workdir)
-  with open(os.path.join(workdir, "report", "history.json"), encoding="utf-8") as f:
-    history = json.load(f)
+  history = bench.train_history(config, workdir)
   later = [record["seconds"] for record in history[1:]] or [history[0]["seconds"]]
   return {"val_accuracy_epoch_1": history[0]["val_accuracy"], "val_accuracy_last": history[-1]["val_accuracy"],
           "first_epoch_seconds": history[0]["seconds"], "seconds_per_epoch": statistics.mean(later),
@@ -82,11 +86,12 @@ def table(figures: dict) -> str:
   return "\n".join(lines)
 
 
-def main(argv):
-  del argv
-  base = Config().replace(data_dir=FLAGS.data_dir, backbone="mobilenet_v2", weights=FLAGS.weights,
-                          image_size=FLAGS.image_size, batch_size=FLAGS.batch_size, augment=FLAGS.augment,
-                          verbosity=-1)
+def main(argv: list[str]) -> dict:
+  """Measures, prints, writes --json; returns the figures."""
+  bench.parse_flags(FLAGS, argv, __doc__)
+  base = Config().replace(data_dir=FLAGS.data_dir, backbone=FLAGS.backbone, alpha=FLAGS.alpha,
+                          weights=FLAGS.weights, image_size=FLAGS.image_size, batch_size=FLAGS.batch_size,
+                          augment=FLAGS.augment, verbosity=-1)
   root = tempfile.mkdtemp(prefix="bench_modes_")
   figures = {"epochs": FLAGS.epochs, "image_size": FLAGS.image_size, "seeds": [int(s) for s in FLAGS.seeds],
              "modes": {}}
@@ -95,10 +100,12 @@ def main(argv):
         run_mode(mode_config(mode, base).replace(seed=int(seed)), os.path.join(root, f"{mode}_{seed}"))
         for seed in FLAGS.seeds]
     print(json.dumps({mode: figures["modes"][mode]}), flush=True)
+  shutil.rmtree(root)  # The runs' workdirs: every figure is in `figures`.
   figures["load_average"] = os.getloadavg()[0]
   print(table(figures))
-  write_figures(figures, FLAGS.json)
+  bench.write_figures(figures, FLAGS.json)
+  return figures
 
 
 if __name__ == "__main__":
-  app.run(main)
+  bench.run(main)

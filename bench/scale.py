@@ -34,29 +34,34 @@ import sys
 import tempfile
 import time
 
-from absl import app, flags
+from absl import flags
 
-from bench import synthetic, write_figures
+import bench
+from bench import synthetic
 from trainer import config_checks
 
-flags.DEFINE_list("sizes", ["1000", "5000", "20000"], "Dataset sizes (500x375 photos); empty for none.")
-flags.DEFINE_integer("phone_photos", 200, "Number of 4032x3024 photos (0 skips them).")
-flags.DEFINE_integer("image_size", 224, "Square size the images are resized to.")
-flags.DEFINE_integer("batch_size", 32, "Batch size.")
-flags.DEFINE_integer("epochs", 3, "Epochs per row of ours (the first, then the later ones averaged).")
-flags.DEFINE_integer("repeats", 1, "Times every row is measured (interleaved); the figures are medians.")
-flags.DEFINE_list("caches", ["memory", "disk", "none"], "--cache modes measured.")
-flags.DEFINE_string("phone_cache", "auto", "--cache of the phone-photos row (auto: what a run gets by default).")
-flags.DEFINE_string("memory_limit", "2GB", "Largest in-memory cache measured (bytes or e.g. 2GB).")
+FLAGS = flags.FlagValues()
+flags.DEFINE_list("sizes", ["1000", "5000", "20000"], "Dataset sizes (500x375 photos); empty for none.",
+                  flag_values=FLAGS)
+flags.DEFINE_integer("phone_photos", 200, "Number of 4032x3024 photos (0 skips them).", flag_values=FLAGS)
+flags.DEFINE_integer("image_size", 224, "Square size the images are resized to.", flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 32, "Batch size.", flag_values=FLAGS)
+flags.DEFINE_integer("epochs", 3, "Epochs per row of ours (the first, then the later ones averaged).",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("repeats", 1, "Times every row is measured (interleaved); the figures are medians.",
+                     flag_values=FLAGS)
+flags.DEFINE_list("caches", ["memory", "disk", "none"], "--cache modes measured.", flag_values=FLAGS)
+flags.DEFINE_string("phone_cache", "auto", "--cache of the phone-photos row (auto: what a run gets by default).",
+                    flag_values=FLAGS)
+flags.DEFINE_string("memory_limit", "2GB", "Largest in-memory cache measured (bytes or e.g. 2GB).", flag_values=FLAGS)
 flags.DEFINE_string("root", os.path.join(tempfile.gettempdir(), "bench_scale"), "Folder of the synthetic photos "
-                    "(kept for the next run) and of the disk caches (removed after each row).")
-flags.DEFINE_string("json", "", "Also write the figures to this JSON file.")
+                    "(kept for the next run) and of the disk caches (removed after each row).", flag_values=FLAGS)
+flags.DEFINE_string("json", "", "Also write the figures to this JSON file.", flag_values=FLAGS)
 # One row, in the child process.
 flags.DEFINE_enum("row", "", ["", "ours", "keras", "floor"],
-                  "Internal: measure one row in this process and print it.")
-flags.DEFINE_string("data_dir", "", "Internal: the row's folder.")
-flags.DEFINE_string("cache", "none", "Internal: the row's --cache.")
-FLAGS = flags.FLAGS
+                  "Internal: measure one row in this process and print it.", flag_values=FLAGS)
+flags.DEFINE_string("data_dir", "", "Internal: the row's folder.", flag_values=FLAGS)
+flags.DEFINE_string("cache", "none", "Internal: the row's --cache.", flag_values=FLAGS)
 
 _PHONE_SIZE = (4032, 3024)
 _PHOTO_SIZE = (500, 375)
@@ -209,8 +214,9 @@ def _targets(rows: list[dict], keras_rows: list[dict], phone: dict, image_size: 
   return targets
 
 
-def main(argv):
-  del argv
+def main(argv: list[str]) -> dict:
+  """Measures, prints, writes --json; returns the figures."""
+  bench.parse_flags(FLAGS, argv, __doc__)
   if FLAGS.row:
     cache_root = tempfile.mkdtemp(dir=FLAGS.root, prefix="cache_")
     if FLAGS.row == "ours":
@@ -221,7 +227,8 @@ def main(argv):
       figures = keras_row(FLAGS.data_dir, FLAGS.image_size, FLAGS.batch_size)
     shutil.rmtree(cache_root)
     print(json.dumps(figures))
-    return
+    bench.write_figures(figures, FLAGS.json)
+    return figures
   os.makedirs(FLAGS.root, exist_ok=True)
   size = FLAGS.image_size
   rows, keras_rows = [], []
@@ -258,8 +265,9 @@ def main(argv):
   figures = {"image_size": size, "rows": rows, "image_dataset_from_directory": keras_rows, "phone_photos": phone,
              "targets": _targets(rows, keras_rows, phone, size), "load_average_at_end": os.getloadavg()[0]}
   print(json.dumps(figures["targets"], indent=2))
-  write_figures(figures, FLAGS.json)
+  bench.write_figures(figures, FLAGS.json)
+  return figures
 
 
 if __name__ == "__main__":
-  app.run(main)
+  bench.run(main)

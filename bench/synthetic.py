@@ -1,7 +1,7 @@
 """Folders of synthetic JPEG photos for benchmarks: class sub-folders of smooth, textured images that compress
 and decode like photos (not noise, which decodes several times slower than a photo of the same size).
 
-python -m bench.synthetic --output=DIR --images=1000 [--width=500 --height=375] [--classes=10]
+python -m bench.synthetic --output=DIR --images=1000 [--width=500 --height=375] [--classes=10] [--json=FILE]
 
 A folder that already holds what is asked for (its manifest says so) is reused, so a benchmark generates its data
 once.
@@ -14,8 +14,19 @@ import multiprocessing
 import os
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from PIL import Image
+
+import bench
+
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("output", None, "Folder to write (class sub-folders).", required=True, flag_values=FLAGS)
+flags.DEFINE_integer("images", 1000, "Number of images.", flag_values=FLAGS)
+flags.DEFINE_integer("width", 500, "Width in pixels.", flag_values=FLAGS)
+flags.DEFINE_integer("height", 375, "Height in pixels.", flag_values=FLAGS)
+flags.DEFINE_integer("classes", 10, "Number of class folders.", flag_values=FLAGS)
+flags.DEFINE_string("json", "", "Also write what the folder holds (its manifest and path) to this JSON file.",
+                    flag_values=FLAGS)
 
 _MANIFEST = "synthetic.json"
 # Stored with every photo, as phone cameras do (orientation 1: upright), so EXIF is parsed as for real photos.
@@ -82,17 +93,16 @@ def _write_photo(root: str, index: int, label: int, width: int, height: int, qua
     f.write(jpeg(photo(index, label, width, height, seed), quality))
 
 
-def main(argv):
-  del argv
-  given = flags.FLAGS
-  print(folder(given.output, given.images, given.width, given.height, given.classes))
+def main(argv: list[str]) -> dict:
+  """Writes (or reuses) the folder, prints its path, writes --json; returns what it holds."""
+  bench.parse_flags(FLAGS, argv, __doc__)
+  root = folder(FLAGS.output, FLAGS.images, FLAGS.width, FLAGS.height, FLAGS.classes)
+  with open(os.path.join(root, _MANIFEST), encoding="utf-8") as f:
+    figures = {"folder": root, **json.load(f)}
+  print(root)
+  bench.write_figures(figures, FLAGS.json)
+  return figures
 
 
 if __name__ == "__main__":
-  # Defined only when run as a command: bench.scale imports this module and has flags of its own.
-  flags.DEFINE_string("output", None, "Folder to write (class sub-folders).", required=True)
-  flags.DEFINE_integer("images", 1000, "Number of images.")
-  flags.DEFINE_integer("width", 500, "Width in pixels.")
-  flags.DEFINE_integer("height", 375, "Height in pixels.")
-  flags.DEFINE_integer("classes", 10, "Number of class folders.")
-  app.run(main)
+  bench.run(main)

@@ -13,25 +13,27 @@ python -m bench.tune_runs --data_dirs=../shared/datasets/hymenoptera --seeds=5 -
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from bench import write_figures
+import bench
 
+FLAGS = flags.FlagValues()
 flags.DEFINE_list("data_dirs", ["../shared/datasets/hymenoptera", "../shared/datasets/sign_language_digits"],
-                  "Datasets (train/ + val/).")
+                  "Datasets (train/ + val/).", flag_values=FLAGS)
 flags.DEFINE_string("weights", "../shared/weights/mobilenet_v2_1.0_224_coral-tf2ptq-dequant_no_top.h5",
-                    "MobileNetV2 no-top weights file.")
-flags.DEFINE_integer("seeds", 5, "Seeds per dataset (42, 43, ...).")
-flags.DEFINE_enum("plain", "when_tuned", ["always", "when_tuned"], "When to make the plain run of a seed.")
-flags.DEFINE_list("extra_flags", [], "More flags for every run (e.g. --finetune_epochs=2).")
-flags.DEFINE_string("json", "", "Write the figures to this file (after each run).")
-FLAGS = flags.FLAGS
+                    "MobileNetV2 no-top weights file.", flag_values=FLAGS)
+flags.DEFINE_integer("seeds", 5, "Seeds per dataset (42, 43, ...).", flag_values=FLAGS)
+flags.DEFINE_enum("plain", "when_tuned", ["always", "when_tuned"], "When to make the plain run of a seed.",
+                  flag_values=FLAGS)
+flags.DEFINE_list("extra_flags", [], "More flags for every run (e.g. --finetune_epochs=2).", flag_values=FLAGS)
+flags.DEFINE_string("json", "", "Write the figures to this file (after each run).", flag_values=FLAGS)
 
 
 def _run(data_dir: str, seed: int, tune: bool, root: str) -> dict:
@@ -61,8 +63,9 @@ def _summary(values) -> dict:
   return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
 
 
-def main(argv):
-  del argv
+def main(argv: list[str]) -> dict:
+  """Measures, prints, writes --json; returns the figures."""
+  bench.parse_flags(FLAGS, argv, __doc__)
   root = tempfile.mkdtemp(prefix="bench_tune_runs_")
   figures = {"load_average_before": os.getloadavg()[0], "extra_flags": FLAGS.extra_flags, "datasets": {}}
   for data_dir in FLAGS.data_dirs:
@@ -81,12 +84,14 @@ def main(argv):
           "seeds": seeds, "tune": _summary(tune_accuracy), "plain": _summary(plain_accuracy),
           "worst_seed_tune_minus_plain": float(np.min(np.subtract(tune_accuracy, plain_accuracy))),
           "tune_over_plain_seconds": [s["tune"]["seconds"] / s["plain"]["seconds"] for s in timed]}
-      write_figures(figures, FLAGS.json)
+      bench.write_figures(figures, FLAGS.json)
+  shutil.rmtree(root)  # The runs' workdirs: every figure is in `figures`.
   figures["load_average_after"] = os.getloadavg()[0]
   print(json.dumps({d: {k: v for k, v in f.items() if k != "seeds"} for d, f in figures["datasets"].items()},
                    indent=2))
-  write_figures(figures, FLAGS.json)
+  bench.write_figures(figures, FLAGS.json)
+  return figures
 
 
 if __name__ == "__main__":
-  app.run(main)
+  bench.run(main)

@@ -20,28 +20,36 @@ import tempfile
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from bench import write_figures
+import bench
 
 from trainer import train, tuning
 from trainer.config import Config
 
+FLAGS = flags.FlagValues()
 flags.DEFINE_list("data_dirs", ["../shared/datasets/hymenoptera", "../shared/datasets/sign_language_digits"],
-                  "Datasets (train/ + val/).")
-flags.DEFINE_list("max_trials", ["20", "10"], "Trials of the search, per dataset (the last repeats).")
+                  "Datasets (train/ + val/).", flag_values=FLAGS)
+flags.DEFINE_list("max_trials", ["20", "10"], "Trials of the search, per dataset (the last repeats).",
+                  flag_values=FLAGS)
 flags.DEFINE_string("weights", "../shared/weights/mobilenet_v2_1.0_224_coral-tf2ptq-dequant_no_top.h5",
-                    "MobileNetV2 no-top weights file.")
-flags.DEFINE_integer("image_size", 224, "Input size.")
-flags.DEFINE_integer("seeds", 5, "Seeds per setting.")
-flags.DEFINE_list("views", ["1", "2", "4", "8"], "--feature_views settings to compare.")
-flags.DEFINE_integer("tune_views", 1, "--feature_views of the search and of the runs it is compared with.")
-flags.DEFINE_string("tuner", "random", "hyperband | random | bayesian.")
-flags.DEFINE_integer("tune_folds", 5, "Folds of the search's cross-validation.")
+                    "No-top weights file of the backbone.", flag_values=FLAGS)
+flags.DEFINE_string("backbone", "mobilenet_v2", "Backbone.", flag_values=FLAGS)
+flags.DEFINE_float("alpha", 1.0, "Width multiplier of mobilenet / mobilenet_v2.", flag_values=FLAGS)
+flags.DEFINE_integer("image_size", 224, "Input size.", flag_values=FLAGS)
+flags.DEFINE_integer("seeds", 5, "Seeds per setting.", flag_values=FLAGS)
+flags.DEFINE_list("views", ["1", "2", "4", "8"], "--feature_views settings to compare.", flag_values=FLAGS)
+flags.DEFINE_integer("tune_views", 1, "--feature_views of the search and of the runs it is compared with.",
+                     flag_values=FLAGS)
+flags.DEFINE_string("tuner", "random", "hyperband | random | bayesian.", flag_values=FLAGS)
+flags.DEFINE_integer("tune_folds", 5, "Folds of the search's cross-validation.", flag_values=FLAGS)
+flags.DEFINE_integer("frozen_epochs", Config().train.frozen_epochs, "Epochs of every head (a run's frozen phase).",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("tune_epochs", Config().tune.tune_epochs, "Epochs of every trial of the search.",
+                     flag_values=FLAGS)
 flags.DEFINE_string("workdir", "", "Where the features and searches go ('' = a new temporary folder); a rerun with "
-                    "the same folder reads the features back and resumes the searches.")
-flags.DEFINE_string("json", "", "Write the figures to this file (after each dataset).")
-FLAGS = flags.FLAGS
+                    "the same folder reads the features back and resumes the searches.", flag_values=FLAGS)
+flags.DEFINE_string("json", "", "Write the figures to this file (after each dataset).", flag_values=FLAGS)
 
 TUTORIAL_HEAD = {"head_units": 256, "dropout": 0.0, "frozen_lr": 2e-5}
 
@@ -83,8 +91,9 @@ def _summary(values: list[float]) -> dict:
 def bench_dataset(data_dir: str, max_trials: int) -> dict:
   views = [int(v) for v in FLAGS.views]
   base = train.resolve(Config().replace(
-      data_dir=data_dir, weights=FLAGS.weights, image_size=FLAGS.image_size, feature_views=max(views),
-      tune=True, tuner=FLAGS.tuner, max_trials=max_trials, tune_folds=FLAGS.tune_folds, verbosity=-1))
+      data_dir=data_dir, backbone=FLAGS.backbone, alpha=FLAGS.alpha, weights=FLAGS.weights,
+      image_size=FLAGS.image_size, feature_views=max(views), tune=True, tuner=FLAGS.tuner, max_trials=max_trials,
+      tune_folds=FLAGS.tune_folds, frozen_epochs=FLAGS.frozen_epochs, tune_epochs=FLAGS.tune_epochs, verbosity=-1))
   root = os.path.join(FLAGS.workdir or tempfile.mkdtemp(prefix="bench_tuning_"), os.path.basename(data_dir))
   start = time.perf_counter()
   cache = tuning.cached_features(base, root)
@@ -125,16 +134,18 @@ def bench_dataset(data_dir: str, max_trials: int) -> dict:
   return figures
 
 
-def main(argv):
-  del argv
+def main(argv: list[str]) -> dict:
+  """Measures, prints, writes --json; returns the figures."""
+  bench.parse_flags(FLAGS, argv, __doc__)
   figures = {"load_average_before": os.getloadavg()[0], "image_size": FLAGS.image_size, "seeds": FLAGS.seeds}
   for index, data_dir in enumerate(FLAGS.data_dirs):
     trials = int(FLAGS.max_trials[min(index, len(FLAGS.max_trials) - 1)])
     figures[os.path.basename(data_dir.rstrip("/"))] = bench_dataset(data_dir, trials)
     figures["load_average_after"] = os.getloadavg()[0]
-    write_figures(figures, FLAGS.json)
+    bench.write_figures(figures, FLAGS.json)
   print(json.dumps(figures, indent=2))
+  return figures
 
 
 if __name__ == "__main__":
-  app.run(main)
+  bench.run(main)
