@@ -71,11 +71,11 @@ def _workdir_with_checkpoints(tmp_path, **config_values) -> RunDir:
 def test_an_added_class_and_another_precision_are_refused_in_one_line(tmp_path):
   run_dir = _workdir_with_checkpoints(tmp_path)
   with pytest.raises(UserInputError, match=r"\['cats', 'dogs'\], and the data now has \['birds', 'cats', 'dogs'\]"):
-    train._check_run_facts(run_dir, ("birds", "cats", "dogs"), "mixed_float16")
+    run_dir.check_run_facts(("birds", "cats", "dogs"), "mixed_float16")
   with pytest.raises(UserInputError, match="mixed_float16.*resolves --mixed_precision to float32.*"
                                            "--mixed_precision=float16"):
-    train._check_run_facts(run_dir, ("cats", "dogs"), "float32")
-  train._check_run_facts(run_dir, ("cats", "dogs"), "mixed_float16")  # The same run continues.
+    run_dir.check_run_facts(("cats", "dogs"), "float32")
+  run_dir.check_run_facts(("cats", "dogs"), "mixed_float16")  # The same run continues.
 
 
 @pytest.mark.parametrize("old,new,started,refused", [
@@ -90,9 +90,9 @@ def test_frozen_epochs_change_only_where_no_trained_epoch_changes_phase(tmp_path
   config = Config().replace(data_dir="photos", frozen_epochs=new)
   if refused:
     with pytest.raises(UserInputError, match=f"--frozen_epochs={new}: this run has started epoch {started}"):
-      train._check_phase_change(run_dir, config, started)
+      run_dir.check_phase_change(config, started)
   else:
-    train._check_phase_change(run_dir, config, started)
+    run_dir.check_phase_change(config, started)
 
 
 @pytest.mark.parametrize("values,flag", [

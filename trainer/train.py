@@ -295,9 +295,9 @@ def setup(config: Config, workdir: str, strategy: tf.distribute.Strategy | None 
   inputs = inputs or load_inputs(config, workdir, strategy)
   class_weights = data.class_weights(config.train.class_weight, inputs.train.all_labels, len(inputs.classes))
   chief = distribute.is_chief(strategy)
-  _check_run_facts(run_dir, inputs.classes, policy)
-  data_changes = _check_data(run_dir, workdir_lib.RunDir(distribute.write_dir(workdir, strategy)), inputs,
-                             config.data.accept_changed_data)
+  run_dir.check_run_facts(inputs.classes, policy)
+  data_changes = run_dir.check_data(workdir_lib.RunDir(distribute.write_dir(workdir, strategy)), inputs.manifest,
+                                    inputs.data_identity, config.data.accept_changed_data)
   logging.info("Classes %s; %d training and %d validation images%s.", list(inputs.classes),
                len(inputs.train.all_labels), len(inputs.val.all_labels),
                f" (this worker: {len(inputs.train)} and {len(inputs.val)})" if shard.count > 1 else "")
@@ -314,7 +314,7 @@ def setup(config: Config, workdir: str, strategy: tf.distribute.Strategy | None 
     logging.info("Resumed from %s: %d epoch(s) done%s.", manager.latest_checkpoint, int(trainer.epoch),
                  f", and {int(trainer.epoch_step)} step(s) of epoch {int(trainer.epoch) + 1}"
                  if int(trainer.epoch_step) else "")
-  _check_phase_change(run_dir, config, int(trainer.epoch) + (int(trainer.epoch_step) > 0))
+  run_dir.check_phase_change(config, int(trainer.epoch) + (int(trainer.epoch_step) > 0))
   if chief:
     run_dir.save_config(config, {
         "classes": list(inputs.classes), "train_examples": len(inputs.train.all_labels),
@@ -333,66 +333,6 @@ def setup(config: Config, workdir: str, strategy: tf.distribute.Strategy | None 
                                          next_epoch=int(trainer.epoch) + 1)
   return Run(config, workdir, strategy, plan, shard, inputs, run_dir, chief, trainer, manager, own_manager, history,
              tensorboard, policy)
-
-
-def _check_run_facts(run_dir: workdir_lib.RunDir, classes: tuple[str, ...], policy: str) -> None:
-  """Refuses to continue checkpoints trained on another class list or in another precision: the label indices
-  (or the optimizer's loss-scale slots) would no longer mean what they meant."""
-  if not run_dir.has_checkpoints():
-    return
-  previous = run_dir.load_run_facts()
-  old_classes = previous.get("classes")
-  if old_classes is not None and list(old_classes) != list(classes):
-    raise UserInputError(f"--workdir={run_dir.root} holds checkpoints trained on the classes {old_classes}, and "
-                         f"the data now has {list(classes)}. Restore the class folders, or use a new --workdir "
-                         "to train on the new classes.")
-  old_policy = previous.get("dtype_policy")
-  if old_policy and old_policy != policy:
-    flag = {"mixed_float16": "float16", "mixed_bfloat16": "bfloat16"}.get(old_policy, "float32")
-    raise UserInputError(f"--workdir={run_dir.root} was trained in precision {old_policy}, and this machine "
-                         f"resolves --mixed_precision to {policy}: pass --mixed_precision={flag} to continue it, or "
-                         "use a new --workdir.")
-
-
-def _check_data(run_dir: workdir_lib.RunDir, own_dir: workdir_lib.RunDir, inputs: data.InputData,
-                accept: bool) -> list[dict]:
-  """Refuses to continue checkpoints trained on other files (added, removed, or the same names with other pixels,
-  classes or splits) unless --accept_changed_data, which records the change. Saves this process's manifest.
-  Returns the run's record of accepted changes (config.json's run.data_changes)."""
-  facts = run_dir.load_run_facts()
-  accepted = list(facts.get("data_changes") or [])
-  old_manifest = own_dir.load_manifest()
-  if run_dir.has_checkpoints():
-    if old_manifest is not None and inputs.manifest:
-      changes = workdir_lib.data_changes(old_manifest, inputs.manifest)
-      changed = any(changes.values())
-      what = ", ".join(f"{count} {kind}" for kind, count in changes.items() if count)
-    else:  # A source without files (TFRecord, TFDS), or a run from before manifests: the digest alone.
-      changed = bool(facts.get("data_identity")) and facts["data_identity"] != inputs.data_identity
-      changes, what = {}, "its digest differs"
-    if changed and not accept:
-      raise UserInputError(f"--workdir={run_dir.root} holds checkpoints trained on other data files: {what} since "
-                           "then. Use a new --workdir to train on the files as they are, restore the files, or "
-                           "pass --accept_changed_data to continue on the new files (recorded in config.json).")
-    if changed:
-      logging.warning("The data changed since the last checkpoint (%s): continuing on the new files, as "
-                      "--accept_changed_data asks (recorded in config.json).", what)
-      accepted.append({"changes": changes or what, "previous_data_identity": facts.get("data_identity")})
-  if inputs.manifest and old_manifest != inputs.manifest:
-    own_dir.save_manifest(inputs.manifest)
-  return accepted
-
-
-def _check_phase_change(run_dir: workdir_lib.RunDir, config: Config, started_epochs: int) -> None:
-  """--frozen_epochs may grow or shrink only while no epoch it would move to another phase has started."""
-  if not started_epochs or not os.path.isfile(run_dir.config_file):
-    return
-  old = run_dir.load_config().train.frozen_epochs
-  new = config.train.frozen_epochs
-  if old != new and started_epochs > min(old, new):
-    raise UserInputError(f"--frozen_epochs={new}: this run has started epoch {started_epochs} with "
-                         f"--frozen_epochs={old}, so the phase of an epoch already trained would change. Keep "
-                         f"--frozen_epochs={old} (change --finetune_epochs freely), or use a new --workdir.")
 
 
 def _finished_export(run: Run) -> dict | None:

@@ -7,6 +7,8 @@ import json
 import os
 import uuid
 
+from absl import logging
+
 from trainer.config import Config
 from trainer.errors import UserInputError
 
@@ -43,6 +45,66 @@ class RunDir:
         raise UserInputError(
             f"--workdir={self.root} holds checkpoints of a different run ({'; '.join(changed)}). Use a new "
             "--workdir, or rerun with the same settings to continue that run.")
+
+  # Run identity: what a workdir's checkpoints depend on besides the settings (check_config). -------------------
+
+  def check_run_facts(self, classes: tuple[str, ...], policy: str) -> None:
+    """Refuses to continue checkpoints trained on another class list or in another precision: the label indices
+    (or the optimizer's loss-scale slots) would no longer mean what they meant."""
+    if not self.has_checkpoints():
+      return
+    previous = self.load_run_facts()
+    old_classes = previous.get("classes")
+    if old_classes is not None and list(old_classes) != list(classes):
+      raise UserInputError(f"--workdir={self.root} holds checkpoints trained on the classes {old_classes}, and "
+                           f"the data now has {list(classes)}. Restore the class folders, or use a new --workdir "
+                           "to train on the new classes.")
+    old_policy = previous.get("dtype_policy")
+    if old_policy and old_policy != policy:
+      flag = {"mixed_float16": "float16", "mixed_bfloat16": "bfloat16"}.get(old_policy, "float32")
+      raise UserInputError(f"--workdir={self.root} was trained in precision {old_policy}, and this machine "
+                           f"resolves --mixed_precision to {policy}: pass --mixed_precision={flag} to continue it, "
+                           "or use a new --workdir.")
+
+  def check_data(self, own_dir: "RunDir", manifest: dict[str, str], data_identity: str,
+                 accept: bool) -> list[dict]:
+    """Refuses to continue checkpoints trained on other files (added, removed, or the same names with other
+    pixels, classes or splits) unless --accept_changed_data (`accept`), which records the change. Saves this
+    process's manifest in `own_dir` (its write folder). Returns the run's record of accepted changes
+    (config.json's run.data_changes)."""
+    facts = self.load_run_facts()
+    accepted = list(facts.get("data_changes") or [])
+    old_manifest = own_dir.load_manifest()
+    if self.has_checkpoints():
+      if old_manifest is not None and manifest:
+        changes = data_changes(old_manifest, manifest)
+        changed = any(changes.values())
+        what = ", ".join(f"{count} {kind}" for kind, count in changes.items() if count)
+      else:  # A source without files (TFRecord, TFDS), or a run from before manifests: the digest alone.
+        changed = bool(facts.get("data_identity")) and facts["data_identity"] != data_identity
+        changes, what = {}, "its digest differs"
+      if changed and not accept:
+        raise UserInputError(f"--workdir={self.root} holds checkpoints trained on other data files: {what} since "
+                             "then. Use a new --workdir to train on the files as they are, restore the files, or "
+                             "pass --accept_changed_data to continue on the new files (recorded in config.json).")
+      if changed:
+        logging.warning("The data changed since the last checkpoint (%s): continuing on the new files, as "
+                        "--accept_changed_data asks (recorded in config.json).", what)
+        accepted.append({"changes": changes or what, "previous_data_identity": facts.get("data_identity")})
+    if manifest and old_manifest != manifest:
+      own_dir.save_manifest(manifest)
+    return accepted
+
+  def check_phase_change(self, config: Config, started_epochs: int) -> None:
+    """--frozen_epochs may grow or shrink only while no epoch it would move to another phase has started."""
+    if not started_epochs or not os.path.isfile(self.config_file):
+      return
+    old = self.load_config().train.frozen_epochs
+    new = config.train.frozen_epochs
+    if old != new and started_epochs > min(old, new):
+      raise UserInputError(f"--frozen_epochs={new}: this run has started epoch {started_epochs} with "
+                           f"--frozen_epochs={old}, so the phase of an epoch already trained would change. Keep "
+                           f"--frozen_epochs={old} (change --finetune_epochs freely), or use a new --workdir.")
 
   def save_config(self, config: Config, run_facts: dict) -> None:
     """Writes config.json (with the facts of this run under "run") after `check_config`."""
