@@ -10,7 +10,7 @@ import pytest
 
 import trainer_process
 from conftest import CLASS_COLORS, tiny_run, write_image
-from trainer import distribute
+from trainer import exit_codes
 from trainer.config import Config
 from trainer.errors import UserInputError
 from trainer.workdir import RunDir
@@ -83,7 +83,7 @@ def test_sigterm_saves_mid_epoch_and_exits_for_a_retry(color_folder, random_mobi
   _wait_for_epochs(process, workdir, 1)
   process.send_signal(signal.SIGTERM)
   output = process.communicate(timeout=trainer_process.TIMEOUT_SECONDS)[0]
-  assert process.returncode == distribute.PREEMPTED_EXIT_CODE, output[-4000:]
+  assert process.returncode == exit_codes.PREEMPTED, output[-4000:]
   assert "Stopped by SIGTERM: saved a checkpoint" in output
 
   output = trainer_process.run(flags)
@@ -108,7 +108,7 @@ def test_a_different_configuration_is_refused_in_a_workdir_with_checkpoints(tmp_
 def test_ctrl_c_saves_mid_epoch_and_exits_130_in_one_line(color_folder, random_mobilenet_025_weights, tmp_path,
                                                           monkeypatch):
   """Ctrl-C ended in a KeyboardInterrupt traceback and lost the epoch's steps: it now saves as SIGTERM does."""
-  from trainer import exit_codes, train
+  from trainer import train
   config = tiny_run(random_mobilenet_025_weights, data_dir=str(color_folder), frozen_epochs=0, finetune_epochs=2,
                     batch_size=2)
   run = train.setup(config, str(tmp_path / "run"))

@@ -17,6 +17,7 @@ import re
 import shutil
 import signal
 import sys
+import threading
 
 import keras
 import tensorflow as tf
@@ -27,8 +28,6 @@ from trainer import exit_codes
 from trainer.config import RuntimeConfig
 from trainer.errors import UserInputError
 
-# Exit code of a run that saved a checkpoint on SIGTERM (trainer.exit_codes has the table).
-PREEMPTED_EXIT_CODE = exit_codes.PREEMPTED
 
 
 def create_strategy(config: RuntimeConfig) -> tf.distribute.Strategy:
@@ -171,6 +170,37 @@ def preemption_handler(strategy: tf.distribute.Strategy, manager: tf.train.Check
   return tf.distribute.experimental.PreemptionCheckpointHandler(
       _cluster(strategy), manager,
       termination_config=tf.distribute.experimental.TerminationConfig(exit_fn=exit_fn, save_fn=save_fn))
+
+
+class CtrlCAsSigterm:
+  """While epochs train, Ctrl-C (SIGINT) stops the run as SIGTERM does: TensorFlow's PreemptionCheckpointHandler
+  saves a checkpoint at the next step, then the run exits (exit_codes.INTERRUPTED). Before, Ctrl-C raised
+  KeyboardInterrupt wherever the loop was, lost the epoch's steps and printed a traceback."""
+
+  def __init__(self):
+    self.ctrl_c = False
+    self._previous = None
+
+  def __enter__(self) -> "CtrlCAsSigterm":
+    if threading.current_thread() is threading.main_thread():  # Python's signal handlers live there only.
+      self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+    return self
+
+  def _on_sigint(self, signum, frame) -> None:
+    self.ctrl_c = True
+    signal.raise_signal(signal.SIGTERM)
+
+  def __exit__(self, *exc_info) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGINT, self._previous)
+
+
+def exit_after_checkpoint(completed_epochs: int, epoch_steps: int, ctrl_c: bool) -> None:
+  """After the checkpoint PreemptionCheckpointHandler saved on SIGTERM (or Ctrl-C): one line and the exit code of
+  the table in trainer.exit_codes (both are retryable: the same command continues)."""
+  logging.warning("Stopped by %s: saved a checkpoint after %d step(s) of epoch %d. Run the same command again to "
+                  "continue.", "Ctrl-C" if ctrl_c else "SIGTERM", epoch_steps, completed_epochs + 1)
+  sys.exit(exit_codes.INTERRUPTED if ctrl_c else exit_codes.PREEMPTED)
 
 
 def end_preemption_handling(handler: tf.distribute.experimental.PreemptionCheckpointHandler) -> None:

@@ -10,12 +10,8 @@ numbers. Augmentation runs inside the train step on the replica's device, with s
 """
 
 import dataclasses
-import json
 import math
 import os
-import signal
-import sys
-import threading
 import time
 
 import keras
@@ -24,7 +20,7 @@ import tensorflow as tf
 from absl import logging
 
 from export import saved_model
-from trainer import augment, backbones, checkpoints, data, distribute, exit_codes, features, randomness
+from trainer import augment, backbones, checkpoints, data, distribute, example_log, features, randomness
 from trainer import report_page, reporting
 from trainer import progress as progress_lib
 from trainer import model as model_lib
@@ -328,7 +324,8 @@ def setup(config: Config, workdir: str, strategy: tf.distribute.Strategy | None 
   else:
     run_dir.check_config(config)
   history = run_dir.load_history()[:int(trainer.epoch)]
-  _log_share(config.runtime.example_log, shard, inputs)
+  example_log.log_share(config.runtime.example_log, shard.index, decoded=inputs.train.padded_length,
+                        examples=len(inputs.train), of=len(inputs.train.all_labels))
   tensorboard = reporting.TensorBoardLog(run_dir.tensorboard if chief else None, inputs.classes,
                                          next_epoch=int(trainer.epoch) + 1)
   return Run(config, workdir, strategy, plan, shard, inputs, run_dir, chief, trainer, manager, own_manager, history,
@@ -378,15 +375,16 @@ def _export_of(run_dir: workdir_lib.RunDir, config: Config, checkpoint: str) -> 
 
 def train_epochs(run: Run) -> dict | None:
   """The epochs left to train; returns the last validation's metrics (None when no epoch ran here)."""
-  with _CtrlCAsSigterm() as stops:
+  with distribute.CtrlCAsSigterm() as stops:
     return _train_epochs(run, stops)
 
 
-def _train_epochs(run: Run, stops: "_CtrlCAsSigterm") -> dict | None:
+def _train_epochs(run: Run, stops: distribute.CtrlCAsSigterm) -> dict | None:
   config, trainer = run.config, run.trainer
   preemption = distribute.preemption_handler(run.strategy, run.manager,
                                              save_fn=lambda: checkpoints.save(run.own_manager),
-                                             exit_fn=lambda: _exit_preempted(trainer, stops.ctrl_c))
+                                             exit_fn=lambda: distribute.exit_after_checkpoint(
+                                                 int(trainer.epoch), int(trainer.epoch_step), stops.ctrl_c))
   progress = config.runtime.verbosity >= 0
   run.tensorboard.log_run(config, {"precision": run.policy, "num_replicas": run.strategy.num_replicas_in_sync,
                                    "classes": list(run.inputs.classes), "run_name": os.path.basename(
@@ -415,7 +413,7 @@ def _train_epochs(run: Run, stops: "_CtrlCAsSigterm") -> dict | None:
                                       progress=progress, preemption=preemption)
     val_metrics = trainer.run_epoch(_val_batches(run, feature_cache if on_features else None), training=False,
                                     steps=_steps(run, run.inputs.val), progress=False)
-    _log_examples(run, epoch, train_metrics["ids"])
+    example_log.log_epoch(config.runtime.example_log, run.shard.index, epoch + 1, train_metrics["ids"])
     record = {"epoch": epoch + 1, "phase": phase,
               "loss": train_metrics["loss"], "accuracy": train_metrics["accuracy"],
               "val_loss": val_metrics["loss"], "val_accuracy": val_metrics["accuracy"],
@@ -526,25 +524,6 @@ def _feature_cache(run: Run) -> _SharedFeatures:
   return _SharedFeatures(cache, run.inputs.train, run.inputs.val)
 
 
-def _log_share(folder: str, shard: data.Shard, inputs: data.InputData) -> None:
-  """--example_log: how many training images this worker decodes (its share, padding included)."""
-  _append_example_log(folder, shard, {"decoded": inputs.train.padded_length, "examples": len(inputs.train),
-                                      "of": len(inputs.train.all_labels)})
-
-
-def _log_examples(run: Run, epoch: int, ids: list[int]) -> None:
-  """--example_log: the ids this worker trained on in the epoch, one JSON line per epoch."""
-  _append_example_log(run.config.runtime.example_log, run.shard, {"epoch": epoch + 1, "ids": sorted(ids)})
-
-
-def _append_example_log(folder: str, shard: data.Shard, record: dict) -> None:
-  """One JSON line of this worker's in FOLDER/worker_<i>.jsonl (nothing without --example_log)."""
-  if folder:
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, f"worker_{shard.index}.jsonl"), "a", encoding="utf-8") as f:
-      f.write(json.dumps({"worker": shard.index, **record}) + "\n")
-
-
 def finalize(run: Run, val_metrics: dict | None) -> dict:
   """Exports on the chief and writes the report; every worker takes part in the last evaluation."""
   trainer = run.trainer
@@ -594,37 +573,6 @@ def _export(run: Run, samples) -> str:
                          f"python -m export.main --workdir={run.workdir}.") from None
   logging.info("Exported the SavedModel to %s", path)
   return path
-
-
-class _CtrlCAsSigterm:
-  """While epochs train, Ctrl-C (SIGINT) stops the run as SIGTERM does: TensorFlow's PreemptionCheckpointHandler
-  saves a checkpoint at the next step, then the run exits (exit_codes.INTERRUPTED). Before, Ctrl-C raised
-  KeyboardInterrupt wherever the loop was, lost the epoch's steps and printed a traceback."""
-
-  def __init__(self):
-    self.ctrl_c = False
-    self._previous = None
-
-  def __enter__(self) -> "_CtrlCAsSigterm":
-    if threading.current_thread() is threading.main_thread():  # Python's signal handlers live there only.
-      self._previous = signal.signal(signal.SIGINT, self._on_sigint)
-    return self
-
-  def _on_sigint(self, signum, frame) -> None:
-    self.ctrl_c = True
-    signal.raise_signal(signal.SIGTERM)
-
-  def __exit__(self, *exc_info) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGINT, self._previous)
-
-
-def _exit_preempted(trainer: Trainer, ctrl_c: bool = False) -> None:
-  """After the checkpoint PreemptionCheckpointHandler saved on SIGTERM (or Ctrl-C): exit with the code of the
-  table in trainer.exit_codes (both are retryable: the same command continues)."""
-  logging.warning("Stopped by %s: saved a checkpoint after %d step(s) of epoch %d. Run the same command again to "
-                  "continue.", "Ctrl-C" if ctrl_c else "SIGTERM", int(trainer.epoch_step), int(trainer.epoch) + 1)
-  sys.exit(exit_codes.INTERRUPTED if ctrl_c else exit_codes.PREEMPTED)
 
 
 def _first_augmented_batch(config: Config, train_images: tf.data.Dataset,
