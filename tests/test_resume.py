@@ -133,3 +133,29 @@ def test_ctrl_c_saves_mid_epoch_and_exits_130_in_one_line(color_folder, random_m
   train.train_epochs(resumed)
   resumed.tensorboard.close()
   assert [record["learning_rate"] for record in resumed.history][0] == pytest.approx(config.train.finetune_lr)
+
+
+def test_sigterm_after_the_last_step_exits_for_a_retry_instead_of_being_swallowed(
+    color_folder, random_mobilenet_025_weights, tmp_path, monkeypatch):
+  """No step was left to act on a SIGTERM that came with the last one: the run went on to its export, past a
+  scheduler's grace period. The last epoch's checkpoint is saved; the run exits 143, and a rerun finishes."""
+  from trainer import train
+  config = tiny_run(random_mobilenet_025_weights, data_dir=str(color_folder), finetune_epochs=0, batch_size=4)
+  run = train.setup(config, str(tmp_path / "run"))
+  steps = train._steps(run, run.inputs.train)
+
+  class SigtermAtTheLastStep:
+    def __init__(self, steps, progress):
+      pass
+
+    def update(self, step, values):
+      if step == steps:
+        signal.raise_signal(signal.SIGTERM)
+  monkeypatch.setattr(train.progress_lib, "bar", SigtermAtTheLastStep)
+  with pytest.raises(SystemExit) as exit_:
+    train.train_epochs(run)
+  run.tensorboard.close()
+  assert exit_.value.code == exit_codes.PREEMPTED
+  monkeypatch.undo()
+  resumed = train.setup(config, str(tmp_path / "run"))
+  assert int(resumed.trainer.epoch) == 1 and int(resumed.trainer.epoch_step) == 0  # The epoch's checkpoint.

@@ -203,13 +203,20 @@ def exit_after_checkpoint(completed_epochs: int, epoch_steps: int, ctrl_c: bool)
   sys.exit(exit_codes.INTERRUPTED if ctrl_c else exit_codes.PREEMPTED)
 
 
-def end_preemption_handling(handler: tf.distribute.experimental.PreemptionCheckpointHandler) -> None:
+def end_preemption_handling(handler: tf.distribute.experimental.PreemptionCheckpointHandler) -> bool:
   """After the last train step: stops the handler's watcher threads while every worker is still alive, and gives
-  SIGTERM back its default action (what is left to do after the last checkpoint need not be saved)."""
+  SIGTERM back its default action (what is left to do after the last checkpoint need not be saved). Returns whether
+  this process got a SIGTERM (or Ctrl-C) that no step was left to act on: it was swallowed, and the run went on to
+  its export past a scheduler's grace period. The last epoch's checkpoint is saved by then, so the caller exits as
+  after a preemption checkpoint."""
+  # The handler has no public state for it: its own flag, where this TensorFlow keeps it.
+  received = getattr(handler, "_received_own_sigterm", None)
+  signalled = received is not None and received.is_set()
   # The handler has no public close(); its __del__ stops the threads, but the SIGTERM handler it installed keeps
   # it alive until exit, when the chief (and the cluster's coordination service with it) may be gone.
   handler.__del__()
   signal.signal(signal.SIGTERM, signal.SIG_DFL)
+  return signalled
 
 
 @tf.function

@@ -436,7 +436,8 @@ def _train_epochs(run: Run, stops: distribute.CtrlCAsSigterm) -> dict | None:
     logging.info("epoch %d/%d %s: loss %.4f accuracy %.4f val_loss %.4f val_accuracy %.4f (%.1fs, %.1f img/s)",
                  epoch + 1, run.total_epochs, phase, record["loss"], record["accuracy"], record["val_loss"],
                  record["val_accuracy"], record["seconds"], record["images_per_sec"])
-  distribute.end_preemption_handling(preemption)
+  if distribute.end_preemption_handling(preemption):  # SIGTERM or Ctrl-C after the last step.
+    distribute.exit_after_checkpoint(int(trainer.epoch), 0, stops.ctrl_c)
   return val_metrics
 
 
