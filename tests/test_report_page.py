@@ -142,17 +142,18 @@ def test_report_top_losses_writes_thumbnails_the_list_and_the_grid_naming_files_
   assert len(os.listdir(tmp_path / report_page.THUMBNAIL_DIR)) == 1
 
 
-def test_the_top_losses_grid_goes_to_the_validation_images_of_tensorboard(tmp_path):
+def test_the_top_losses_grid_goes_to_the_images_of_tensorboard(tmp_path):
   from tensorboard.backend.event_processing import event_accumulator
   log = reporting.TensorBoardLog(str(tmp_path / "tensorboard"), CLASSES)
   report_page.report_top_losses(_softmax_of_channel_means, _examples(np.array([[0.0, 5.0, 0.0]]), [0]), CLASSES,
                                 2, str(tmp_path / "report"), log, step=7)
   log.close()
-  events = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard" / "validation"),
+  # The run's own folder, with its other images (under images/, which TensorBoard opens after loss and accuracy).
+  events = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"),
                                               size_guidance={event_accumulator.TENSORS: 0})
   events.Reload()
-  assert events.SummaryMetadata("top_losses").plugin_data.plugin_name == "images"
-  assert [event.step for event in events.Tensors("top_losses")] == [7]
+  assert events.SummaryMetadata("images/top_losses").plugin_data.plugin_name == "images"
+  assert [event.step for event in events.Tensors("images/top_losses")] == [7]
 
 
 # The page -----------------------------------------------------------------------------------------------------------

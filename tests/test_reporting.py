@@ -1,13 +1,14 @@
 """What a run shows: TensorBoard event files read back with TensorBoard's own reader, and the report files."""
 
 import contextlib
+import copy
 import io
 import json
-import math
 import shutil
 import subprocess
 import sys
 import textwrap
+import time
 
 import warnings
 
@@ -78,27 +79,44 @@ def _images(accumulator, tag) -> dict[int, Image.Image]:
   return decoded
 
 
-def test_epoch_scalars_of_both_phases_share_one_epoch_axis(run):
-  config, workdir, _, _ = run
-  train_events, val_events = _events(workdir / "tensorboard" / "train"), _events(workdir / "tensorboard" / "validation")
-  for accumulator in (train_events, val_events):
-    for tag in ("epoch_loss", "epoch_accuracy"):
-      assert sorted(_scalars(accumulator, tag)) == [1, 2, 3]
-  assert _scalars(train_events, "epoch_phase") == {1: 0.0, 2: 0.0, 3: 1.0}
-  # Each phase's charts hold its epochs only, so the boundary shows on the loss and accuracy charts themselves.
-  for accumulator in (train_events, val_events):
-    for tag in ("epoch_loss", "epoch_accuracy"):
-      every_epoch = _scalars(accumulator, tag)
-      assert _scalars(accumulator, f"frozen/{tag}") == {epoch: every_epoch[epoch] for epoch in (1, 2)}
-      assert _scalars(accumulator, f"finetune/{tag}") == {3: every_epoch[3]}
-  learning_rates = _scalars(train_events, "epoch_learning_rate")
-  assert learning_rates == pytest.approx({1: config.train.frozen_lr, 2: config.train.frozen_lr,
-                                          3: config.train.finetune_lr})
-  assert _scalars(train_events, "epoch_learning_rate_log10") == pytest.approx(
-      {epoch: math.log10(rate) for epoch, rate in learning_rates.items()})
-  assert all(value > 0 for value in _scalars(train_events, "epoch_images_per_sec").values())
+def _phase_events(workdir, split) -> dict[str, event_accumulator.EventAccumulator]:
+  """The event files of each phase's `split` run (train or validation), by phase."""
+  return {phase: _events(workdir / "tensorboard" / phase / split) for phase in ("frozen", "finetune")}
+
+
+def test_the_phases_are_runs_of_their_own_on_one_epoch_axis_under_the_same_tags(run):
+  _, workdir, _, _ = run
   history = json.loads((workdir / "report" / "history.json").read_text())
-  assert _scalars(val_events, "epoch_accuracy") == pytest.approx({r["epoch"]: r["val_accuracy"] for r in history})
+  for split, prefix in (("train", ""), ("validation", "val_")):
+    events = _phase_events(workdir, split)
+    for tag, field in (("epoch_loss", "loss"), ("epoch_accuracy", "accuracy")):
+      # The loss and accuracy charts draw each phase as its own line: the boundary is where one ends.
+      assert _scalars(events["frozen"], tag) == pytest.approx(
+          {r["epoch"]: r[prefix + field] for r in history if r["phase"] == "frozen"}, rel=1e-6)
+      assert _scalars(events["finetune"], tag) == pytest.approx({3: history[2][prefix + field]}, rel=1e-6)
+
+
+def _tags(accumulator) -> set[str]:
+  return set(accumulator.Tags()["tensors"])
+
+
+def test_learning_rate_and_throughput_have_a_chart_per_phase_readable_at_four_decimals(run):
+  """TensorBoard draws a chart per tag, clips a chart's outliers and prints 4 decimals in its tables: a phase's
+  rates on a chart of their own, in a unit the tag names, read as themselves."""
+  config, workdir, _, _ = run
+  events = _phase_events(workdir, "train")
+  for phase, epochs, rate in (("frozen", [1, 2], config.train.frozen_lr), ("finetune", [3], config.train.finetune_lr)):
+    [tag] = [tag for tag in _tags(events[phase]) if tag.startswith(f"learning_rate/{phase}")]
+    unit = float(tag.rsplit("_x", 1)[1])
+    assert _scalars(events[phase], tag) == pytest.approx({epoch: rate / unit for epoch in epochs})
+    assert round(rate / unit, 4) == pytest.approx(rate / unit)
+    throughput = {tag for tag in _tags(events[phase]) if tag.startswith("throughput/")}
+    assert throughput and all(tag.startswith(f"throughput/{phase}_") for tag in throughput)
+    # Each epoch is a full and a partial batch: a phase's first epoch compiles both, its next ones neither.
+    compiled = _scalars(events[phase], f"throughput/{phase}_compile_seconds")
+    assert sorted(compiled) == epochs and compiled[epochs[0]] > 0
+    steady = {} if len(epochs) == 1 else _scalars(events[phase], f"throughput/{phase}_steady_images_per_sec")
+    assert sorted(steady) == epochs[1:] and all(value > 0 for value in steady.values())
 
 
 def test_phase_starts_are_marked_as_text(run):
@@ -107,18 +125,35 @@ def test_phase_starts_are_marked_as_text(run):
              for event in _events(workdir / "tensorboard").Tensors("phase")}
   assert sorted(markers) == [1, 3]
   assert "frozen phase starts" in markers[1] and "finetune phase starts" in markers[3]
-  assert "conv_dw_13" in markers[3]
+  assert "conv_dw_13" in markers[3] and "finetune/train" in markers[3]
 
 
 def test_augmented_training_images_and_a_confusion_matrix_per_validation(run):
   _, workdir, _, _ = run
-  grid = _images(_events(workdir / "tensorboard" / "train"), "augmented_training_images")
+  events = _events(workdir / "tensorboard")
+  grid = _images(events, "images/augmented_training")
   assert list(grid) == [0] and min(grid[0].size) >= 200
   # TensorBoard's image card is about twice as wide as tall: a wide grid fills it, a square one shrinks.
   width, height = grid[0].size
   assert width >= 1.4 * height
-  confusions = _images(_events(workdir / "tensorboard" / "validation"), "confusion_matrix")
+  confusions = _images(events, "images/confusion_matrix")
   assert sorted(confusions) == [1, 2, 3]
+  # Drawn at about the card's height (~210 px), so that its text is not scaled down to illegible.
+  assert all(180 <= image.size[1] <= 300 and image.size[0] >= image.size[1] for image in confusions.values())
+
+
+def test_tensorboard_opens_loss_and_accuracy_first(run):
+  """TensorBoard's Time Series groups the cards of every run by the tag's part before the first '/', sorted, and
+  expands the first two groups: they are the loss and accuracy charts, not images."""
+  _, workdir, _, _ = run
+  tags = set()
+  for folder in (workdir / "tensorboard").rglob("*"):
+    if folder.is_dir() and any(path.name.startswith("events.out") for path in folder.iterdir()):
+      accumulator = _events(folder)
+      tags |= {tag for tag in _tags(accumulator)
+               if accumulator.SummaryMetadata(tag).plugin_data.plugin_name in ("scalars", "images")}
+  groups = sorted({tag.split("/", 1)[0] for tag in tags})
+  assert groups[:2] == ["epoch_accuracy", "epoch_loss"]
 
 
 def _session_start(folder):
@@ -158,6 +193,7 @@ def test_config_text_describes_the_run(run):
   config, workdir, _, _ = run
   accumulator = _events(workdir / "tensorboard")
   text = tf.make_ndarray(accumulator.Tensors("config")[0].tensor_proto).item().decode()
+  assert "\\u" not in text  # Names in any script read as written.
   logged = json.loads(textwrap.dedent(text))
   assert logged["data"]["data_dir"] == config.data.data_dir
   assert logged["model"]["unfreeze_from"] == "conv_dw_13"
@@ -188,15 +224,16 @@ def test_hparams_dashboard_of_a_single_run_shows_its_metrics(run):
   assert [group["name"] for group in groups] == [workdir.name]
   values = {value["name"]["tag"]: value["value"] for value in groups[0]["metricValues"]}
   assert len(values) == len(experiment["metricInfos"]) >= 5
-  assert values["hparams/val_accuracy"] == pytest.approx(history[-1]["val_accuracy"])
-  assert values["hparams/train_loss"] == pytest.approx(history[-1]["loss"], rel=1e-6)
-  assert values["hparams/images_per_sec"] == pytest.approx(reporting.mean_images_per_sec(history), rel=1e-6)
+  assert values["val_accuracy"] == pytest.approx(history[-1]["val_accuracy"])
+  assert values["train_loss"] == pytest.approx(history[-1]["loss"], rel=1e-6)
+  assert values["frozen_images_per_sec"] == pytest.approx(
+      reporting.steady_images_per_sec([r for r in history if r["phase"] == "frozen"]), rel=1e-6)
 
 
 def _record(epoch, phase="frozen", **fields):
   return {"epoch": epoch, "phase": phase, "loss": 1.0 / epoch, "accuracy": 0.5, "val_loss": 1.0,
           "val_accuracy": 0.5,
-          "learning_rate": 1e-3, "images_per_sec": 10.0, "train_seconds": 10.0, **fields}
+          "learning_rate": 1e-3, "images_per_sec": 10.0, "train_seconds": 10.0, "seconds": 12.0, **fields}
 
 
 def _log(log_dir, config, history, classes=("a", "b")):
@@ -220,7 +257,7 @@ def test_a_resumed_run_shows_each_epoch_once_in_tensorboard(tmp_path):
   resumed = reporting.TensorBoardLog(str(log_dir), ("a", "b"), next_epoch=3)
   resumed.log_epoch([_record(1), _record(2), _record(3, loss=0.4)], np.eye(2, dtype=np.int64))
   resumed.close()
-  accumulator = event_accumulator.EventAccumulator(str(log_dir / "train"), purge_orphaned_data=True)
+  accumulator = event_accumulator.EventAccumulator(str(log_dir / "frozen" / "train"), purge_orphaned_data=True)
   accumulator.Reload()
   losses = [(event.step, float(tf.make_ndarray(event.tensor_proto))) for event in accumulator.Tensors("epoch_loss")]
   assert losses == [(1, 1.0), (2, 0.5), (3, pytest.approx(0.4))]
@@ -237,30 +274,52 @@ def test_hparams_dashboard_of_several_runs_shows_first_what_differs(tmp_path):
   assert all(len(group["metricValues"]) == len(experiment["metricInfos"]) for group in groups)
 
 
-def test_steady_images_per_sec_and_first_step_time_are_logged_when_recorded(tmp_path):
-  # Epoch 1 compiled for 9 of its 10 seconds; epoch 2 (an older record) has no steady figures.
-  history = [_record(1, first_step_seconds=9.0, steady_images_per_sec=90.0), _record(2)]
+def test_steady_images_per_sec_and_compile_time_are_logged_per_phase_when_recorded(tmp_path):
+  # Epoch 1 compiled for 9 of its 10 seconds; epoch 2 (an older record) has no steady figures; epoch 3 fine-tunes
+  # at a rate two orders of magnitude lower.
+  history = [_record(1, compile_seconds=9.0, steady_images_per_sec=90.0), _record(2),
+             _record(3, "finetune", images_per_sec=0.1, steady_images_per_sec=0.2, compile_seconds=5.0)]
   _log(tmp_path / "tensorboard", Config(), history)
-  train_events = _events(tmp_path / "tensorboard" / "train")
-  assert _scalars(train_events, "epoch_steady_images_per_sec") == {1: 90.0}
-  assert _scalars(train_events, "epoch_first_step_seconds") == {1: 9.0}
-  assert _scalars(train_events, "epoch_images_per_sec") == {1: 10.0, 2: 10.0}
-  # The run's images/s: its 200 images over the time of the steady steps (100/90 s, then 10 s).
-  run_rate = _scalars(_events(tmp_path / "tensorboard" / reporting.HPARAMS_DIR), "hparams/images_per_sec")
-  assert run_rate[2] == pytest.approx(200 / (100 / 90 + 10))
-  assert reporting.mean_images_per_sec(history[:1]) == pytest.approx(90.0)
+  frozen = _events(tmp_path / "tensorboard" / "frozen" / "train")
+  assert _scalars(frozen, "throughput/frozen_steady_images_per_sec") == {1: 90.0}
+  assert _scalars(frozen, "throughput/frozen_compile_seconds") == {1: 9.0}
+  assert _scalars(frozen, "throughput/frozen_epoch_images_per_sec") == {1: 10.0, 2: 10.0}
+  finetune = _events(tmp_path / "tensorboard" / "finetune" / "train")
+  assert _scalars(finetune, "throughput/finetune_steady_images_per_sec") == pytest.approx({3: 0.2})
+  # Each phase's images/s: the images of its epochs with a steady rate over their time at that rate (frozen:
+  # epoch 1's 100 images in 100/90 s; epoch 2 has none).
+  hparams_events = _events(tmp_path / "tensorboard" / reporting.HPARAMS_DIR)
+  assert _scalars(hparams_events, "frozen_images_per_sec")[3] == pytest.approx(90.0)
+  assert _scalars(hparams_events, "finetune_images_per_sec")[3] == pytest.approx(0.2)
+  # Two steady epochs of 100 images each: all 200 over their time at their rates.
+  assert reporting.steady_images_per_sec([_record(1, steady_images_per_sec=90.0), _record(
+      2, steady_images_per_sec=20.0)]) == pytest.approx(200 / (100 / 90 + 100 / 20))
+  phases = train.summarize(history, ["a", "b"], None, ["frozen", "finetune"])["phases"]
+  assert phases["frozen"]["steady_images_per_sec"] == pytest.approx(90.0)
+  assert phases["finetune"]["steady_images_per_sec"] == pytest.approx(0.2)
+  assert phases["frozen"]["compile_seconds"] == pytest.approx(9.0)
 
 
 def test_metrics_json_matches_the_last_logged_scalars(run):
   _, workdir, metrics, _ = run
   on_disk = json.loads((workdir / "report" / "metrics.json").read_text())
   assert on_disk["val_accuracy"] == metrics["val_accuracy"]
-  val_accuracy = _scalars(_events(workdir / "tensorboard" / "validation"), "epoch_accuracy")
-  val_loss = _scalars(_events(workdir / "tensorboard" / "validation"), "epoch_loss")
+  validation = _phase_events(workdir, "validation")
+  val_accuracy = {epoch: value for phase in ("frozen", "finetune")
+                  for epoch, value in _scalars(validation[phase], "epoch_accuracy").items()}
+  val_loss = _scalars(validation["finetune"], "epoch_loss")
   assert on_disk["val_accuracy"] == pytest.approx(val_accuracy[3])
   assert on_disk["val_loss"] == pytest.approx(val_loss[3], rel=1e-6)
   assert on_disk["phases"]["frozen"]["val_accuracy"] == pytest.approx(val_accuracy[2])
   assert on_disk["phases"]["finetune"]["val_accuracy"] == pytest.approx(val_accuracy[3])
+  # Each phase's steady rate, as its throughput chart and the HParams dashboard show it.
+  hparams_events = _events(workdir / "tensorboard" / reporting.HPARAMS_DIR)
+  assert on_disk["phases"]["frozen"]["steady_images_per_sec"] == pytest.approx(
+      _scalars(hparams_events, "frozen_images_per_sec")[3], rel=1e-6)
+  # The one fine-tune epoch compiled at each of its two steps (a full and a partial batch): no steady rate.
+  assert on_disk["phases"]["finetune"]["steady_images_per_sec"] is None
+  assert "finetune_images_per_sec" not in _tags(hparams_events)
+  assert all(on_disk["phases"][phase]["compile_seconds"] > 0 for phase in ("frozen", "finetune"))
 
 
 def test_report_files_decode_and_agree_with_the_metrics(run):
@@ -295,11 +354,11 @@ def test_a_quiet_continued_run_prints_nothing_and_extends_the_epoch_axis(run, tm
   shutil.copytree(workdir, continued)
   _, printed = _train(config.replace(finetune_epochs=2, verbosity=-1), continued)
   assert printed == ""
-  val_events = _events(continued / "tensorboard" / "validation")
-  assert sorted(_scalars(val_events, "epoch_accuracy")) == [1, 2, 3, 4]
-  assert sorted(_images(val_events, "confusion_matrix")) == [1, 2, 3, 4]
+  assert sorted(_scalars(_events(continued / "tensorboard" / "finetune" / "validation"), "epoch_accuracy")) == [3, 4]
+  run_events = _events(continued / "tensorboard")
+  assert sorted(_images(run_events, "images/confusion_matrix")) == [1, 2, 3, 4]
   # The augmented images belong to the start of the run: a continued run does not log them again.
-  assert len(_events(continued / "tensorboard" / "train").Tensors("augmented_training_images")) == 1
+  assert len(run_events.Tensors("images/augmented_training")) == 1
   assert json.loads((continued / "report" / "metrics.json").read_text())["epochs"] == 4
 
 
@@ -368,6 +427,7 @@ def test_a_name_no_installed_font_draws_shows_as_its_class_id_with_a_legend(monk
   # A fresh machine: only matplotlib's own fonts (DejaVu Sans has Cyrillic, no CJK).
   default = reporting.rcParams["font.sans-serif"][0]
   monkeypatch.setattr(reporting, "_charmaps", lambda: {default: frozenset(range(0x3000))})
+  monkeypatch.setattr(reporting, "_add_fonts_missing_from_the_cache", lambda: False)
   labels = reporting.figure_labels(NON_LATIN)
   assert labels.texts == ("chat", "#1", "#2") and labels.by_id == (1, 2)
   assert "\u732b" in labels.legend() and "#1" in labels.note() and "#2" in labels.note()
@@ -424,3 +484,59 @@ def test_validation_confusion_matrix_sums_over_replicas():
   result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.split()[-2:] == ["ok", "14"]
+
+
+def test_a_font_installed_after_matplotlibs_cache_was_built_draws_the_name(monkeypatch):
+  """matplotlib lists fonts once, in its cache: a font installed later is found among the system's fonts."""
+  from matplotlib import font_manager
+  default = reporting.rcParams["font.sans-serif"][0]
+  default_codes = reporting._codes_of(font_manager.findfont(default))
+  # A font with a letter no other font has stands for the CJK font installed after the cache.
+  charmaps = reporting._charmaps()
+  font, code = next((font, code) for font in font_manager.fontManager.ttflist if font.name in charmaps
+                    and font.name != default
+                    for code in sorted(reporting._codes_of(font.fname) - default_codes) if chr(code).isalpha()
+                    and not any(code in codes for name, codes in charmaps.items() if name != font.name))
+  stale = copy.copy(font_manager.fontManager)
+  stale.ttflist = [entry for entry in font_manager.fontManager.ttflist if entry.name != font.name]
+  monkeypatch.setattr(font_manager, "fontManager", stale)
+  monkeypatch.setattr(font_manager, "findSystemFonts", lambda *args, **kwargs: [font.fname])
+  reporting._add_fonts_missing_from_the_cache.cache_clear()
+  try:
+    labels = reporting.figure_labels([chr(code)])
+  finally:
+    reporting._add_fonts_missing_from_the_cache.cache_clear()
+  assert labels.texts == (chr(code),) and labels.by_id == () and font.name in labels.fonts
+
+
+def test_the_legend_of_names_drawn_by_id_says_how_to_fix_it_in_one_line(monkeypatch):
+  default = reporting.rcParams["font.sans-serif"][0]
+  monkeypatch.setattr(reporting, "_charmaps", lambda: {default: frozenset(range(0x3000))})
+  monkeypatch.setattr(reporting, "_add_fonts_missing_from_the_cache", lambda: False)
+  labels = reporting.figure_labels(NON_LATIN)
+  for text in (labels.note(), labels.legend()):
+    assert "\n" not in text and "install" in text.lower()
+
+
+def test_the_steady_rate_leaves_out_every_step_that_compiled(random_mobilenet_025_weights):
+  """Batches of 4, 4, 4 and a partial 2: the first step and the partial one trace the step (here a trace takes
+  0.5 s more); the steady rate is that of the two steps between, far above 8 images in a second."""
+  config = train.resolve(Config().replace(backbone="mobilenet", alpha=0.25, weights="none", image_size=32,
+                                          head_units=4, augment="none"))
+  trainer = train.Trainer(config, 3, tf.distribute.get_strategy())
+  real_step = trainer._eval_step
+
+  @tf.function
+  def slow_to_trace(*batch):
+    time.sleep(0.5)  # Python: runs while tracing only.
+    return real_step(*batch)
+  trainer._eval_step = slow_to_trace
+  rng = np.random.default_rng(0)
+  examples = (rng.uniform(0, 255, (14, 32, 32, 3)).astype(np.float32), rng.integers(0, 3, 14).astype(np.int32),
+              np.ones(14, np.float32), np.arange(14, dtype=np.int32))
+  metrics = trainer.run_epoch(tf.data.Dataset.from_tensor_slices(examples).batch(4), training=False, steps=4,
+                              progress=False)
+  assert metrics["examples"] == 14
+  assert metrics["compile_seconds"] >= 2 * 0.5
+  assert metrics["steady_images_per_sec"] > 8 / 1.0
+  assert metrics["seconds"] - metrics["compile_seconds"] < 0.5

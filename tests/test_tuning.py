@@ -8,6 +8,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tensorboard.plugins.hparams import metadata as hparams_metadata
+
+from tests.test_reporting import _hparams_dashboard, _log, _record
 from trainer import cli, config_checks, train, tuning
 from trainer.config import Config
 from trainer.errors import UserInputError
@@ -163,9 +166,41 @@ def test_each_candidate_is_a_run_in_the_hparams_dashboard_with_its_fold_mean(sea
   trial_runs = {name: tags for name, tags in runs.items() if name.startswith("trial_")}
   assert {int(name[len("trial_"):]) for name in trial_runs} >= set(fold_means)
   for name, tags in trial_runs.items():
-    assert "_hparams_/session_start_info" in tags
-    mean = tf.make_ndarray(tags["cv_accuracy"].tensor)
+    start = hparams_metadata.parse_session_start_info_plugin_data(
+        tags[hparams_metadata.SESSION_START_INFO_TAG].metadata.plugin_data.content)
+    assert start.group_name == f"{workdir.name}/{name}"  # Named per workdir: two workdirs' trials never merge.
+    mean = tf.make_ndarray(tags["fold_mean_accuracy"].tensor)
     assert mean == pytest.approx(fold_means[int(name[len("trial_"):])])
+  # The decision, with its reason and every candidate, as text in the tuning folder's own run.
+  decision = tf.make_ndarray(runs["."]["tuning_decision"].tensor).item().decode()
+  summary = _summary(workdir)
+  assert summary["reason"] in decision
+  assert all(f"{c['fold_mean']:.4f}" in decision for c in summary["candidates"])
+
+
+def test_two_tuned_workdirs_in_one_logdir_keep_their_trials_and_their_runs_metrics(tmp_path):
+  """The HParams dashboard of a logdir holding two tuned workdirs: every trial a row of its own (same-named trials
+  were merged into one row of their mean), and each training run's metrics still there."""
+  fold_means = {"first": (0.8093, 0.9), "second": (0.7339, 0.6)}
+  histories = {"first": [_record(1), _record(2, val_accuracy=0.75)], "second": [_record(1, val_accuracy=0.25)]}
+  for name, means in fold_means.items():
+    log = tuning._TrialLog(str(tmp_path / name / "tensorboard" / "tuning"), name, Config(), verbose=False)
+    for trial, mean in enumerate(means):
+      log.trial(_candidate(trial, [mean] * 4), seconds=1.0)
+    _log(tmp_path / name / "tensorboard", Config().replace(tune=True), histories[name])
+  experiment, groups = _hparams_dashboard(tmp_path)
+  metrics = {group["name"]: {value["name"]["tag"]: value["value"] for value in group["metricValues"]}
+             for group in groups}
+  assert set(metrics) == {"first", "second", "first/trial_0", "first/trial_1", "second/trial_0", "second/trial_1"}
+  for name, means in fold_means.items():
+    for trial, mean in enumerate(means):
+      assert metrics[f"{name}/trial_{trial}"]["fold_mean_accuracy"] == pytest.approx(mean)
+    assert metrics[name]["val_accuracy"] == pytest.approx(histories[name][-1]["val_accuracy"])
+  # Metric columns are named as themselves.
+  assert {"val_accuracy", "fold_mean_accuracy"} <= {info["name"]["tag"] for info in experiment["metricInfos"]}
+  # The dashboard shows the first 5 hparams that differ: here the searched values and which trial is which.
+  shown = [info["name"] for info in experiment["hparamInfos"] if info["differs"]][:5]
+  assert {"head_units", "trial_kind"} <= set(shown)
 
 
 def test_the_search_trains_at_the_runs_effective_rate_and_records_it_unscaled(tune_config, tmp_path, monkeypatch):

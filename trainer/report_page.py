@@ -144,8 +144,8 @@ def report_top_losses(model: Callable, examples: data.Examples, classes: Sequenc
                       report_dir: str, tensorboard: reporting.TensorBoardLog | None = None, step: int = 0,
                       workers: int = 1) -> None:
   """The top losses of this worker's validation examples: thumbnails in report/top_losses/, the list in
-  report/top_losses.json, the grid in report/top_losses.png and (given `tensorboard`) in TensorBoard's Images of
-  the validation run at `step`."""
+  report/top_losses.json, the grid in report/top_losses.png and (given `tensorboard`) in TensorBoard's Images, as
+  images/top_losses at `step`."""
   start = time.perf_counter()
   ranked, seen, wrong = find_top_losses(model, examples.images_with_ids, batch_size)
   seconds = time.perf_counter() - start

@@ -11,7 +11,6 @@ import functools
 import io
 import json
 import logging
-import math
 import os
 import socket
 import time
@@ -28,8 +27,12 @@ from tensorboard.plugins.hparams import api as hp
 from trainer.config import Config
 from trainer.model import FINETUNE, FROZEN, SCRATCH
 
-# The model phases as a scalar, so the phase boundary shows as a step on TensorBoard's epoch axis.
-PHASE_VALUES = {FROZEN: 0, FINETUNE: 1, SCRATCH: 2}
+# The phases in training order; each has its runs PHASE/train and PHASE/validation (see TensorBoardLog).
+PHASES = (FROZEN, FINETUNE, SCRATCH)
+PHASE_RUNS = ("train", "validation")
+
+# Learning rates are charted in this unit, named in the tag (TensorBoard's tables print 4 decimals).
+LEARNING_RATE_UNIT, LEARNING_RATE_UNIT_SUFFIX = 1e-6, "_x1e-6"
 
 # Confusion matrices with more classes than this are drawn without a count in every cell (it would be illegible).
 _MAX_ANNOTATED_CLASSES = 25
@@ -41,23 +44,37 @@ MAX_LABEL_CHARS = 18
 # a grid of two rows of four tiles, with titles of GRID_LABEL_CHARS, fills it and reads there.
 GRID_COLUMNS, GRID_IMAGES, GRID_LABEL_CHARS = 4, 8, 13
 
+# The confusion matrix of TensorBoard's image card: its size in inches at CARD_DPI, about the card's pixels.
+CARD_INCHES, CARD_DPI = (4.4, 2.8), 90
+
 # The top-losses grid (report/top_losses.png and TensorBoard) has rows of this many images.
 TOP_LOSS_COLUMNS = 6
 
 # report/ file of the last validation's confusion counts, as JSON.
 CONFUSION_FILE = "confusion_matrix.json"
 
-# Config fields that change neither what a run learns nor how fast, left out of the HParams.
-_NOT_HPARAMS = frozenset({"verbosity", "cache_dir", "tpu", "top_k", "tflite", "tflite_quantization"})
+# Config fields that change neither what a run learns nor how fast, left out of the HParams; and how a --tune search
+# searched, which a run's own values (head_units, frozen_lr, dropout) and `tune` already say: the dashboard shows
+# the first 5 settings that differ between its rows, and "max_trials 20" of a run that never searched is noise.
+_NOT_HPARAMS = frozenset({"verbosity", "cache_dir", "tpu", "top_k", "tflite", "tflite_quantization", "tuner",
+                          "max_trials", "tune_epochs", "tune_folds", "tune_only"})
 
 # The metrics of the HParams dashboard, logged beside the hparams in their own folder. The dashboard looks a
 # metric up in the hparams' folder joined with the metric's group, and with --logdir at a run's own tensorboard/
 # that join gives "./validation", which is no run (a single run's metric columns stayed empty); a folder of its own
-# also keeps the dashboard from listing every scalar of train/ and validation/ as a metric. No hparams_config
-# either: without it TensorBoard sees which settings differ between the runs and shows those first.
+# also keeps the dashboard from listing every scalar of the phase runs as a metric. No hparams_config (nor in
+# tuning's trials): the first one TensorBoard finds in a logdir sets the columns of every workdir in it (the other
+# runs' metrics disappeared); without one it shows first the settings that differ between the runs. The tags have
+# no folder prefix: they are the dashboard's column names.
 HPARAMS_DIR = "hparams"
-HPARAMS_METRICS = ("hparams/val_accuracy", "hparams/val_loss", "hparams/train_accuracy", "hparams/train_loss",
-                   "hparams/images_per_sec")
+HPARAMS_METRIC_DESCRIPTIONS = {
+    "val_accuracy": "The last epoch's validation accuracy.", "val_loss": "The last epoch's validation loss.",
+    "train_accuracy": "The last epoch's training accuracy.", "train_loss": "The last epoch's training loss.",
+    **{f"{phase}_images_per_sec": f"The {phase} phase's steady training images per second (without compiling "
+                                  "steps and each epoch's first)." for phase in PHASES}}
+
+# What to do about a class name no installed font draws, said in one line (figures, TensorBoard descriptions).
+FONT_FIX = "Install a font with its characters (e.g. apt-get install fonts-noto-cjk) and rerun."
 
 # Fonts whose glyphs are placeholders (a box naming the Unicode block), not letters.
 _PLACEHOLDER_FONTS = ("Last Resort",)
@@ -70,11 +87,15 @@ logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
 class TensorBoardLog:
   """The summaries of one run under WORKDIR/tensorboard.
 
-  `train/` and `validation/` hold the per-epoch scalars under the same tags (so TensorBoard draws train and
-  validation on one chart), with the 1-based epoch number as step, continuous across the phases; each phase's loss
-  and accuracy are also under `PHASE/` tags, so the charts of a phase start and end at its epochs. The folder
-  itself holds what belongs to the run as a whole: its config as text and a Markdown note where each phase starts;
-  `hparams/` its HParams and their metrics.
+  Each phase is a pair of runs, `PHASE/train` and `PHASE/validation`, holding the per-epoch scalars under the same
+  tags, with the 1-based epoch number as step, continuous across the phases: a loss or accuracy chart draws the
+  frozen and the fine-tune epochs as lines of their own colours (the phase boundary is where one ends and the next
+  starts), and TensorBoard smooths each phase apart. Learning rate and throughput differ by orders of magnitude
+  between the phases, so each phase has its own chart of them (`learning_rate/PHASE...`, `throughput/PHASE...`):
+  one chart with both would draw the smaller as 0, or clip it as an outlier. The folder itself holds what belongs to
+  the run as a whole: its config and a Markdown note where each phase starts, as text, and the images (under
+  `images/`, which sorts after `epoch_*`, so that TensorBoard opens loss and accuracy first); `hparams/` holds its
+  HParams and their metrics.
   """
 
   def __init__(self, log_dir: str | None, classes: Sequence[str], next_epoch: int = 1):
@@ -84,16 +105,29 @@ class TensorBoardLog:
     checkpoint that was found corrupt) is purged, so that no epoch shows twice."""
     self.classes = list(classes)
     self._labels = figure_labels(self.classes)
+    self._log_dir = log_dir
+    self._phase_writers: dict[str, tuple] = {}
     if log_dir is None:
       self.name = ""
-      self._run = self._train = self._validation = self._hparams = tf.summary.create_noop_writer()
+      self._run = self._hparams = tf.summary.create_noop_writer()
     else:
       self.name = os.path.basename(os.path.dirname(os.path.abspath(log_dir)))
-      folders = [log_dir] + [os.path.join(log_dir, name) for name in ("train", "validation", HPARAMS_DIR)]
-      for folder in folders:
+      for folder in [log_dir, os.path.join(log_dir, HPARAMS_DIR)] + [
+          os.path.join(log_dir, phase, split) for phase in PHASES for split in PHASE_RUNS]:
         purge_from(folder, next_epoch)  # Before the writers make their files: it must sort between.
-      self._run, self._train, self._validation, self._hparams = (tf.summary.create_file_writer(folder)
-                                                                 for folder in folders)
+      self._run, self._hparams = (tf.summary.create_file_writer(folder)
+                                  for folder in (log_dir, os.path.join(log_dir, HPARAMS_DIR)))
+
+  def _writers_of(self, phase: str) -> tuple:
+    """The (train, validation) writers of `phase`, made at its first epoch: a run without the phase has no runs
+    of it."""
+    if phase not in self._phase_writers:
+      if self._log_dir is None:
+        self._phase_writers[phase] = (self._run, self._run)
+      else:
+        self._phase_writers[phase] = tuple(tf.summary.create_file_writer(os.path.join(self._log_dir, phase, split))
+                                           for split in PHASE_RUNS)
+    return self._phase_writers[phase]
 
   def log_run(self, config: Config, facts: dict) -> None:
     """The config (and the run's resolved facts: precision, replicas, classes) as text, and the HParams."""
@@ -101,7 +135,8 @@ class TensorBoardLog:
       hp.hparams(hparams_of(config, facts), trial_id=self.name)
     self._hparams.flush()
     with self._run.as_default(step=0):
-      text = json.dumps({**config.to_dict(), "run": facts}, indent=2, default=str)
+      # ensure_ascii=False: class names and paths in any script read as written, not as \\u escapes.
+      text = json.dumps({**config.to_dict(), "run": facts}, indent=2, default=str, ensure_ascii=False)
       # Indented by four spaces: TensorBoard renders text summaries as Markdown, and this keeps the JSON verbatim.
       tf.summary.text("config", "\n".join("    " + line for line in text.splitlines()))
     self._run.flush()
@@ -109,50 +144,44 @@ class TensorBoardLog:
   def log_training_images(self, images: np.ndarray, labels: np.ndarray) -> None:
     """The first GRID_IMAGES training images after augmentation (what the model sees) in a grid, at step 0."""
     figure = image_grid_figure(images[:GRID_IMAGES], labels[:GRID_IMAGES], self.classes)
-    with self._train.as_default(step=0):
-      tf.summary.image("augmented_training_images", _png_tensor(figure),
+    with self._run.as_default(step=0):
+      tf.summary.image("images/augmented_training", _png_tensor(figure),
                        description="The first training images after augmentation, before the backbone's "
                                    "preprocessing. " + self._labels.legend())
-    self._train.flush()
+    self._run.flush()
 
   def log_epoch(self, history: Sequence[dict], confusion: np.ndarray) -> None:
-    """The scalars of the last epoch record of `history` (see `trainer.train`), the validation confusion matrix as
-    an image, and the run's metrics so far for the HParams dashboard."""
+    """The scalars of the last epoch record of `history` (see `trainer.train`) in its phase's runs, the validation
+    confusion matrix as an image, and the run's metrics so far for the HParams dashboard."""
     record = history[-1]
     step, phase = record["epoch"], record["phase"]
-    with self._train.as_default(step=step):
-      _log_loss_and_accuracy(phase, record["loss"], record["accuracy"])
-      _log_learning_rate(record["learning_rate"])
-      tf.summary.scalar("epoch_images_per_sec", record["images_per_sec"],
-                        description="Training images per second over the whole epoch (input, augmentation and "
-                                    "train step), its first step included.")
-      if record.get("steady_images_per_sec") is not None:
-        tf.summary.scalar("epoch_steady_images_per_sec", record["steady_images_per_sec"],
-                          description="Training images per second without the epoch's first step, which compiles "
-                                      "the step in the first epoch of a process or phase.")
-      if record.get("first_step_seconds") is not None:
-        tf.summary.scalar("epoch_first_step_seconds", record["first_step_seconds"],
-                          description="Seconds of the epoch's first train step: compilation (first epoch of a "
-                                      "process or phase) and the first batch.")
-      tf.summary.scalar("epoch_phase", PHASE_VALUES[phase], description="0: frozen, 1: fine-tune, 2: from scratch.")
-    with self._validation.as_default(step=step):
-      _log_loss_and_accuracy(phase, record["val_loss"], record["val_accuracy"])
-      figure = confusion_matrix_figure(confusion, self.classes, f"Validation after epoch {step} ({phase})")
-      tf.summary.image("confusion_matrix", _png_tensor(figure), description=self._labels.legend())
+    train, validation = self._writers_of(phase)
+    with train.as_default(step=step):
+      _log_loss_and_accuracy(record["loss"], record["accuracy"])
+      _log_learning_rate(phase, record["learning_rate"])
+      _log_throughput(phase, record)
+    with validation.as_default(step=step):
+      _log_loss_and_accuracy(record["val_loss"], record["val_accuracy"])
+    with self._run.as_default(step=step):
+      figure = confusion_matrix_card_figure(confusion, self.classes, f"Validation, epoch {step} ({phase})")
+      tf.summary.image("images/confusion_matrix", _png_tensor(figure),
+                       description="Validation after the epoch (the step): counts, and each cell's share of its "
+                                   "true class as its colour; report/confusion_matrix.png has every share written "
+                                   "out. " + self._labels.legend())
     with self._hparams.as_default(step=step):
-      for tag, value in zip(HPARAMS_METRICS, hparams_metrics(history)):
-        tf.summary.scalar(tag, value, description="The run's metric in the HParams dashboard.")
-    for writer in (self._train, self._validation, self._hparams):
+      for tag, value in hparams_metrics(history).items():
+        tf.summary.scalar(tag, value, description=HPARAMS_METRIC_DESCRIPTIONS[tag])
+    for writer in (train, validation, self._run, self._hparams):
       writer.flush()
 
   def log_top_losses(self, figure: Figure, step: int, description: str) -> None:
-    """The top-losses grid (`top_losses_figure`) as an image of the validation run at `step` (the last epoch)."""
-    with self._validation.as_default(step=step):
-      tf.summary.image("top_losses", _png_tensor(figure), description=description)
-    self._validation.flush()
+    """The top-losses grid (`top_losses_figure`) as an image of the run at `step` (the last epoch)."""
+    with self._run.as_default(step=step):
+      tf.summary.image("images/top_losses", _png_tensor(figure), description=description)
+    self._run.flush()
 
   def log_phase_start(self, epoch: int, phase: str, config: Config) -> None:
-    """A Markdown note at the first epoch of a phase (the 1-based `epoch`), beside the step of `epoch_phase`."""
+    """A Markdown note at the first epoch of a phase (the 1-based `epoch`)."""
     if phase == FROZEN:
       what = f"Only the head trains, learning rate {config.train.frozen_lr:g}."
     elif phase == SCRATCH:
@@ -161,12 +190,14 @@ class TensorBoardLog:
       what = (f"The backbone from layer `{config.model.unfreeze_from}` up trains too, learning rate "
               f"{config.train.finetune_lr:g}.")
     with self._run.as_default(step=epoch):
-      tf.summary.text("phase", f"**Epoch {epoch}: the {phase} phase starts.** {what} The charts under "
-                               f"`{phase}/` hold this phase's epochs only.")
+      tf.summary.text("phase", f"**Epoch {epoch}: the {phase} phase starts.** {what} Its epochs are the runs "
+                               f"`{phase}/train` and `{phase}/validation` on the loss and accuracy charts.")
     self._run.flush()
 
   def close(self) -> None:
-    for writer in (self._run, self._train, self._validation, self._hparams):
+    for writer in {id(writer): writer for pair in self._phase_writers.values() for writer in pair}.values():
+      writer.close()
+    for writer in (self._run, self._hparams):
       writer.close()
 
 
@@ -191,18 +222,32 @@ def purge_from(folder: str, step: int) -> None:
     writer.write(start)
 
 
-def _log_loss_and_accuracy(phase: str, loss: float, accuracy: float) -> None:
+def _log_loss_and_accuracy(loss: float, accuracy: float) -> None:
   for name, value in (("epoch_loss", loss), ("epoch_accuracy", accuracy)):
-    tf.summary.scalar(name, value)
-    tf.summary.scalar(f"{phase}/{name}", value)
+    tf.summary.scalar(name, value, description="Per epoch; each phase's epochs are runs of their own (PHASE/train, "
+                                               "PHASE/validation), so the phase boundary shows where they meet.")
 
 
-def _log_learning_rate(learning_rate: float) -> None:
-  tf.summary.scalar("epoch_learning_rate", learning_rate)
-  if learning_rate > 0:
-    tf.summary.scalar("epoch_learning_rate_log10", math.log10(learning_rate),
-                      description="log10 of the learning rate (-3 is 1e-3, -5 is 1e-5): on a linear axis a "
-                                  "fine-tune rate reads as 0.")
+def _log_learning_rate(phase: str, learning_rate: float) -> None:
+  # In millionths: TensorBoard's tables print 4 decimals (5e-5 read "0.0001", 2e-5 "0").
+  tf.summary.scalar(f"learning_rate/{phase}{LEARNING_RATE_UNIT_SUFFIX}", learning_rate / LEARNING_RATE_UNIT,
+                    description=f"The {phase} phase's learning rate at the start of the epoch, in units of "
+                                f"{LEARNING_RATE_UNIT:g} (1000 is 1e-3, 50 is 5e-5).")
+
+
+def _log_throughput(phase: str, record: dict) -> None:
+  """The phase's training images/s: steady (without the steps that compiled) when the record has it, and over the
+  whole epoch; and the seconds of the steps that compiled."""
+  if record.get("steady_images_per_sec") is not None:
+    tf.summary.scalar(f"throughput/{phase}_steady_images_per_sec", record["steady_images_per_sec"],
+                      description="Training images per second without the epoch's first step (it starts the "
+                                  "input pipeline) and the steps that traced or compiled the step function (one of "
+                                  "each new batch shape, such as a partial last batch).")
+  tf.summary.scalar(f"throughput/{phase}_epoch_images_per_sec", record["images_per_sec"],
+                    description="Training images per second over the whole epoch, compiling steps included.")
+  if record.get("compile_seconds") is not None:
+    tf.summary.scalar(f"throughput/{phase}_compile_seconds", record["compile_seconds"],
+                      description="Seconds of the epoch's steps that traced or compiled the step function.")
 
 
 def hparams_of(config: Config, facts: dict) -> dict:
@@ -213,20 +258,30 @@ def hparams_of(config: Config, facts: dict) -> dict:
   return {**values, "precision": facts["precision"], "num_replicas": facts["num_replicas"]}
 
 
-def hparams_metrics(history: Sequence[dict]) -> tuple[float, ...]:
-  """The values of HPARAMS_METRICS: the last epoch's validation and train metrics, and the run's images/s."""
+def hparams_metrics(history: Sequence[dict]) -> dict[str, float]:
+  """The HParams metrics by tag: the last epoch's validation and train metrics, and each phase's steady images/s
+  (a phase on cached features runs orders of magnitude faster than fine-tuning: one figure for both says neither)."""
   last = history[-1]
-  return last["val_accuracy"], last["val_loss"], last["accuracy"], last["loss"], mean_images_per_sec(history)
+  rates = {f"{phase}_images_per_sec": rate for phase, rate in steady_images_per_sec_by_phase(history).items()
+           if rate is not None}
+  return {"val_accuracy": last["val_accuracy"], "val_loss": last["val_loss"], "train_accuracy": last["accuracy"],
+          "train_loss": last["loss"], **rates}
 
 
-def mean_images_per_sec(history: Sequence[dict]) -> float:
-  """Training images per second over all the run's epochs, at each epoch's steady rate where its record has
-  `steady_images_per_sec` (without the first step, which compiles): all the images over the time they take at
-  those rates."""
-  images = [record["images_per_sec"] * record["train_seconds"] for record in history]
-  seconds = sum(count / (record.get("steady_images_per_sec") or record["images_per_sec"])
-                for count, record in zip(images, history))
-  return sum(images) / seconds if seconds else 0.0
+def steady_images_per_sec_by_phase(history: Sequence[dict]) -> dict[str, float | None]:
+  """Each phase's steady training images/s, by phase in training order (see `steady_images_per_sec`)."""
+  return {phase: steady_images_per_sec([record for record in history if record["phase"] == phase])
+          for phase in PHASES if any(record["phase"] == phase for record in history)}
+
+
+def steady_images_per_sec(records: Sequence[dict]) -> float | None:
+  """Training images per second over the epochs of `records` (of one phase) with a steady rate (see
+  `Trainer.run_epoch`): all their images over the time they take at each epoch's steady rate. None if no epoch had
+  one (an epoch of one full and one partial batch that both compiled)."""
+  steady = [record for record in records if record.get("steady_images_per_sec")]
+  images = [record["images_per_sec"] * record["train_seconds"] for record in steady]
+  seconds = sum(count / record["steady_images_per_sec"] for count, record in zip(images, steady))
+  return sum(images) / seconds if seconds else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,19 +295,19 @@ class Labels:
   by_id: tuple[int, ...]
 
   def note(self) -> str:
-    """The line a figure shows under classes it names by id ('' if none)."""
+    """The line a figure shows under classes it names by id ('' if none), with the fix in a few words."""
     if not self.by_id:
       return ""
     ids = ", ".join(f"#{index}" for index in self.by_id)
-    if len(self.by_id) == 1:
-      return f"{ids}: the class id of a name no installed font draws (classification_report.txt names it)"
-    return f"{ids}: class ids of names no installed font draws (classification_report.txt names them)"
+    what = ("the class id of a name" if len(self.by_id) == 1 else "class ids of names") + " no installed font draws"
+    return f"{ids}: {what} (classification_report.txt names them). {FONT_FIX}"
 
   def legend(self) -> str:
     """The names of the classes shown by id, as Markdown for a TensorBoard description ('' if none)."""
     if not self.by_id:
       return ""
-    return "Classes shown by id: " + ", ".join(f"#{index} = {self.classes[index]}" for index in self.by_id) + "."
+    return ("Classes shown by id: " + ", ".join(f"#{index} = {self.classes[index]}" for index in self.by_id)
+            + ". " + FONT_FIX)
 
 
 def figure_labels(classes: Sequence[str], max_chars: int = MAX_LABEL_CHARS) -> Labels:
@@ -276,27 +331,56 @@ def shorten(text: str, max_chars: int) -> str:
 
 def _families_drawing(text: str, default: str) -> list[str] | None:
   """Font families that together have a glyph for every character of `text` (besides `default`, which has most),
-  or None if no installed font has some character."""
+  or None if no installed font has some character, even after adding the fonts installed since matplotlib's font
+  cache was built."""
   missing = {ord(char) for char in text} - _codes_of(font_manager.findfont(default))
-  charmaps = _charmaps() if missing else {}
+  families = _families_with(missing, _charmaps()) if missing else []
+  if families is None and _add_fonts_missing_from_the_cache():
+    families = _families_with(missing, _charmaps())
+  return families
+
+
+def _families_with(codes: set[int], charmaps: dict[str, frozenset[int]]) -> list[str] | None:
   families = []
-  for code in missing:
-    family = next((family for family, codes in charmaps.items() if code in codes), None)
+  for code in codes:
+    family = next((family for family, font_codes in charmaps.items() if code in font_codes), None)
     if family is None:
       return None
     families.append(family)
   return sorted(set(families))
 
 
-@functools.cache
 def _charmaps() -> dict[str, frozenset[int]]:
-  """The code points of each font family matplotlib finds (its own and the system's), by family name: read only
+  """The code points of each font family matplotlib knows (its own and the system's), by family name: read only
   for a name the default font cannot draw (reading every font takes a while on a machine with many)."""
+  return _charmaps_of(len(font_manager.fontManager.ttflist))
+
+
+@functools.cache
+def _charmaps_of(font_count: int) -> dict[str, frozenset[int]]:
+  """`_charmaps` while matplotlib knows `font_count` fonts (read again once fonts are added)."""
+  del font_count  # The cache key: the fonts are read from the font manager itself.
   charmaps = {}
   for font in font_manager.fontManager.ttflist:
     if not font.name.startswith(_PLACEHOLDER_FONTS):
       charmaps[font.name] = charmaps.get(font.name, frozenset()) | _codes_of(font.fname)
   return charmaps
+
+
+@functools.cache
+def _add_fonts_missing_from_the_cache() -> bool:
+  """Adds to matplotlib's font manager the system's fonts that its cache (~/.cache/matplotlib, built once) does not
+  list: a font installed after the cache was built is otherwise never seen. Whether any was added; once a process."""
+  known = {font.fname for font in font_manager.fontManager.ttflist}
+  added = False
+  for path in font_manager.findSystemFonts():
+    if path not in known:
+      try:
+        font_manager.fontManager.addfont(path)
+        added = True
+      except (OSError, RuntimeError, ValueError):  # A file FreeType cannot read.
+        continue
+  return added
 
 
 @functools.cache
@@ -442,6 +526,38 @@ def confusion_matrix_figure(confusion: np.ndarray, classes: Sequence[str], title
                 color="white" if shares[row, column] > 0.5 else "black")
   if labels.note():
     figure.supxlabel(labels.note(), fontsize=8)
+  return figure
+
+
+def confusion_matrix_card_figure(confusion: np.ndarray, classes: Sequence[str], title: str) -> Figure:
+  """The confusion matrix sized for TensorBoard's image card (about 400 x 210 pixels, images scaled down to fit):
+  drawn at that height, so that its text is not shrunk; no colour bar; each cell's count, and its share of the
+  true class where there is room. Many classes leave only the colours (report/confusion_matrix.png has them all)."""
+  confusion = np.asarray(confusion)
+  labels = figure_labels(classes, GRID_LABEL_CHARS)
+  rows = confusion.sum(axis=1, keepdims=True)
+  shares = np.divide(confusion, rows, out=np.zeros(confusion.shape), where=rows > 0)
+  count = len(classes)
+  figure = Figure(figsize=(CARD_INCHES[0], CARD_INCHES[1] + (0.2 if labels.note() else 0)), dpi=CARD_DPI,
+                  layout="constrained")
+  axes = figure.add_subplot()
+  axes.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
+  ticks = np.arange(count)
+  tick_font = 9 if count <= 8 else 7 if count <= 16 else 5
+  shown = ticks if count <= 30 else ticks[::-(-count // 30)]
+  axes.set_xticks(shown, labels=[labels.texts[i] for i in shown], fontsize=tick_font, fontfamily=labels.fonts,
+                  rotation=30 if count > 3 else 0, ha="right" if count > 3 else "center")
+  axes.set_yticks(shown, labels=[labels.texts[i] for i in shown], fontsize=tick_font, fontfamily=labels.fonts)
+  axes.set_xlabel("predicted", fontsize=8)
+  axes.set_ylabel("true", fontsize=8)
+  axes.set_title(title, fontsize=9)
+  if count <= 10:
+    for (row, column), value in np.ndenumerate(confusion):
+      text = f"{int(value)} ({shares[row, column]:.0%})" if count <= 4 and rows[row, 0] else str(int(value))
+      axes.text(column, row, text, ha="center", va="center", fontsize=9 if count <= 6 else 7,
+                color="white" if shares[row, column] > 0.5 else "black")
+  if labels.note():
+    figure.supxlabel(labels.note(), fontsize=6)
   return figure
 
 

@@ -13,6 +13,7 @@ import dataclasses
 import math
 import os
 import time
+import weakref
 
 import keras
 import numpy as np
@@ -79,6 +80,8 @@ class Trainer:
     self.checkpoint = tf.train.Checkpoint(model=self.model, epoch=self.epoch, epoch_step=self.epoch_step,
                                           epoch_sums=self.epoch_sums, **self.optimizers)
     self.class_weights = None if class_weights is None else tf.constant(class_weights, tf.float32)
+    # The batch shapes each step function has run (see run_epoch): a new shape compiles, a known one does not.
+    self._shapes_run: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
     self.train_on_features(None)
 
   def train_on_features(self, head: keras.Model | None) -> None:
@@ -167,17 +170,32 @@ class Trainer:
     totals = self.epoch_sums.numpy()[:3].copy() if resumed else np.zeros(3)
     earlier_seconds = float(self.epoch_sums.numpy()[3]) if resumed else 0.0
     bar = progress_lib.bar(steps, progress)
-    confusion, seen, first_step = 0, [], None
-    start = time.perf_counter()
+    confusion, seen = 0, []
+    # The calls that traced or compiled the step function (its first, and the first of each new batch shape, such
+    # as a partial last batch) are timed as compile_seconds. The steady rate leaves out those steps and the epoch's
+    # first (whose wait for input starts the pipeline: a shuffle buffer to fill, a cache to read or write), so
+    # that it is the rate of the steps that only ran, alike in every epoch.
+    shapes_seen, traces = self._shapes_run.setdefault(step, set()), step.experimental_get_tracing_count()
+    compile_seconds = unsteady_seconds = unsteady_examples = examples_here = 0.0
+    start = last = time.perf_counter()
     for index, batch in enumerate(batches):
+      shapes = tuple(tuple(part.shape) for part in tf.nest.flatten(batch, expand_composites=True))
+      called = time.perf_counter()
       if training and preemption is not None:
         sums, ids = preemption.run(step, *batch)
       else:
         sums, ids = step(*batch)
       loss, correct, count, *eval_only = sums
       totals += [float(loss), float(correct), float(count)]
-      if first_step is None:
-        first_step = (time.perf_counter() - start, float(count))
+      now, examples_here = time.perf_counter(), examples_here + float(count)
+      compiled = shapes not in shapes_seen or step.experimental_get_tracing_count() != traces
+      if compiled:
+        compile_seconds += now - called
+        shapes_seen.add(shapes)
+        traces = step.experimental_get_tracing_count()
+      if compiled or index == 0:
+        unsteady_seconds, unsteady_examples = unsteady_seconds + now - last, unsteady_examples + float(count)
+      last = now
       seen.extend(int(i) for part in self.strategy.experimental_local_results(ids) for i in part.numpy() if i >= 0)
       if eval_only:
         confusion = confusion + eval_only[0].numpy()
@@ -186,13 +204,12 @@ class Trainer:
         self.epoch_sums.assign([*totals, earlier_seconds + time.perf_counter() - start])
       bar.update(index + 1, [("loss", totals[0] / max(totals[2], 1)), ("accuracy", totals[1] / max(totals[2], 1))])
     seconds = time.perf_counter() - start
+    steady_seconds, steady_examples = seconds - unsteady_seconds, examples_here - unsteady_examples
     metrics = {"loss": totals[0] / max(totals[2], 1), "accuracy": totals[1] / max(totals[2], 1),
                "examples": int(totals[2]), "seconds": earlier_seconds + seconds, "earlier_seconds": earlier_seconds,
-               "ids": seen,
-               "first_step_seconds": first_step[0] if first_step else 0.0,
-               # Without the first step, which traces and compiles the step function.
-               "steady_images_per_sec": ((totals[2] - first_step[1]) / (seconds - first_step[0])
-                                         if first_step and seconds > first_step[0] and index > 0 else None)}
+               "ids": seen, "compile_seconds": compile_seconds,
+               "steady_images_per_sec": (steady_examples / steady_seconds
+                                         if steady_examples > 0 and steady_seconds > 0 else None)}
     if not training:
       metrics["confusion_matrix"] = np.asarray(confusion, np.int64)
     return metrics
@@ -421,7 +438,7 @@ def _train_epochs(run: Run, stops: distribute.CtrlCAsSigterm) -> dict | None:
               "seconds": time.perf_counter() - start + train_metrics["earlier_seconds"],
               "train_seconds": train_metrics["seconds"],
               "images_per_sec": train_metrics["examples"] / max(train_metrics["seconds"], 1e-9),
-              "first_step_seconds": train_metrics["first_step_seconds"],
+              "compile_seconds": train_metrics["compile_seconds"],
               "steady_images_per_sec": train_metrics["steady_images_per_sec"],
               "learning_rate": learning_rate}
     run.history.append(record)
@@ -588,6 +605,9 @@ def _first_augmented_batch(config: Config, train_images: tf.data.Dataset,
 
 
 def summarize(history: list[dict], classes: list[str], export_path: str | None, phase_names: list[str]) -> dict:
+  """metrics.json: the last validation, and per phase its epochs, seconds, images/s over whole epochs, the steady
+  images/s (without the steps that compiled: a phase on cached features and a fine-tune phase differ by orders of
+  magnitude, so each has its own) and the seconds its compiling steps took."""
   phases = {}
   for phase in phase_names:
     records = [r for r in history if r["phase"] == phase]
@@ -596,7 +616,9 @@ def summarize(history: list[dict], classes: list[str], export_path: str | None, 
     phases[phase] = {"epochs": len(records),
                      "val_accuracy": records[-1]["val_accuracy"] if records else None,
                      "seconds": sum(r["seconds"] for r in records),
-                     "images_per_sec": examples / train_seconds if train_seconds else None}
+                     "images_per_sec": examples / train_seconds if train_seconds else None,
+                     "steady_images_per_sec": reporting.steady_images_per_sec(records),
+                     "compile_seconds": sum(r.get("compile_seconds") or 0.0 for r in records)}
   return {"classes": classes, "val_accuracy": history[-1]["val_accuracy"] if history else None,
           "val_loss": history[-1]["val_loss"] if history else None,
           "epochs": len(history), "phases": phases, "export_path": export_path}

@@ -11,8 +11,9 @@ upwards, and a lead smaller than the noise is more likely luck than a better set
 
 The search lives in WORKDIR/tuning/ (KerasTuner's project directory): rerunning the same command resumes it
 without repeating finished trials, and a larger --max_trials continues it; another search space is refused. Each
-trial is a run in TensorBoard's HParams dashboard (WORKDIR/tensorboard/tuning/) with its fold mean. Under
---strategy=multi_worker only the chief searches; the other workers wait for its tuning/best_hparams.json.
+trial is a run in TensorBoard's HParams dashboard (WORKDIR/tensorboard/tuning/trial_N, named WORKDIR_NAME/trial_N)
+with its fold mean, and the decision is text there (tag tuning_decision). Under --strategy=multi_worker only the
+chief searches; the other workers wait for its tuning/best_hparams.json.
 """
 
 import dataclasses
@@ -64,7 +65,8 @@ def search(config: Config, workdir: str, strategy: tf.distribute.Strategy | None
                       HeadHyperModel(cache.train_features.shape[-1], cache.head.output.shape[-1], config.data.seed,
                                      _lr_scale(config, strategy)),
                       config.data.batch_size, strategy)
-  log = _TrialLog(os.path.join(workdir, "tensorboard", "tuning"), config, verbose=config.runtime.verbosity >= 0)
+  log = _TrialLog(os.path.join(workdir, "tensorboard", "tuning"), os.path.basename(os.path.normpath(workdir)), config,
+                  verbose=config.runtime.verbosity >= 0)
   defaults = _defaults_candidate(config, tuning_dir, scorer, log)
   tuner = _make_tuner(keras_tuner, config, scorer, tuning_dir, log)
   tuner.oracle.verbose = 0  # Its tables repeat what _TrialLog prints in one line.
@@ -77,6 +79,7 @@ def search(config: Config, workdir: str, strategy: tf.distribute.Strategy | None
                   "folds": config.tune.tune_folds, "lr_scale": scorer.hypermodel.lr_scale,
                   "candidates": candidates})
   workdir_lib.write_json(os.path.join(tuning_dir, "best_hparams.json"), summary)
+  log.decision(summary)
   logging.info("Tuning: %s", summary["reason"])
   return summary["hparams"]
 
@@ -250,34 +253,52 @@ def _epochs_of(trial, full_epochs: int) -> int:
 
 
 class _TrialLog:
-  """One printed line and one TensorBoard HParams run per scored candidate."""
+  """One printed line and one TensorBoard HParams session per scored candidate, and the decision as text.
 
-  def __init__(self, folder: str, config: Config, verbose: bool):
-    self.folder, self.verbose = folder, verbose
+  Each trial is named `WORKDIR_NAME/trial_N` (its run is tuning/trial_N): the HParams dashboard merges the runs of
+  one name into one row (the mean of their metrics), so the trials of two workdirs in one logdir stay apart. No
+  hparams_config: the first one in a logdir sets the dashboard's columns for every run in it, and the training
+  runs' metrics would disappear (see trainer.reporting.HPARAMS_DIR)."""
+
+  def __init__(self, folder: str, run_name: str, config: Config, verbose: bool):
+    self.folder, self.run_name, self.verbose = folder, run_name, verbose
     # Hyperband sizes itself from --tune_epochs; --max_trials counts the other tuners' trials.
     self.of_trials = "" if config.tune.tuner == "hyperband" else f"/{config.tune.max_trials}"
-    from tensorboard.plugins.hparams import api as hparams_api
-    self._api = hparams_api
-    with tf.summary.create_file_writer(folder).as_default():
-      hparams_api.hparams_config(
-          hparams=[hparams_api.HParam(name, hparams_api.IntInterval(low, high) if isinstance(low, int)
-                                      else hparams_api.RealInterval(float(low), float(high)))
-                   for name, low, high, _ in SPACE] + [hparams_api.HParam("default", hparams_api.Discrete([0, 1]))],
-          metrics=[hparams_api.Metric("cv_accuracy", display_name="fold mean accuracy"),
-                   hparams_api.Metric("cv_accuracy_std", display_name="fold accuracy spread (std)")])
 
   def trial(self, candidate: dict, seconds: float) -> None:
+    from tensorboard.plugins.hparams import api as hparams_api  # Imported here, as keras_tuner: only --tune.
     name = f"trial_{candidate['trial']}"
     with tf.summary.create_file_writer(os.path.join(self.folder, name)).as_default():
-      self._api.hparams({**candidate["hparams"], "default": int(candidate["default"])}, trial_id=name)
-      tf.summary.scalar("cv_accuracy", candidate["fold_mean"], step=candidate["epochs"])
-      tf.summary.scalar("cv_accuracy_std", candidate["fold_std"], step=candidate["epochs"])
+      hparams_api.hparams({**candidate["hparams"], "trial_kind": "defaults" if candidate["default"] else "searched"},
+                          trial_id=f"{self.run_name}/{name}")
+      # Tags that sort after the training runs' epoch_* charts, which TensorBoard opens first.
+      tf.summary.scalar("fold_mean_accuracy", candidate["fold_mean"], step=candidate["epochs"],
+                        description="Mean validation accuracy over the cross-validation folds (step: epochs).")
+      tf.summary.scalar("fold_accuracy_std", candidate["fold_std"], step=candidate["epochs"],
+                        description="Standard deviation of the folds' accuracies (step: epochs).")
     if self.verbose:
       values = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in candidate["hparams"].items())
       label = "0 (defaults)" if candidate["default"] else f"{candidate['trial']}{self.of_trials}"
       print(f"tuning trial {label}: {values}: fold accuracy {candidate['fold_mean']:.4f} +- "
             f"{candidate['fold_std']:.4f} ({len(candidate['fold_accuracy'])} folds, {candidate['epochs']} epochs), "
             f"{seconds:.1f}s", flush=True)
+
+  def decision(self, summary: dict) -> None:
+    """What the search decided and why, with every candidate's values and fold scores, as Markdown text in the
+    tuning folder's own run, at the step of the number of trials (a continued search adds a step)."""
+    head = "| trial | " + " | ".join(name for name, *_ in SPACE) + " | fold mean accuracy | std | epochs |"
+    rows = [head, "|" + " --- |" * (len(SPACE) + 4)]
+    for candidate in summary["candidates"]:
+      label = f"{candidate['trial']} (defaults)" if candidate["default"] else str(candidate["trial"])
+      if candidate["trial"] == summary["chosen_trial"]:
+        label = f"**{label}, chosen**"
+      values = " | ".join(f"{candidate['hparams'][name]:.3g}" for name, *_ in SPACE)
+      rows.append(f"| {label} | {values} | {candidate['fold_mean']:.4f} | {candidate['fold_std']:.4f} | "
+                  f"{candidate['epochs']} |")
+    outcome = "Tuned values used" if summary["decision"] == "tuned" else "Defaults kept"
+    text = f"**{outcome}.** {summary['reason']}.\n\nRule: {summary['rule']}.\n\n" + "\n".join(rows)
+    with tf.summary.create_file_writer(self.folder).as_default(step=summary["trials"]):
+      tf.summary.text("tuning_decision", text)
 
 
 def _make_tuner(keras_tuner, config: Config, scorer: FoldScorer, directory: str, log: _TrialLog):
