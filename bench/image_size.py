@@ -18,8 +18,9 @@ from absl import flags
 
 import bench
 from trainer import features
+from trainer import runtime
 from trainer import model as model_lib
-from trainer import train, tuning
+from trainer import tuning
 from trainer.config import Config
 
 FLAGS = flags.FlagValues()
@@ -55,7 +56,7 @@ def main(argv: list[str]) -> dict:
              "load_average_before": os.getloadavg()[0], "sizes": {}}
   with tempfile.TemporaryDirectory(prefix="bench_image_size_") as root:
     for size in map(int, FLAGS.sizes):
-      config = train.resolve(Config().replace(data_dir=FLAGS.data_dir, backbone=FLAGS.backbone, alpha=FLAGS.alpha,
+      config = runtime.resolve(Config().replace(data_dir=FLAGS.data_dir, backbone=FLAGS.backbone, alpha=FLAGS.alpha,
                                               weights=FLAGS.weights, image_size=size, feature_views=FLAGS.views,
                                               verbosity=-1))
       start = time.perf_counter()

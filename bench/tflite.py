@@ -20,7 +20,7 @@ from absl import flags
 
 import bench
 from export import tflite
-from trainer import data, restore, train
+from trainer import data, restore, runtime, train
 from trainer.config import TFLITE_QUANTIZATIONS, Config
 
 FLAGS = flags.FlagValues()
@@ -51,7 +51,7 @@ def main(argv: list[str]) -> dict:
   workdir = FLAGS.workdir or tempfile.mkdtemp(prefix="bench_tflite_")
   run = FLAGS.run or os.path.join(workdir, "run")
   if not FLAGS.run:
-    train.train_and_evaluate(train.resolve(Config().replace(
+    train.train_and_evaluate(runtime.resolve(Config().replace(
         data_dir=os.path.abspath(FLAGS.data_dir), backbone=FLAGS.backbone, alpha=FLAGS.alpha,
         weights=os.path.abspath(FLAGS.weights), image_size=FLAGS.image_size, frozen_epochs=FLAGS.frozen_epochs,
         finetune_epochs=FLAGS.finetune_epochs, batch_size=FLAGS.batch_size,

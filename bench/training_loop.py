@@ -49,10 +49,10 @@ def main(argv: list[str]) -> dict:
   import keras
   import numpy as np
 
-  from trainer import distribute, train
+  from trainer import distribute, runtime, train
   from trainer.config import Config, RuntimeConfig
 
-  config = train.resolve(Config().replace(backbone=FLAGS.backbone, alpha=FLAGS.alpha, weights=FLAGS.weights,
+  config = runtime.resolve(Config().replace(backbone=FLAGS.backbone, alpha=FLAGS.alpha, weights=FLAGS.weights,
                                           image_size=FLAGS.image_size, batch_size=FLAGS.batch_size,
                                           augment="none", head_units=128))
   strategy = distribute.create_strategy(RuntimeConfig(strategy=FLAGS.strategy))

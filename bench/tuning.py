@@ -24,7 +24,7 @@ from absl import flags
 
 import bench
 
-from trainer import train, tuning
+from trainer import runtime, tuning
 from trainer.config import Config
 
 FLAGS = flags.FlagValues()
@@ -90,7 +90,7 @@ def _summary(values: list[float]) -> dict:
 
 def bench_dataset(data_dir: str, max_trials: int) -> dict:
   views = [int(v) for v in FLAGS.views]
-  base = train.resolve(Config().replace(
+  base = runtime.resolve(Config().replace(
       data_dir=data_dir, backbone=FLAGS.backbone, alpha=FLAGS.alpha, weights=FLAGS.weights,
       image_size=FLAGS.image_size, feature_views=max(views), tune=True, tuner=FLAGS.tuner, max_trials=max_trials,
       tune_folds=FLAGS.tune_folds, frozen_epochs=FLAGS.frozen_epochs, tune_epochs=FLAGS.tune_epochs, verbosity=-1))

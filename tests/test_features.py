@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 from trainer import augment, data, features, train
+from trainer import runtime
 from trainer import model as model_lib
 from trainer.restore import restore
 
@@ -38,7 +39,7 @@ def test_cached_features_train_the_same_head_and_fine_tuning_continues_from_it(c
 
 
 def _model_and_images(tiny_config, color_folder, tmp_path):
-  config = train.resolve(tiny_config.replace(data_dir=str(color_folder)))
+  config = runtime.resolve(tiny_config.replace(data_dir=str(color_folder)))
   inputs = data.load(config.data, config.data.image_size, str(tmp_path / "cache"))
   model = model_lib.build_classifier(config.model, len(inputs.classes), config.data.image_size, config.data.seed)
   return config, model, inputs.train.images
@@ -135,7 +136,7 @@ def test_runs_sharing_a_cache_dir_extract_the_features_once(color_folder, tmp_pa
 def test_the_cache_key_changes_with_what_the_features_depend_on_only(tiny_config, tmp_path):
   weights = tmp_path / "weights.h5"
   weights.write_bytes(b"weights")
-  config = train.resolve(tiny_config.replace(weights=str(weights), augment="light", feature_views=2))
+  config = runtime.resolve(tiny_config.replace(weights=str(weights), augment="light", feature_views=2))
   key = features.cache_key(config, "data-a", "float32")
   assert features.cache_key(config.replace(head_units=64, dropout=0.5, frozen_lr=0.1, finetune_epochs=9),
                             "data-a", "float32") == key

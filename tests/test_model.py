@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from tests.conftest import write_color_dataset
 from trainer import backbones, config_checks, restore, train
+from trainer import runtime
 from trainer import model as model_lib
 from trainer.config import Config
 from trainer.errors import UserInputError
@@ -38,7 +39,7 @@ def test_from_scratch_is_one_phase_of_every_epoch_and_transfer_is_frozen_then_fi
   assert [model_lib.phase_of_epoch(epoch, transfer) for epoch in range(5)] == ["frozen"] * 3 + ["finetune"] * 2
   scratch = transfer.replace(weights="none")
   assert [model_lib.phase_of_epoch(epoch, scratch) for epoch in range(5)] == ["scratch"] * 5
-  assert train.resolve(scratch).model.batchnorm == "train" and train.resolve(transfer).model.batchnorm == "frozen"
+  assert runtime.resolve(scratch).model.batchnorm == "train" and runtime.resolve(transfer).model.batchnorm == "frozen"
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,7 @@ def test_a_run_from_scratch_trains_every_layer_and_batchnorm_from_the_first_epoc
   workdir, _ = scratch_run
   checkpoints = tf.train.get_checkpoint_state(str(workdir / "checkpoints")).all_model_checkpoint_paths
   assert len(checkpoints) == 2  # after epoch 1 and after epoch 2
-  config = train.resolve(Config.from_dict(json.loads((workdir / "config.json").read_text())))
+  config = runtime.resolve(Config.from_dict(json.loads((workdir / "config.json").read_text())))
   snapshots = []
   for checkpoint in checkpoints:
     model = model_lib.build_classifier(config.model, 3, config.data.image_size, config.data.seed)
@@ -78,7 +79,7 @@ def test_config_and_metrics_of_a_run_from_scratch_agree_on_its_one_phase(scratch
 
 def _one_finetune_epoch(weights: str, **values) -> tuple[keras.Model, dict, dict]:
   """Backbone weights before and after two fine-tune steps (Adam, training=True) on noise images."""
-  config = train.resolve(_tiny(weights=weights, **values))
+  config = runtime.resolve(_tiny(weights=weights, **values))
   model = model_lib.build_classifier(config.model, 3, config.data.image_size, config.data.seed)
   model_lib.set_phase(model, model_lib.FINETUNE, config.model.unfreeze_from, config.model.batchnorm)
   base = model_lib.backbone_of(model)
@@ -110,10 +111,10 @@ def test_unfreeze_all_trains_every_layer_and_batchnorm_only_in_train_mode(batchn
 def test_batchnorm_train_with_small_replica_batches_warns(monkeypatch):
   warnings = []
   monkeypatch.setattr(model_lib.logging, "warning", lambda message, *args: warnings.append(message % args))
-  model_lib.announce_plan(train.resolve(_tiny(weights="none")), per_replica_batch_size=8)
+  model_lib.announce_plan(runtime.resolve(_tiny(weights="none")), per_replica_batch_size=8)
   assert not warnings
-  model_lib.announce_plan(train.resolve(_tiny(weights="none")), per_replica_batch_size=4)
-  model_lib.announce_plan(train.resolve(_tiny(weights="pretrained.h5", batchnorm="frozen")), per_replica_batch_size=4)
+  model_lib.announce_plan(runtime.resolve(_tiny(weights="none")), per_replica_batch_size=4)
+  model_lib.announce_plan(runtime.resolve(_tiny(weights="pretrained.h5", batchnorm="frozen")), per_replica_batch_size=4)
   assert len(warnings) == 1 and "--batchnorm=train" in warnings[0] and "noisy" in warnings[0]
 
 
@@ -152,7 +153,7 @@ def test_a_cut_backbone_trains_caches_features_and_exports(cut_run):
                                           ({"feature_layer": "conv_pw_5_relu", "unfreeze_from": "conv_pw_13"},
                                            "--unfreeze_from=conv_pw_13")])
 def test_a_layer_name_the_backbone_lacks_names_the_flag_and_the_listing_command(values, flag):
-  config = train.resolve(_tiny(weights="none", **values))
+  config = runtime.resolve(_tiny(weights="none", **values))
   with pytest.raises(UserInputError, match=f"{flag} is not a layer.*--list_layers"):
     model = model_lib.build_classifier(config.model, 3, 32, 0)
     model_lib.set_phase(model, model_lib.FINETUNE, config.model.unfreeze_from)
@@ -168,7 +169,7 @@ def _listed_marks(listing: str) -> dict[str, list[str]]:
 
 @pytest.mark.parametrize("batchnorm", ["frozen", "train"])
 def test_list_layers_marks_what_trains_in_each_phase(batchnorm, random_mobilenet_025_weights):
-  config = train.resolve(_tiny(weights=random_mobilenet_025_weights, unfreeze_from="conv_dw_13", batchnorm=batchnorm))
+  config = runtime.resolve(_tiny(weights=random_mobilenet_025_weights, unfreeze_from="conv_dw_13", batchnorm=batchnorm))
   listing = model_lib.describe_layers(config)
   marks = _listed_marks(listing)
   base = model_lib.build_backbone(config.model, 32, seed=0)
@@ -184,7 +185,7 @@ def test_list_layers_marks_what_trains_in_each_phase(batchnorm, random_mobilenet
 
 
 def test_list_layers_of_a_run_from_scratch_on_a_cut_backbone():
-  config = train.resolve(_tiny(weights="none", feature_layer="conv_pw_3_relu"))
+  config = runtime.resolve(_tiny(weights="none", feature_layer="conv_pw_3_relu"))
   marks = _listed_marks(model_lib.describe_layers(config))
   assert list(marks)[-1] == "conv_pw_3_relu"
   weighted = [values for values in marks.values() if values]

@@ -15,6 +15,7 @@ from conftest import CLASS_COLORS, write_image
 from export import main as export_main
 from export import saved_model
 from trainer import distribute, train
+from trainer import runtime
 from trainer import model as model_lib
 from trainer.config import Config, RuntimeConfig
 
@@ -51,7 +52,7 @@ def float32_serving_dtypes(tmp_path_factory, random_mobilenet_025_weights):
 ])
 def test_mixed_precision_trains_and_exports_the_same_signature(precision, compute_dtype, loss_scaled, tiny_config,
                                                                color_folder, tmp_path, float32_serving_dtypes):
-  config = train.resolve(tiny_config.replace(data_dir=str(color_folder), mixed_precision=precision,
+  config = runtime.resolve(tiny_config.replace(data_dir=str(color_folder), mixed_precision=precision,
                                              frozen_epochs=1, finetune_epochs=1))
   distribute.set_precision(distribute.resolve_precision(RuntimeConfig(mixed_precision=precision),
                                                         tf.distribute.get_strategy()))

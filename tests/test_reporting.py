@@ -25,6 +25,7 @@ from werkzeug import test as werkzeug_test
 
 from tests.conftest import CLASS_COLORS, REPO, write_color_dataset
 from trainer import reporting, train
+from trainer import runtime
 from trainer.config import Config, section_fields
 
 CLASSES = sorted(CLASS_COLORS)
@@ -463,7 +464,7 @@ def test_validation_confusion_matrix_sums_over_replicas():
       tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
       from trainer import train
       from trainer.config import Config
-      config = train.resolve(Config().replace(backbone="mobilenet", alpha=0.25, weights="none", image_size=32,
+      config = runtime.resolve(Config().replace(backbone="mobilenet", alpha=0.25, weights="none", image_size=32,
                                               head_units=4, augment="none"))
       strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
       trainer = train.Trainer(config, 3, strategy)
@@ -521,7 +522,7 @@ def test_the_legend_of_names_drawn_by_id_says_how_to_fix_it_in_one_line(monkeypa
 def test_the_steady_rate_leaves_out_every_step_that_compiled(random_mobilenet_025_weights):
   """Batches of 4, 4, 4 and a partial 2: the first step and the partial one trace the step (here a trace takes
   0.5 s more); the steady rate is that of the two steps between, far above 8 images in a second."""
-  config = train.resolve(Config().replace(backbone="mobilenet", alpha=0.25, weights="none", image_size=32,
+  config = runtime.resolve(Config().replace(backbone="mobilenet", alpha=0.25, weights="none", image_size=32,
                                           head_units=4, augment="none"))
   trainer = train.Trainer(config, 3, tf.distribute.get_strategy())
   real_step = trainer._eval_step

@@ -6,13 +6,14 @@ import pytest
 import tensorflow as tf
 
 from trainer import model as model_lib
+from trainer import runtime
 from trainer import train
 from trainer.config import Config
 
 
 def _model_at_checkpoint(config: Config, num_classes: int, checkpoint: str | None) -> keras.Model:
   """A fresh classifier (initial weights: the weights file and the seeded head), optionally restored."""
-  config = train.resolve(config)
+  config = runtime.resolve(config)
   model = model_lib.build_classifier(config.model, num_classes, config.data.image_size, config.data.seed)
   if checkpoint:
     tf.train.Checkpoint(model=model).restore(checkpoint).expect_partial()
@@ -55,7 +56,7 @@ def test_finetune_phase_trains_from_the_unfreeze_point_up_and_keeps_batchnorm_st
   config, _, _, (_, after_frozen, after_finetune) = two_phase_run
   base_names = [layer.name for layer in
                 model_lib.backbone_of(_model_at_checkpoint(config, 3, None)).layers]
-  start = base_names.index(train.resolve(config).model.unfreeze_from)
+  start = base_names.index(runtime.resolve(config).model.unfreeze_from)
   changed = {name for name, weights in after_frozen.items()
              if not all(np.array_equal(a, b) for a, b in zip(weights, after_finetune[name]))}
   assert {"conv_dw_13", "conv_pw_13", "head_dense", "logits"} <= changed

@@ -11,13 +11,14 @@ import tensorflow as tf
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
 from tests.test_reporting import _hparams_dashboard, _log, _record
-from trainer import cli, config_checks, train, tuning
+from trainer import cli, config_checks, tuning
+from trainer import runtime
 from trainer.config import Config
 from trainer.errors import UserInputError
 
 
 def _search_config(data_dir, weights, **changes):
-  return train.resolve(Config().replace(
+  return runtime.resolve(Config().replace(
       data_dir=str(data_dir), backbone="mobilenet", alpha=0.25, weights=weights, image_size=32, batch_size=8,
       augment="none", head_units=16, verbosity=-1, tune=True, tuner="random", max_trials=3, tune_epochs=3,
       tune_folds=3, **changes))
@@ -25,7 +26,7 @@ def _search_config(data_dir, weights, **changes):
 
 @pytest.fixture
 def tune_config(tiny_config, color_folder):
-  return train.resolve(tiny_config.replace(data_dir=str(color_folder), tune=True, tuner="random", max_trials=2,
+  return runtime.resolve(tiny_config.replace(data_dir=str(color_folder), tune=True, tuner="random", max_trials=2,
                                            tune_epochs=2, tune_folds=2))
 
 

@@ -3,7 +3,8 @@
 from typing import Collection
 
 from trainer import model as model_lib
-from trainer import config_checks, distribute, progress, train, tuning
+from trainer import config_checks, progress, train, tuning
+from trainer import runtime as runtime_lib
 from trainer import workdir as workdir_lib
 from trainer.config import Config
 from trainer.errors import UserInputError, exit_on_user_error
@@ -21,20 +22,21 @@ def run(config: Config, workdir: str | None, list_layers: bool, given: Collectio
     if not workdir:
       raise UserInputError("Pass --workdir=FOLDER: where the run keeps its checkpoints, logs, export and report.")
     with workdir_lib.lock(workdir):
-      strategy = inputs = None
+      # Built once, before any other TensorFlow work (a multi-worker strategy must exist first): the resolved
+      # config, strategy, precision, batch plan, this worker's share, the chief, where it writes.
+      runtime = runtime_lib.build(config, workdir)
+      inputs = None
       if config.tune.tune:
-        # Created before the search: a multi-worker strategy must exist before any other TensorFlow work. The
-        # search and the training share one load of the data (and, through the run's cache, one extraction).
-        strategy = distribute.create_strategy(config.runtime)
-        config = train.resolve(config)
-        # A multi-worker chief searches on the whole training split, not on its share.
-        if distribute.input_shard(strategy)[1] == 1:
-          inputs = train.load_inputs(config, workdir, strategy)
-        config = config.replace(**tuning.search(config, workdir, tuning.strategy_for_search(config, strategy),
-                                                inputs=inputs))
+        # The search and the training share one load of the data (and, through the run's cache, one extraction);
+        # a multi-worker chief searches on the whole training split, not on its share.
+        if runtime.shard.count == 1:
+          inputs = train.load_inputs(runtime, workdir)
+        best = tuning.search(runtime.config, workdir, tuning.strategy_for_search(runtime.config, runtime.strategy),
+                             inputs=inputs)
+        runtime = runtime.with_config(runtime.config.replace(**best))
         if config.tune.tune_only:
           return
-      metrics = train.train_and_evaluate(config, workdir, strategy, inputs)
+      metrics = train.train_and_evaluate(runtime, workdir, inputs)
     # Printed, not logged: the one line --verbosity=-1 keeps besides warnings and errors.
     print(done_line(metrics), flush=True)
 
@@ -49,4 +51,4 @@ def done_line(metrics: dict) -> str:
 
 
 def _list_layers(config: Config) -> None:
-  print(model_lib.describe_layers(train.resolve(config)))
+  print(model_lib.describe_layers(runtime_lib.resolve(config)))

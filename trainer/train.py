@@ -21,23 +21,14 @@ import tensorflow as tf
 from absl import logging
 
 from export import saved_model
-from trainer import augment, backbones, checkpoints, data, distribute, example_log, features, randomness
+from trainer import augment, checkpoints, data, distribute, example_log, features, randomness
 from trainer import report_page, reporting
+from trainer import runtime as runtime_lib
 from trainer import progress as progress_lib
 from trainer import model as model_lib
 from trainer import workdir as workdir_lib
 from trainer.config import Config
 from trainer.errors import UserInputError
-
-
-def resolve(config: Config) -> Config:
-  """Fills the settings whose default depends on the backbone or its weights. A backbone cut at --feature_layer
-  has lost its last block, so by default its fine-tune phase trains every layer it keeps."""
-  spec = backbones.get(config.model.backbone)
-  unfreeze_from = model_lib.UNFREEZE_ALL if config.model.feature_layer else spec.default_unfreeze_from
-  return config.replace(image_size=config.data.image_size or spec.default_image_size,
-                        unfreeze_from=config.model.unfreeze_from or unfreeze_from,
-                        batchnorm=model_lib.batchnorm_mode(config.model))
 
 
 def phase_of_epoch(epoch: int, config: Config) -> str:
@@ -224,40 +215,39 @@ def _sums(per_example_loss, probabilities, labels, weights):
 @dataclasses.dataclass
 class Run:
   """Everything `setup` builds for the loop and the finish of one run in one process."""
-  config: Config
+  runtime: runtime_lib.Runtime
   workdir: str
-  strategy: tf.distribute.Strategy
-  plan: distribute.BatchPlan
-  shard: data.Shard
   inputs: data.InputData
   run_dir: workdir_lib.RunDir
-  chief: bool
   trainer: Trainer
   manager: tf.train.CheckpointManager
   own_manager: tf.train.CheckpointManager
   history: list
   tensorboard: reporting.TensorBoardLog
-  policy: str
+
+  # The runtime's parts, by the names the loop uses.
+  config = property(lambda self: self.runtime.config)
+  strategy = property(lambda self: self.runtime.strategy)
+  plan = property(lambda self: self.runtime.plan)
+  shard = property(lambda self: self.runtime.shard)
+  chief = property(lambda self: self.runtime.chief)
+  policy = property(lambda self: self.runtime.policy)
+  examples_per_step = property(lambda self: self.runtime.examples_per_step)
 
   @property
   def total_epochs(self) -> int:
     return sum(epochs for _, epochs in model_lib.phases(self.config))
 
-  @property
-  def examples_per_step(self) -> int:
-    return _examples_per_step(self.plan, self.shard)
 
-
-def train_and_evaluate(config: Config, workdir: str, strategy: tf.distribute.Strategy | None = None,
-                       inputs: data.InputData | None = None) -> dict:
+def train_and_evaluate(config: Config | runtime_lib.Runtime, workdir: str, inputs: data.InputData | None = None
+                       ) -> dict:
   """Trains every phase (resuming from the workdir's last checkpoint), exports, and returns the metrics.
 
-  strategy: the run's, when the caller had to create it first (a multi-worker strategy must exist before any
-  other TensorFlow work, such as a tuning search); else created here from the config. inputs: this worker's data
-  as `load_inputs` gave it to the caller (a --tune search), so that the files are decoded once."""
+  config: the runtime the command built (trainer.runtime.build), or a config to build it from here. inputs: this
+  worker's data as `load_inputs` gave it to the caller (a --tune search), so that the files are decoded once."""
   # A lost peer ends a multi-worker run in one line and a code schedulers retry (distribute.exit_on_peer_loss).
   with distribute.exit_on_peer_loss():
-    run = setup(config, workdir, strategy, inputs)
+    run = setup(config, workdir, inputs)
     finished = _finished_export(run)
     if finished:
       return finished
@@ -265,34 +255,23 @@ def train_and_evaluate(config: Config, workdir: str, strategy: tf.distribute.Str
     return finalize(run, val_metrics)
 
 
-def _plan_and_shard(config: Config, strategy: tf.distribute.Strategy) -> tuple[distribute.BatchPlan, data.Shard]:
-  """The run's batch plan and this worker's share, from the strategy."""
-  plan = distribute.plan_batches(config.data.batch_size, strategy.num_replicas_in_sync,
-                                 config.train.lr_base_batch_size)
-  return plan, data.Shard(*distribute.input_shard(strategy))
-
-
-def _examples_per_step(plan: distribute.BatchPlan, shard: data.Shard) -> int:
-  """Elements one step takes from this worker's share: a per-replica batch for each of its replicas."""
-  return plan.per_replica_batch_size * (plan.num_replicas // shard.count)
-
-
-def load_inputs(config: Config, workdir: str, strategy: tf.distribute.Strategy) -> data.InputData:
+def load_inputs(runtime: runtime_lib.Runtime, workdir: str) -> data.InputData:
   """This worker's share of the data, padded so that every step of every worker is whole: no replica waits for,
   or lacks, a batch."""
-  config = resolve(config)
-  plan, shard = _plan_and_shard(config, strategy)
-  pad_multiple = _examples_per_step(plan, shard) if plan.num_replicas > 1 else 1
   # A resumed run keeps the epoch order it started with, wherever its decoded images live now.
   run_dir = workdir_lib.RunDir(workdir)
   order = run_dir.load_run_facts().get("epoch_order", "") if run_dir.has_checkpoints() else ""
-  return data.load(config.data, config.data.image_size, os.path.join(workdir, "cache"), shard, pad_multiple, order)
+  data_config = runtime.config.data
+  return data.load(data_config, data_config.image_size, os.path.join(workdir, "cache"), runtime.shard,
+                   runtime.pad_multiple, order)
 
 
-def setup(config: Config, workdir: str, strategy: tf.distribute.Strategy | None = None,
-          inputs: data.InputData | None = None) -> Run:
-  """Strategy and precision, this worker's data, the model, and the run's checkpoint restored."""
-  config = resolve(config)
+def setup(runtime: runtime_lib.Runtime | Config, workdir: str, inputs: data.InputData | None = None) -> Run:
+  """This worker's data, the model, and the run's checkpoint restored. runtime: the one the command built, or a
+  config to build it from here (trainer.runtime.build: the strategy, precision, batch plan, share, chief)."""
+  if not isinstance(runtime, runtime_lib.Runtime):
+    runtime = runtime_lib.build(runtime, workdir)
+  config, strategy, plan, shard, chief = runtime.config, runtime.strategy, runtime.plan, runtime.shard, runtime.chief
   run_dir = workdir_lib.RunDir(workdir)
   # Before any file is read or anything is built: checkpoints of another model would fail to restore.
   run_dir.check_config(config)
@@ -301,15 +280,10 @@ def setup(config: Config, workdir: str, strategy: tf.distribute.Strategy | None 
   keras.utils.set_random_seed(config.data.seed)
   if config.data.deterministic:
     tf.config.experimental.enable_op_determinism()
-  strategy = strategy or distribute.create_strategy(config.runtime)
-  policy = distribute.resolve_precision(config.runtime, strategy)
-  distribute.set_precision(policy)
-  plan, shard = _plan_and_shard(config, strategy)
-  inputs = inputs or load_inputs(config, workdir, strategy)
+  inputs = inputs or load_inputs(runtime, workdir)
   class_weights = data.class_weights(config.train.class_weight, inputs.train.all_labels, len(inputs.classes))
-  chief = distribute.is_chief(strategy)
-  run_dir.check_run_facts(inputs.classes, policy)
-  data_changes = run_dir.check_data(workdir_lib.RunDir(distribute.write_dir(workdir, strategy)), inputs.manifest,
+  run_dir.check_run_facts(inputs.classes, runtime.policy)
+  data_changes = run_dir.check_data(workdir_lib.RunDir(runtime.write_dir), inputs.manifest,
                                     inputs.data_identity, config.data.accept_changed_data)
   logging.info("Classes %s; %d training and %d validation images%s.", list(inputs.classes),
                len(inputs.train.all_labels), len(inputs.val.all_labels),
@@ -317,11 +291,11 @@ def setup(config: Config, workdir: str, strategy: tf.distribute.Strategy | None 
   model_lib.announce_plan(config, plan.per_replica_batch_size)
 
   trainer = Trainer(config, len(inputs.classes), strategy, plan.lr_scale, class_weights,
-                    _steps_of(inputs.train, _examples_per_step(plan, shard)))
+                    _steps_of(inputs.train, runtime.examples_per_step))
   manager = checkpoints.restore_latest(trainer.checkpoint, run_dir.checkpoints, max_to_keep=2, repair=chief)
   own_manager = manager
   if not chief:  # Two workers writing one checkpoint file collide: a non-chief saves to its own folder.
-    own_checkpoints = workdir_lib.RunDir(distribute.write_dir(workdir, strategy)).checkpoints
+    own_checkpoints = workdir_lib.RunDir(runtime.write_dir).checkpoints
     own_manager = tf.train.CheckpointManager(trainer.checkpoint, own_checkpoints, max_to_keep=1)
   if manager.latest_checkpoint:
     logging.info("Resumed from %s: %d epoch(s) done%s.", manager.latest_checkpoint, int(trainer.epoch),
@@ -332,7 +306,7 @@ def setup(config: Config, workdir: str, strategy: tf.distribute.Strategy | None 
     run_dir.save_config(config, {
         "classes": list(inputs.classes), "train_examples": len(inputs.train.all_labels),
         "val_examples": len(inputs.val.all_labels), "class_weights": class_weights,
-        "skipped_files": len(inputs.skipped), "strategy": type(strategy).__name__, "dtype_policy": policy,
+        "skipped_files": len(inputs.skipped), "strategy": type(strategy).__name__, "dtype_policy": runtime.policy,
         "workers": shard.count, "cache": {"train": dataclasses.asdict(inputs.train.cache),
                                           "val": dataclasses.asdict(inputs.val.cache)},
         **dataclasses.asdict(plan), "frozen_lr": config.train.frozen_lr * plan.lr_scale,
@@ -345,8 +319,7 @@ def setup(config: Config, workdir: str, strategy: tf.distribute.Strategy | None 
                         examples=len(inputs.train), of=len(inputs.train.all_labels))
   tensorboard = reporting.TensorBoardLog(run_dir.tensorboard if chief else None, inputs.classes,
                                          next_epoch=int(trainer.epoch) + 1)
-  return Run(config, workdir, strategy, plan, shard, inputs, run_dir, chief, trainer, manager, own_manager, history,
-             tensorboard, policy)
+  return Run(runtime, workdir, inputs, run_dir, trainer, manager, own_manager, history, tensorboard)
 
 
 def _finished_export(run: Run) -> dict | None:
