@@ -31,6 +31,9 @@ def validate(config: Config, given: Collection[str] = ()) -> None:
   if model.weights == "none" and train.cache_features and "cache_features" in given:
     raise UserInputError("--cache_features with --weights=none: a run from scratch has no frozen phase whose "
                          "features could be cached; drop --cache_features.")
+  if train.drop_suspects and (model.weights == "none" or not train.cache_features or not train.frozen_epochs):
+    raise UserInputError("--drop_suspects finds the suspects on the frozen phase's cached features: it needs "
+                         "pretrained --weights, --cache_features and --frozen_epochs >= 1.")
   _at_least("frozen_epochs", train.frozen_epochs, 0)
   _at_least("finetune_epochs", train.finetune_epochs, 0)
   if train.frozen_epochs + train.finetune_epochs == 0:

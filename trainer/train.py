@@ -21,7 +21,7 @@ import tensorflow as tf
 from absl import logging
 
 from export import saved_model
-from trainer import augment, checkpoints, data, distribute, example_log, features, randomness
+from trainer import augment, checkpoints, data, distribute, example_log, features, label_audit, randomness
 from trainer import report_page, reporting
 from trainer import runtime as runtime_lib
 from trainer import progress as progress_lib
@@ -382,6 +382,11 @@ def _train_epochs(run: Run, stops: distribute.CtrlCAsSigterm) -> dict | None:
   if int(trainer.epoch) == 0 and int(trainer.epoch_step) == 0:
     run.tensorboard.log_training_images(*_first_augmented_batch(config, run.inputs.train.images))
   val_metrics = feature_cache = None
+  if config.train.drop_suspects:
+    feature_cache = _feature_cache(run)  # The suspects are known before any epoch trains without them.
+  else:
+    _say_if_not_audited(config)
+  dropped = feature_cache.dropped if feature_cache else frozenset()
   for epoch in range(int(trainer.epoch), run.total_epochs):
     phase = phase_of_epoch(epoch, config)
     if phase != trainer.phase:
@@ -398,7 +403,8 @@ def _train_epochs(run: Run, stops: distribute.CtrlCAsSigterm) -> dict | None:
       trainer.train_on_features(feature_cache.head if on_features else None)
     done_steps = int(trainer.epoch_step)
     learning_rate = trainer.epoch_start_rate(phase)
-    train_metrics = trainer.run_epoch(_train_batches(run, epoch, feature_cache if on_features else None, done_steps),
+    train_metrics = trainer.run_epoch(_train_batches(run, epoch, feature_cache if on_features else None, done_steps,
+                                                     dropped),
                                       training=True, steps=_steps(run, run.inputs.train) - done_steps,
                                       progress=progress, preemption=preemption)
     val_metrics = trainer.run_epoch(_val_batches(run, feature_cache if on_features else None), training=False,
@@ -450,17 +456,32 @@ def _distributed(run: Run, dataset_of_share) -> tf.distribute.DistributedDataset
   return run.strategy.distribute_datasets_from_function(dataset_fn)
 
 
-def _train_batches(run: Run, epoch: int, feature_cache, done_steps: int):
+def _train_batches(run: Run, epoch: int, feature_cache, done_steps: int, dropped: frozenset[int] = frozenset()):
   """Epoch `epoch`'s batches, shuffled with seed + epoch, so a run stopped mid-epoch replays them and skips the
-  steps it had done."""
+  steps it had done. `dropped`: ids of training examples that weigh 0 (--drop_suspects)."""
   seed = run.config.data.seed + epoch
   if feature_cache is None:
     def share():
-      return run.inputs.train.epoch(seed).skip(done_steps * run.examples_per_step)
+      return _without(run.inputs.train.epoch(seed), dropped, len(run.inputs.train.all_labels)).skip(
+          done_steps * run.examples_per_step)
   else:
     def share():
       return feature_cache.train_share(epoch, seed).skip(done_steps * run.examples_per_step)
   return _distributed(run, share)
+
+
+def _without(examples: tf.data.Dataset, dropped: frozenset[int], count: int) -> tf.data.Dataset:
+  """(image, label, weight, id) elements, those of the `dropped` ids (of `count` in the split) with weight 0: they
+  keep their place, so every worker still runs the same steps, and count in no loss or metric."""
+  if not dropped:
+    return examples
+  is_dropped = tf.constant(np.isin(np.arange(count), sorted(dropped)))
+
+  @tf.autograph.experimental.do_not_convert  # Plain TensorFlow ops: nothing for AutoGraph to rewrite.
+  def weigh(image, label, weight, index):
+    # A stand-in's id is -1 - id and its weight already 0.
+    return image, label, tf.where(tf.gather(is_dropped, tf.maximum(index, 0)), 0.0, weight), index
+  return examples.map(weigh)
 
 
 def _val_batches(run: Run, feature_cache):
@@ -471,9 +492,10 @@ def _val_batches(run: Run, feature_cache):
 class _SharedFeatures:
   """The frozen phase's cached features of this worker's share, padded and weighted like its images."""
 
-  def __init__(self, cache, train: data.Examples, val: data.Examples):
-    self.head = cache.head
-    self._train = _padded_arrays(cache.train_features, cache.train_labels, cache.train_ids, train)
+  def __init__(self, cache, train: data.Examples, val: data.Examples, dropped: frozenset[int] = frozenset()):
+    """dropped: ids of training examples that weigh 0 (--drop_suspects)."""
+    self.head, self.dropped = cache.head, dropped
+    self._train = _padded_arrays(cache.train_features, cache.train_labels, cache.train_ids, train, dropped)
     self._val = _padded_arrays(cache.val_features[np.newaxis], cache.val_labels, cache.val_ids, val)
 
   def train_share(self, epoch: int, seed: int) -> tf.data.Dataset:
@@ -486,15 +508,17 @@ class _SharedFeatures:
     return tf.data.Dataset.from_tensor_slices((views[0], labels, weights, ids))
 
 
-def _padded_arrays(views: np.ndarray, labels: np.ndarray, ids: np.ndarray, examples: data.Examples):
+def _padded_arrays(views: np.ndarray, labels: np.ndarray, ids: np.ndarray, examples: data.Examples,
+                   dropped: frozenset[int] = frozenset()):
   """[views, N, D] features of the share's real examples (ids [N]: which ones; without a cache, a file found
-  undecodable is not among them) -> padded to the share's length with weight 0."""
+  undecodable is not among them) -> padded to the share's length with weight 0; the `dropped` ids weigh 0 too."""
   count, length = len(labels), examples.padded_length
   if ids is None and count != len(examples):
     raise RuntimeError(f"{count} cached features without ids for {len(examples)} examples: which is which is unknown.")
   order = np.concatenate([np.arange(count), np.resize(np.arange(count), max(length - count, 0))]).astype(int)
   weights = np.concatenate([np.ones(count, np.float32), np.zeros(max(length - count, 0), np.float32)])
   ids = np.asarray(examples.ids if ids is None else ids, np.int64)
+  weights[:count][np.isin(ids, sorted(dropped))] = 0.0
   return views[:, order], np.asarray(labels, np.int32)[order], weights, ids[order]
 
 
@@ -502,17 +526,48 @@ def _feature_cache(run: Run) -> _SharedFeatures:
   """The frozen backbone's features of this worker's share, read from the run's cache when a run (or its --tune
   search) already extracted them."""
   config = run.config
+  key = features.cache_key(config, run.inputs.identity, run.policy)
   cache = features.load_or_extract(run.trainer.model, run.inputs.train.images_with_ids, run.inputs.val.images_with_ids,
                                    config.data.batch_size, augment.build(config.train, config.data.seed),
                                    config.train.feature_views,
                                    features.folder(config.data.cache_dir,
                                                    os.path.join(distribute.write_dir(run.workdir, run.strategy),
                                                                 "cache")),
-                                   features.cache_key(config, run.inputs.identity, run.policy))
+                                   key)
   for examples, ids in ((run.inputs.train, cache.train_ids), (run.inputs.val, cache.val_ids)):
     # Features read from a file: the examples that did not decode when they were extracted are named here too.
     examples.note_undecodable(sorted(set(examples.ids) - set(ids.tolist())))
-  return _SharedFeatures(cache, run.inputs.train, run.inputs.val)
+  return _SharedFeatures(cache, run.inputs.train, run.inputs.val, _audit(run, cache, key))
+
+
+def _audit(run: Run, cache: features.FeatureCache, key: str) -> frozenset[int]:
+  """The label audit of this worker's share (trainer.label_audit; the chief writes report/suspect_labels.csv and
+  near_duplicates.csv), once per features; returns the ids --drop_suspects leaves out (none without it)."""
+  config = run.config
+  names = {split: dict(zip(examples.ids, examples.paths)) if examples.paths is not None else {}
+           for split, examples in (("train", run.inputs.train), ("val", run.inputs.val))}
+  suspects = label_audit.audit_run(cache, run.inputs.train.images_with_ids, run.inputs.val.images_with_ids, names,
+                                   run.inputs.classes, config.data.seed, key,
+                                   os.path.join(distribute.write_dir(run.workdir, run.strategy), "report"),
+                                   run.chief, run.run_dir.tensorboard, config.data.image_size)
+  if not config.train.drop_suspects:
+    return frozenset()
+  logging.warning("--drop_suspects: %d of %d training images with a suspect label weigh nothing in this run "
+                  "(listed in report/suspect_labels.csv).", len(suspects), len(cache.train_labels))
+  return suspects
+
+
+def _say_if_not_audited(config: Config) -> None:
+  """The label audit runs on the frozen phase's cached features: a run without them says why it has none."""
+  if config.model.weights == "none":
+    reason = "--weights=none trains from scratch: there are no frozen features"
+  elif not config.train.cache_features:
+    reason = "--cache_features=false computes no frozen features"
+  elif not config.train.frozen_epochs:
+    reason = "--frozen_epochs=0: there is no frozen phase"
+  else:
+    return
+  logging.info("Label audit (suspect labels, near-duplicates) skipped: %s.", reason)
 
 
 def finalize(run: Run, val_metrics: dict | None) -> dict:
