@@ -182,6 +182,13 @@ def test_a_run_writes_the_audit_and_drop_suspects_trains_without_them(tmp_path, 
   assert len(dropped) == 2
   assert len(label_audit.suspect_rows(str(report))) == 2
   assert (report / "near_duplicates.csv").is_file()
+  # The report page shows them: the grid, the table of the worst, the CSVs.
+  from trainer import report_page
+  page = (tmp_path / "run" / "report" / "index.html")
+  report_page.write_page(str(tmp_path / "run"))
+  text = page.read_text(encoding="utf-8")
+  assert "<h2>Suspect labels</h2>" in text and (report / label_audit.SUSPECTS_PNG).is_file()
+  assert f'src="{label_audit.SUSPECTS_PNG}"' in text and text.count("<td>") >= 2 * 4
   epochs = [json.loads(line) for line in (tmp_path / "examples" / "worker_0.jsonl").read_text().splitlines()
             if "epoch" in json.loads(line)]
   assert [record["epoch"] for record in epochs] == [1, 2]  # The frozen phase on features, then fine-tuning.

@@ -59,8 +59,10 @@ GRID_SUSPECTS = 16
 _GRID_COLUMNS = 4
 
 SUSPECTS_CSV = "suspect_labels.csv"
+# The grid of the worst suspects in report/ (the report page shows it), as in TensorBoard.
+SUSPECTS_PNG = "suspect_labels.png"
 DUPLICATES_CSV = "near_duplicates.csv"
-_STATE_FILE = "label_audit.json"
+STATE_FILE = "label_audit.json"
 SUSPECT_COLUMNS = ("path", "given_label", "suggested_label", "score")
 DUPLICATE_COLUMNS = ("path_a", "split_a", "path_b", "split_b", "similarity")
 
@@ -296,7 +298,7 @@ def audit_run(cache, train_images: tf.data.Dataset, val_images: tf.data.Dataset,
   of the same identity and reads the ids back instead of auditing again. write: whether this process writes the
   report files and the TensorBoard grid (the chief); another worker audits its own share and keeps only the ids,
   in its own report_dir."""
-  state_path = os.path.join(report_dir, _STATE_FILE)
+  state_path = os.path.join(report_dir, STATE_FILE)
   if os.path.isfile(state_path):
     state = workdir_lib.read_json(state_path)
     if state.get("identity") == identity:
@@ -317,8 +319,11 @@ def audit_run(cache, train_images: tf.data.Dataset, val_images: tf.data.Dataset,
   if write:
     write_suspects_csv(os.path.join(report_dir, SUSPECTS_CSV), suspects)
     write_duplicates_csv(os.path.join(report_dir, DUPLICATES_CSV), pairs)
-    if tensorboard_dir and suspects:
-      log_suspect_grid(tensorboard_dir, suspects[:GRID_SUSPECTS], image_size)
+    if suspects:
+      figure = suspects_figure(suspects[:GRID_SUSPECTS], image_size)
+      figure.savefig(os.path.join(report_dir, SUSPECTS_PNG), format="png")
+      if tensorboard_dir:
+        log_suspect_grid(tensorboard_dir, figure)
     across = sum(1 for pair in pairs if pair[1] != pair[3])
     # A warning only when there is something to look at.
     logging.log(logging.WARNING if suspects or pairs else logging.INFO,
@@ -384,10 +389,11 @@ def suspects_figure(suspects: Sequence[Suspect], image_size: int) -> Figure:
   return figure
 
 
-def log_suspect_grid(tensorboard_dir: str, suspects: Sequence[Suspect], image_size: int) -> None:
-  """The worst suspects as an image in TensorBoard (tensorboard/, tag suspect_labels, step 0)."""
+def log_suspect_grid(tensorboard_dir: str, figure: Figure) -> None:
+  """The worst suspects' grid (`suspects_figure`) as an image in TensorBoard (tensorboard/, tag suspect_labels,
+  step 0)."""
   buffer = io.BytesIO()
-  suspects_figure(suspects, image_size).savefig(buffer, format="png")
+  figure.savefig(buffer, format="png")
   writer = tf.summary.create_file_writer(tensorboard_dir)
   with writer.as_default(step=0):
     tf.summary.image("suspect_labels", tf.io.decode_png(buffer.getvalue(), channels=4)[tf.newaxis],

@@ -30,7 +30,7 @@ import tensorflow as tf
 from absl import logging
 from PIL import Image
 
-from trainer import data, reporting
+from trainer import data, label_audit, reporting
 
 # Images in the top-losses grid: four rows of reporting.TOP_LOSS_COLUMNS.
 TOP_LOSSES = 24
@@ -41,6 +41,8 @@ PAGE_FILE = "index.html"
 TOP_LOSSES_FILE = "top_losses.json"
 TOP_LOSSES_PNG = "top_losses.png"
 THUMBNAIL_DIR = "top_losses"
+# Rows of the suspect-label table on the page (the CSV holds them all).
+_SUSPECT_ROWS = 12
 
 # -log of a probability is capped as Keras' crossentropy caps it (its epsilon), so a probability of 0 ranks finite.
 _EPSILON = 1e-7
@@ -200,6 +202,7 @@ def write_page(workdir: str) -> str:
               _figures(report_dir),
               _per_class(confusion),
               _top_losses(top_losses),
+              _suspects(report_dir),
               _tuning(tuning, config),
               _settings(config),
               _files(workdir, report_dir, metrics)]
@@ -282,6 +285,26 @@ def _top_losses(top_losses: dict) -> str:
   tiles = "\n".join(_tile(entry, classes) for entry in top)
   grid = f"<div class=grid>\n{tiles}\n</div>" if top else ""
   return f"<section><h2>Top losses</h2>\n<p>{_text(summary)}</p>\n{grid}</section>"
+
+
+def _suspects(report_dir: str) -> str:
+  """The label audit (trainer.label_audit): the worst suspect labels, their grid, and the near-duplicates' count."""
+  audit = _json_or_empty(os.path.join(report_dir, label_audit.STATE_FILE))
+  if not audit:
+    return ""
+  rows = label_audit.suspect_rows(report_dir, limit=_SUSPECT_ROWS)
+  summary = (f"{audit.get('suspects', 0)} training image(s) have a label that the out-of-fold predictions doubt "
+             f"(confident learning); nothing was relabelled. {audit.get('near_duplicates', 0)} near-duplicate "
+             "pair(s) of images.")
+  grid = (f'<p><img class=wide src="{_href(label_audit.SUSPECTS_PNG)}" alt="the most suspect labels"></p>'
+          if os.path.isfile(os.path.join(report_dir, label_audit.SUSPECTS_PNG)) else "")
+  table = "".join(f"<tr><td>{_text(row.path)}</td><td>{_text(row.given_label)}</td>"
+                  f"<td>{_text(row.suggested_label)}</td><td>{row.score:.3f}</td></tr>" for row in rows)
+  table = (f"<table><tr><th>file</th><th>given</th><th>suggested</th><th>p(given)</th></tr>{table}</table>"
+           if rows else "")
+  links = (f'<p>All of them: <a href="{_href(label_audit.SUSPECTS_CSV)}">{label_audit.SUSPECTS_CSV}</a>, '
+           f'<a href="{_href(label_audit.DUPLICATES_CSV)}">{label_audit.DUPLICATES_CSV}</a>.</p>')
+  return f"<section><h2>Suspect labels</h2>\n<p>{_text(summary)}</p>\n{grid}\n{table}\n{links}</section>"
 
 
 def _tile(entry: dict, classes: Sequence[str]) -> str:
@@ -431,6 +454,7 @@ td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
 .tile .true {{ color: #1d1d1f; font-weight: 600; }}
 .tile.wrong .predicted {{ color: #b00020; }}
 .tile .source {{ font-size: 0.8em; color: #777; }}
+img.wide {{ max-width: 100%; height: auto; border: 1px solid #eee; }}
 code {{ background: #f4f4f4; padding: 2px 5px; border-radius: 3px; overflow-wrap: anywhere; }}
 </style>
 </head>
