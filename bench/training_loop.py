@@ -50,6 +50,8 @@ def main(argv: list[str]) -> dict:
   import numpy as np
 
   from trainer import distribute, runtime, train
+
+  from trainer import steps
   from trainer.config import Config, RuntimeConfig
 
   config = runtime.resolve(Config().replace(backbone=FLAGS.backbone, alpha=FLAGS.alpha, weights=FLAGS.weights,
@@ -69,13 +71,13 @@ def main(argv: list[str]) -> dict:
   # The loop's elements also carry a weight (0 for padding: none here) and an id, as trainer.data gives them.
   loop_batches = batched((images, labels, np.ones(count, np.float32), np.arange(count, dtype=np.int64)))
 
-  trainer = train.Trainer(config, 3, strategy)
+  trainer = steps.Trainer(config, 3, strategy)
   trainer.set_phase(FLAGS.phase)
   figures = {"strategy": FLAGS.strategy, "replicas": strategy.num_replicas_in_sync, "phase": FLAGS.phase,
              "image_size": FLAGS.image_size, "batch_size": FLAGS.batch_size,
              "loop_seconds_per_step": _timed(lambda: trainer.run_epoch(loop_batches, True, FLAGS.steps, False))}
   if FLAGS.fit and FLAGS.strategy == "default":
-    model = train.Trainer(config, 3, strategy).model
+    model = steps.Trainer(config, 3, strategy).model
     train.model_lib.set_phase(model, FLAGS.phase, config.model.unfreeze_from)
     model.compile(keras.optimizers.Adam(config.train.finetune_lr), "sparse_categorical_crossentropy",
                   jit_compile=False)

@@ -15,6 +15,7 @@ from conftest import CLASS_COLORS, write_image
 from export import main as export_main
 from export import saved_model
 from trainer import distribute, train
+from trainer import steps
 from trainer import runtime
 from trainer import model as model_lib
 from trainer.config import Config, RuntimeConfig
@@ -56,7 +57,7 @@ def test_mixed_precision_trains_and_exports_the_same_signature(precision, comput
                                              frozen_epochs=1, finetune_epochs=1))
   distribute.set_precision(distribute.resolve_precision(RuntimeConfig(mixed_precision=precision),
                                                         tf.distribute.get_strategy()))
-  trainer = train.Trainer(config, 3, tf.distribute.get_strategy())
+  trainer = steps.Trainer(config, 3, tf.distribute.get_strategy())
   model = trainer.model
   for name in ("head_dense", "logits"):
     layer = model.get_layer(name)

@@ -173,7 +173,7 @@ def workdir(tmp_path_factory) -> pathlib.Path:
   run_dir.save_history(history)
   export = root / "export" / "classifier" / "1"
   export.mkdir(parents=True)
-  run_dir.save_metrics({**train.summarize(history, CLASSES, str(export), ["frozen", "finetune"]),
+  run_dir.save_metrics({**reporting.summarize(history, CLASSES, str(export), ["frozen", "finetune"]),
                         "skipped_files": [{"path": "/data/broken.jpg", "reason": "truncated"}]})
   (root / "config.json").write_text(json.dumps({
       "data": {"batch_size": 8, "seed": 42, "image_size": 32}, "model": {"backbone": "mobilenet", "alpha": 0.25,

@@ -24,8 +24,7 @@ from tensorboard.plugins.hparams import metadata as hparams_metadata
 from werkzeug import test as werkzeug_test
 
 from tests.conftest import CLASS_COLORS, REPO, write_color_dataset
-from trainer import reporting, train
-from trainer import runtime
+from trainer import reporting, runtime, steps, train
 from trainer.config import Config, section_fields
 
 CLASSES = sorted(CLASS_COLORS)
@@ -295,7 +294,7 @@ def test_steady_images_per_sec_and_compile_time_are_logged_per_phase_when_record
   # Two steady epochs of 100 images each: all 200 over their time at their rates.
   assert reporting.steady_images_per_sec([_record(1, steady_images_per_sec=90.0), _record(
       2, steady_images_per_sec=20.0)]) == pytest.approx(200 / (100 / 90 + 100 / 20))
-  phases = train.summarize(history, ["a", "b"], None, ["frozen", "finetune"])["phases"]
+  phases = reporting.summarize(history, ["a", "b"], None, ["frozen", "finetune"])["phases"]
   assert phases["frozen"]["steady_images_per_sec"] == pytest.approx(90.0)
   assert phases["finetune"]["steady_images_per_sec"] == pytest.approx(0.2)
   assert phases["frozen"]["compile_seconds"] == pytest.approx(9.0)
@@ -462,12 +461,12 @@ def test_validation_confusion_matrix_sums_over_replicas():
       import numpy as np, tensorflow as tf
       cpu = tf.config.list_physical_devices("CPU")[0]
       tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-      from trainer import train
+      from trainer import runtime, steps
       from trainer.config import Config
       config = runtime.resolve(Config().replace(backbone="mobilenet", alpha=0.25, weights="none", image_size=32,
                                               head_units=4, augment="none"))
       strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-      trainer = train.Trainer(config, 3, strategy)
+      trainer = steps.Trainer(config, 3, strategy)
       rng = np.random.default_rng(0)
       images = rng.uniform(0, 255, (14, 32, 32, 3)).astype(np.float32)
       labels = rng.integers(0, 3, 14).astype(np.int32)
@@ -524,7 +523,7 @@ def test_the_steady_rate_leaves_out_every_step_that_compiled(random_mobilenet_02
   0.5 s more); the steady rate is that of the two steps between, far above 8 images in a second."""
   config = runtime.resolve(Config().replace(backbone="mobilenet", alpha=0.25, weights="none", image_size=32,
                                           head_units=4, augment="none"))
-  trainer = train.Trainer(config, 3, tf.distribute.get_strategy())
+  trainer = steps.Trainer(config, 3, tf.distribute.get_strategy())
   real_step = trainer._eval_step
 
   @tf.function

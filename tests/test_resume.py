@@ -10,7 +10,7 @@ import pytest
 
 import trainer_process
 from conftest import CLASS_COLORS, tiny_run, write_image
-from trainer import exit_codes
+from trainer import exit_codes, progress
 from trainer.config import Config
 from trainer.errors import UserInputError
 from trainer.workdir import RunDir
@@ -120,7 +120,7 @@ def test_ctrl_c_saves_mid_epoch_and_exits_130_in_one_line(color_folder, random_m
     def update(self, step, values):
       if step == 2:
         signal.raise_signal(signal.SIGINT)
-  monkeypatch.setattr(train.progress_lib, "bar", PressCtrlCAtStep2)
+  monkeypatch.setattr(progress, "bar", PressCtrlCAtStep2)
   with pytest.raises(SystemExit) as exit_:
     train.train_epochs(run)
   run.tensorboard.close()
@@ -151,7 +151,7 @@ def test_sigterm_after_the_last_step_exits_for_a_retry_instead_of_being_swallowe
     def update(self, step, values):
       if step == steps:
         signal.raise_signal(signal.SIGTERM)
-  monkeypatch.setattr(train.progress_lib, "bar", SigtermAtTheLastStep)
+  monkeypatch.setattr(progress, "bar", SigtermAtTheLastStep)
   with pytest.raises(SystemExit) as exit_:
     train.train_epochs(run)
   run.tensorboard.close()

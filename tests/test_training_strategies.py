@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from conftest import tiny_run, write_color_dataset
 from trainer import augment, randomness, train
+from trainer import steps
 from trainer import runtime
 from trainer.config import Config
 
@@ -118,7 +119,7 @@ def test_float16_loss_scale_skips_a_non_finite_step(tmp_path, random_mobilenet_0
   try:
     keras.mixed_precision.set_dtype_policy("mixed_float16")
     config = runtime.resolve(tiny_run(random_mobilenet_025_weights, augment="none", mixed_precision="float16"))
-    trainer = train.Trainer(config, 3, tf.distribute.get_strategy())
+    trainer = steps.Trainer(config, 3, tf.distribute.get_strategy())
     trainer.set_phase("finetune")
     optimizer = trainer.optimizers["finetune"]
     assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer)

@@ -12,8 +12,11 @@ import dataclasses
 import math
 
 import keras
+import numpy as np
+import tensorflow as tf
 
-from trainer.config import TrainConfig
+from trainer import data
+from trainer.config import Config, TrainConfig
 
 FLIPS = ("none", "horizontal", "vertical", "horizontal_and_vertical")
 
@@ -95,3 +98,13 @@ def build_from_factors(chosen: Factors, seed: int) -> keras.Sequential | None:
   if chosen.rand_augment:
     layers.append(keras.layers.RandAugment(value_range=(0, 255), factor=chosen.rand_augment, seed=seed + 7))
   return keras.Sequential(layers, name="augment")
+
+
+def first_batch(config: Config, train_images: tf.data.Dataset, count: int) -> tuple[np.ndarray, np.ndarray]:
+  """The first `count` images of the first epoch through a new augmenter of the run's preset and seed: what the
+  model sees (a TensorBoard grid), without drawing from the random state of the trainer's own augmenter."""
+  images, labels = next(iter(data.batches(train_images, count, shuffle_seed=config.data.seed)))
+  augmenter = build(config.train, config.data.seed)
+  if augmenter is not None:
+    images = augmenter(images, training=True)
+  return np.asarray(images), labels.numpy()

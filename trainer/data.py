@@ -38,6 +38,7 @@ import tensorflow as tf
 from absl import logging
 
 from trainer import config_checks, data_checks, images, sources
+from trainer import workdir as workdir_lib
 from trainer.config import DataConfig
 from trainer.errors import UserInputError
 
@@ -356,21 +357,11 @@ def _remove_dead_writers(prefix: str) -> None:
   """The files of fills of `prefix` that a killed process of this host left (its PID no longer runs)."""
   for path in glob.glob(f"{glob.escape(prefix)}.*@{glob.escape(socket.gethostname())}.*.fill*"):
     pid = path[len(prefix) + 1:].split("@")[0]
-    if pid.isdigit() and not _process_runs(int(pid)):
+    if pid.isdigit() and not workdir_lib.process_runs(int(pid)):
       if os.path.isdir(path):
         shutil.rmtree(path, ignore_errors=True)
       else:
         os.remove(path)
-
-
-def _process_runs(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True  # Another user's process.
-  return True
 
 
 def _cached_examples(listed: _SplitList, padded: tf.data.Dataset, cache: CacheChoice, image_size: int,

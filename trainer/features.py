@@ -41,6 +41,7 @@ import tensorflow as tf
 from absl import logging
 
 from trainer import augment, data
+from trainer import workdir as workdir_lib
 from trainer.config import Config
 
 # The layer of the classifier (trainer.model.build_classifier) whose output the head starts from.
@@ -229,15 +230,41 @@ def _remove_dead_partials(folder: str) -> None:
   host = socket.gethostname()
   for partial in glob.glob(os.path.join(glob.escape(folder), "features_*" + _PARTIAL.format(host=host, pid="*"))):
     pid = partial[:-len(".partial.npz")].rsplit(".", 1)[-1]
-    if pid.isdigit() and not _runs(int(pid)):
+    if pid.isdigit() and not workdir_lib.process_runs(int(pid)):
       os.remove(partial)
 
 
-def _runs(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True  # Another user's process.
-  return True
+# This worker's share of the features, padded like its images (the frozen phase's epochs) --------------------
+
+
+class SharedFeatures:
+  """The frozen phase's cached features of this worker's share, padded and weighted like its images."""
+
+  def __init__(self, cache, train: data.Examples, val: data.Examples, dropped: frozenset[int] = frozenset()):
+    """dropped: ids of training examples that weigh 0 (--drop_suspects)."""
+    self.head, self.dropped = cache.head, dropped
+    self._train = padded_arrays(cache.train_features, cache.train_labels, cache.train_ids, train, dropped)
+    self._val = padded_arrays(cache.val_features[np.newaxis], cache.val_labels, cache.val_ids, val)
+
+  def train_share(self, epoch: int, seed: int) -> tf.data.Dataset:
+    views, labels, weights, ids = self._train
+    dataset = tf.data.Dataset.from_tensor_slices((views[epoch % len(views)], labels, weights, ids))
+    return dataset.shuffle(max(len(labels), 1), seed=seed, reshuffle_each_iteration=False)
+
+  def val_share(self) -> tf.data.Dataset:
+    views, labels, weights, ids = self._val
+    return tf.data.Dataset.from_tensor_slices((views[0], labels, weights, ids))
+
+
+def padded_arrays(views: np.ndarray, labels: np.ndarray, ids: np.ndarray, examples: data.Examples,
+                   dropped: frozenset[int] = frozenset()):
+  """[views, N, D] features of the share's real examples (ids [N]: which ones; without a cache, a file found
+  undecodable is not among them) -> padded to the share's length with weight 0; the `dropped` ids weigh 0 too."""
+  count, length = len(labels), examples.padded_length
+  if ids is None and count != len(examples):
+    raise RuntimeError(f"{count} cached features without ids for {len(examples)} examples: which is which is unknown.")
+  order = np.concatenate([np.arange(count), np.resize(np.arange(count), max(length - count, 0))]).astype(int)
+  weights = np.concatenate([np.ones(count, np.float32), np.zeros(max(length - count, 0), np.float32)])
+  ids = np.asarray(examples.ids if ids is None else ids, np.int64)
+  weights[:count][np.isin(ids, sorted(dropped))] = 0.0
+  return views[:, order], np.asarray(labels, np.int32)[order], weights, ids[order]

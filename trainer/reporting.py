@@ -625,3 +625,23 @@ def _png_tensor(figure: Figure) -> tf.Tensor:
   buffer = io.BytesIO()
   figure.savefig(buffer, format="png")
   return tf.expand_dims(tf.io.decode_png(buffer.getvalue(), channels=4), 0)
+
+
+def summarize(history: list[dict], classes: list[str], export_path: str | None, phase_names: list[str]) -> dict:
+  """metrics.json: the last validation, and per phase its epochs, seconds, images/s over whole epochs, the steady
+  images/s (without the steps that compiled: a phase on cached features and a fine-tune phase differ by orders of
+  magnitude, so each has its own) and the seconds its compiling steps took."""
+  phases = {}
+  for phase in phase_names:
+    records = [r for r in history if r["phase"] == phase]
+    train_seconds = sum(r["train_seconds"] for r in records)
+    examples = sum(r["images_per_sec"] * r["train_seconds"] for r in records)
+    phases[phase] = {"epochs": len(records),
+                     "val_accuracy": records[-1]["val_accuracy"] if records else None,
+                     "seconds": sum(r["seconds"] for r in records),
+                     "images_per_sec": examples / train_seconds if train_seconds else None,
+                     "steady_images_per_sec": steady_images_per_sec(records),
+                     "compile_seconds": sum(r.get("compile_seconds") or 0.0 for r in records)}
+  return {"classes": classes, "val_accuracy": history[-1]["val_accuracy"] if history else None,
+          "val_loss": history[-1]["val_loss"] if history else None,
+          "epochs": len(history), "phases": phases, "export_path": export_path}

@@ -218,6 +218,17 @@ def _lock_name() -> str:
   return LOCK_FILE if chief else f"{LOCK_FILE}-{kind}-{index}"
 
 
+def process_runs(pid: int) -> bool:
+  """Whether process `pid` of this host still runs: the files a killed one left (a partial cache) may be removed."""
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True  # Another user's process.
+  return True
+
+
 def read_json(path: str):
   with open(path, encoding="utf-8") as f:
     return json.load(f)
