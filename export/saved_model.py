@@ -25,8 +25,10 @@ on MobileNet at 96 px). The copy is checked at PARITY_TOLERANCE like any float32
 mixed-precision model is recorded, as information, under "precision" in export_metadata.json.
 """
 
+import contextlib
 import dataclasses
 import datetime
+import errno
 import importlib.metadata
 import json
 import os
@@ -42,7 +44,7 @@ from absl import logging
 from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
 from export import tflite
-from trainer import data, images
+from trainer import checkpoints, data, images
 from trainer import model as model_lib
 from trainer.config import Config
 from trainer.errors import UserInputError
@@ -105,11 +107,19 @@ def export_saved_model(model: keras.Model, classes: Sequence[str], config: Confi
   if os.path.exists(path):
     raise UserInputError(f"{path} exists and TF Serving versions are immutable: choose another --version, or "
                          "leave it out to take the next free one.")
-  image_size = config.data.image_size
   samples = [_read(path) for path in parity_paths[:PARITY_FILES]]
 
   partial = os.path.join(model_dir, f".partial-{version}")
   shutil.rmtree(partial, ignore_errors=True)
+  needed = sum(int(np.prod(weight.shape)) * 4 for weight in model.weights)  # float32 variables, roughly.
+  with _a_full_disk_is_one_line(model_dir, partial, needed):
+    return _write_and_publish(model, classes, config, partial, path, version, samples, source, inputs)
+
+
+def _write_and_publish(model: keras.Model, classes: Sequence[str], config: Config, partial: str, path: str,
+                       version: int, samples: Sequence[bytes], source: str, inputs) -> str:
+  """The export written into `partial`, checked, then renamed to `path` (see `export_saved_model`)."""
+  export, image_size = config.export, config.data.image_size
   with tempfile.TemporaryDirectory() as scratch:
     labels_path = os.path.join(scratch, LABELS_FILE)
     with open(labels_path, "w", encoding="utf-8") as f:
@@ -152,6 +162,26 @@ def export_saved_model(model: keras.Model, classes: Sequence[str], config: Confi
     raise ExportParityError(f"{refused} The unpublished export is left in {partial} for inspection.")
   os.replace(partial, path)
   return path
+
+
+@contextlib.contextmanager
+def _a_full_disk_is_one_line(model_dir: str, partial: str, needed: int):
+  """A full disk anywhere in the export (the SavedModel, the warm-up file, model.tflite, the metadata) ends in one
+  line naming the folder and what the export needs; the partial export is removed, nothing is published, and the
+  training's checkpoints are untouched (python -m export.main exports them again)."""
+  try:
+    yield
+  except (OSError, tf.errors.OpError) as e:
+    full = (e.errno in (errno.ENOSPC, errno.EDQUOT) if isinstance(e, OSError)
+            else any(words in e.message for words in checkpoints.DISK_FULL))
+    if not full:
+      raise
+    shutil.rmtree(partial, ignore_errors=True)
+    free = shutil.disk_usage(model_dir).free
+    raise UserInputError(f"The disk holding {model_dir} is full: the export needs about {needed / 2**20:.0f} MiB and "
+                         f"{free / 2**20:.0f} MiB are free. Nothing was published; free space there and export again "
+                         "(python -m export.main --workdir=WORKDIR): the training is kept in its checkpoints.") \
+        from None
 
 
 def _archive(model: keras.Model, labels_path: str, image_size: int, top_k: int) -> keras.export.ExportArchive:

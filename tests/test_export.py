@@ -140,3 +140,18 @@ def test_a_failed_export_check_keeps_the_training_and_export_main_retries(tiny_c
   path = export_main.export_run(str(workdir))
   assert path == str(workdir / "export" / "classifier" / "1")
   assert json.loads((workdir / "export" / "classifier" / "1" / "export_metadata.json").read_text())["source"]
+
+
+def test_a_full_disk_during_the_export_is_one_line_and_publishes_nothing(trained_workdir, monkeypatch):
+  """A full disk at the warm-up file (one of the export's places: the SavedModel, the warm-up, model.tflite, the
+  metadata) ended in a traceback and left a partial export behind."""
+  import errno
+  model_dir = trained_workdir / "export" / "classifier"
+  before = sorted(os.listdir(model_dir))
+
+  def full_disk(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+  monkeypatch.setattr(saved_model, "write_warmup_requests", full_disk)
+  with pytest.raises(UserInputError, match=f"The disk holding {model_dir} is full: the export needs about"):
+    export_main.export_run(str(trained_workdir))
+  assert sorted(os.listdir(model_dir)) == before  # No new version, no partial one.
