@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 DEMO_DIR ?= runs/demo
 DEMO_WEIGHTS ?= imagenet
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test test-all clean
 
 setup: $(VENV)/.installed
 
@@ -21,7 +21,11 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 demo: setup
 	$(PY) -m trainer.demo --workdir=$(DEMO_DIR) --weights=$(DEMO_WEIGHTS)
 
+# The tests marked slow (multi-process fault runs, a bench that runs the trainer twice) run with test-all.
 test: setup
+	$(PY) -m pytest -m "not slow"
+
+test-all: setup
 	$(PY) -m pytest
 
 clean:

@@ -168,6 +168,7 @@ def test_tuning(dataset, tmp_path, random_mobilenet_025_weights):
   assert result["tune"]["decisions"][0]["decision"] in ("tuned", "defaults")
 
 
+@pytest.mark.slow  # Two whole `python -m trainer.main` runs (one with --tune): ~40 s on 2 quiet cores.
 def test_tune_runs(dataset, tmp_path, random_mobilenet_025_weights):
   tiny = ["--backbone=mobilenet", "--alpha=0.25", "--image_size=32", "--batch_size=8", "--frozen_epochs=1",
           "--finetune_epochs=1", "--head_units=8", "--max_trials=1", "--tune_folds=2", "--tune_epochs=1"]
