@@ -213,7 +213,8 @@ class Config:
 
 # Changing these in an existing workdir continues the same run (more epochs, quieter logs).
 _NOT_IDENTITY = (("train", "frozen_epochs"), ("train", "finetune_epochs"), ("runtime", "verbosity"),
-                 ("runtime", "strategy"), ("runtime", "tpu"), ("runtime", "example_log"), ("data", "cache_dir"), ("data", "accept_changed_data"),
+                 ("runtime", "strategy"), ("runtime", "tpu"), ("runtime", "example_log"), ("data", "cache_dir"),
+                 ("data", "accept_changed_data"),
                  ("data", "cache"), ("data", "memory_budget"), ("data", "data_service"), ("tune", "tune_folds"),
                  ("model", "weights_fallback"), ("export", "top_k"), ("export", "tflite"),
                  ("export", "tflite_quantization"), ("export", "tflite_max_accuracy_drop"),

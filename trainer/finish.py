@@ -63,7 +63,8 @@ def _export_of(run_dir: workdir_lib.RunDir, config: Config, checkpoint: str) -> 
 def finalize(run: "Run", val_metrics: dict) -> dict:
   """Exports on the chief and writes the report from the final model's validation (`val_metrics`)."""
   run.trainer.train_on_features(None)  # The report's figures and the export are of the whole classifier.
-  metrics = reporting.summarize(run.history, list(run.inputs.classes), None, [phase for phase, _ in model_lib.phases(run.config)])
+  metrics = reporting.summarize(run.history, list(run.inputs.classes), None,
+                                [phase for phase, _ in model_lib.phases(run.config)])
   metrics["skipped_files"] = [{"path": path, "reason": why} for path, why in sorted(run.inputs.skipped.items())]
   if run.chief:  # Before the writers close: the grid goes to TensorBoard too.
     _report_top_losses(run)
