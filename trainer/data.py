@@ -37,7 +37,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from trainer import config_checks, data_checks, images, sources
+from trainer import checkpoints, config_checks, data_checks, images, sources
 from trainer import workdir as workdir_lib
 from trainer.config import DataConfig
 from trainer.errors import UserInputError
@@ -284,7 +284,7 @@ def _filled_cache(usable: list[tuple[str, int]], image_size: int, cache: CacheCh
       _plain_graph(lambda path, position: (images.load(tf.io.read_file(path), image_size), position)),
       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
   if cache.mode == "disk":
-    decoded, good = _shared_disk_cache(decoded, cache.path)
+    decoded, good = _shared_disk_cache(decoded, cache.path, len(paths) * _bytes_per_image(image_size))
   else:
     decoded = decoded.cache()
     good = _positions_in(decoded)
@@ -303,7 +303,7 @@ def _positions_in(decoded: tf.data.Dataset) -> set[int]:
   return good
 
 
-def _shared_disk_cache(decoded: tf.data.Dataset, prefix: str) -> tuple[tf.data.Dataset, set[int]]:
+def _shared_disk_cache(decoded: tf.data.Dataset, prefix: str, needed: int) -> tuple[tf.data.Dataset, set[int]]:
   """`decoded` cached in the files of `prefix`, and the positions they hold.
 
   Runs that share a --cache_dir may need the same cache at once (tf.data's writer then failed with AlreadyExists
@@ -322,7 +322,16 @@ def _shared_disk_cache(decoded: tf.data.Dataset, prefix: str) -> tuple[tf.data.D
   own = _writer_prefix(prefix, os.getpid())
   os.makedirs(os.path.dirname(prefix), exist_ok=True)
   _remove_dead_writers(prefix)
-  good = _positions_in(decoded.cache(own))
+  try:
+    good = _positions_in(decoded.cache(own))
+  except tf.errors.OpError as e:
+    if not any(words in e.message for words in checkpoints.DISK_FULL):
+      raise
+    for path in glob.glob(glob.escape(own) + "*"):
+      os.remove(path)
+    raise UserInputError(f"The disk holding {os.path.dirname(prefix)} is full: the decoded-image cache needs "
+                         f"{needed / 2**20:.0f} MiB ({_free_bytes(prefix) / 2**20:.0f} MiB free). Free space there, "
+                         "pass --cache_dir=FOLDER on a larger disk, or --cache=none to decode every epoch.") from None
   files = glob.glob(glob.escape(own) + "*")
   if os.path.exists(f"{prefix}.index"):  # Another run published the same cache meanwhile: keep one.
     for path in files:
@@ -496,8 +505,11 @@ def _decoded(split: _SplitList, image_size: int, config: DataConfig, budget: int
   decode becomes a stand-in of weight 0, named by `failures` when an epoch meets it."""
   cache = cache or choose_cache(config.cache, split.padded_length, image_size, budget, folder, split.identity)
   if not split.order:
-    # Records stream from their files: only a memory cache holds them whole.
-    whole = cache.mode == "memory" and order != BUFFERED
+    # Records stream from their files and only a memory cache could hold them whole: every mode shuffles them in a
+    # bounded buffer, so that a resume whose cache moved trains the epochs an uninterrupted run would (records are
+    # written shuffled: trainer.tfrecords.convert). A run an earlier version started WHOLE keeps that order while
+    # memory holds its records.
+    whole = order == WHOLE and cache.mode == "memory"
     if order == WHOLE and not whole:
       logging.warning("This run started with its records shuffled whole in memory; they are now %s (%s), so the "
                       "resumed epochs are shuffled in a buffer: not the order an uninterrupted run would have. Give "
