@@ -18,7 +18,7 @@ from export import saved_model
 from trainer import sources
 from trainer.errors import UserInputError
 
-FORMATS = ("table", "json", "csv")
+FORMATS = ("table", "json", "csv")  # export.predict's --format choices, the same.
 _BATCH = 16
 
 

@@ -12,8 +12,7 @@ import os
 
 from absl import app, flags
 
-from export import saved_model
-from trainer import data, progress, restore, usage
+from trainer import usage
 from trainer import flags as trainer_flags
 from trainer import workdir as workdir_lib
 from trainer.config import DATA_SOURCE_FIELDS, ExportConfig
@@ -28,6 +27,9 @@ _OVERRIDABLE = tuple(ExportConfig.__dataclass_fields__) + DATA_SOURCE_FIELDS
 def export_run(workdir: str, overrides: dict | None = None, version: int | None = None) -> str:
   """Exports the latest checkpoint of `workdir` with config.json's settings changed by `overrides` (see
   `trainer.restore.restore`); returns the version folder."""
+  # Imported here, once the flags are parsed: --help answers without loading TensorFlow.
+  from export import saved_model
+  from trainer import data, restore
   trained = restore.restore(workdir, overrides)
   config = trained.config
   inputs = data.load(config.data, config.data.image_size, os.path.join(workdir, "cache"))
@@ -42,6 +44,8 @@ def export_run(workdir: str, overrides: dict | None = None, version: int | None 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  from export import saved_model
+  from trainer import progress
   progress.hide_library_info()
   given = trainer_flags.FLAGS
   with exit_on_user_error():

@@ -9,17 +9,22 @@ import sys
 
 from absl import flags
 
-from export import classify
-from trainer import images, progress, usage
+from trainer import usage
 from trainer.errors import UserInputError, exit_on_user_error
+
+# Output formats (export.classify.format_predictions).
+FORMATS = ("table", "json", "csv")
 
 flags.DEFINE_string("model", None, "Export folder of one version: WORKDIR/export/<model_name>/<version>.")
 flags.DEFINE_integer("top_k", 3, "How many best labels to print per image.")
-flags.DEFINE_enum("format", "table", classify.FORMATS, "Output format.")
+flags.DEFINE_enum("format", "table", FORMATS, "Output format.")
 FLAGS = flags.FLAGS
 
 
 def main(argv):
+  # Imported once the flags are parsed: --help answers without loading TensorFlow.
+  from export import classify
+  from trainer import images, progress
   progress.hide_library_info()
   with exit_on_user_error():
     if not FLAGS.model:

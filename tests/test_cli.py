@@ -161,3 +161,15 @@ def test_ctrl_c_outside_the_epochs_is_one_line_and_exit_130(capsys):
       raise KeyboardInterrupt
   lines = capsys.readouterr().err.splitlines()
   assert exit_.value.code == exit_codes.INTERRUPTED == 130 and len(lines) == 1 and "Ctrl-C" in lines[0]
+
+
+@pytest.mark.parametrize("command", ["trainer.main", "trainer.evaluate", "trainer.demo", "trainer.data_service",
+                                     "trainer.to_tfrecord", "trainer.cluster", "export.main", "export.predict"])
+def test_every_commands_help_answers_at_once_without_loading_tensorflow(command):
+  """`--help` took 9-14 s (TensorFlow loaded first) and trainer.demo's exited 1."""
+  probe = ("import runpy, sys; sys.argv = ['cmd', '--help']\n"
+           f"try:\n  runpy.run_module('{command}', run_name='__main__')\n"
+           "except SystemExit as e:\n  code = e.code\n"
+           "print('exit', code, 'tensorflow' in sys.modules)")
+  result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60)
+  assert result.stdout.strip().splitlines()[-1] == "exit 0 False", (result.stdout[-500:], result.stderr[-1000:])

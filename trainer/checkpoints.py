@@ -55,17 +55,18 @@ def restore_latest(checkpoint: tf.train.Checkpoint, directory: str, max_to_keep:
   return manager
 
 
-def restore_matching(checkpoint: tf.train.Checkpoint, prefix: str, partial: bool = False) -> None:
+def restore_matching(checkpoint: tf.train.Checkpoint, prefix: str) -> None:
   """checkpoint.restore(prefix), every object of `checkpoint` found there with its shape; a checkpoint of another
   model (its config.json edited, or a checkpoint copied from another run) ends in one line naming it.
-
-  partial: objects saved in the checkpoint but absent from `checkpoint` are fine (export restores the model of a
-  training checkpoint, which also holds the optimizers)."""
+  Values of the checkpoint that `checkpoint` does not hold are fine (export restores the model only of a training
+  checkpoint, which also holds the optimizers)."""
   try:
     status = checkpoint.restore(prefix)
-    if partial:
-      status.expect_partial()
     status.assert_existing_objects_matched()
+    # Values saved but not restored into an object (Keras' own bookkeeping, or the optimizers for an export) are
+    # expected: without this, TensorFlow lists them as "unrestored values" when the status is collected, after a
+    # finished run's last line.
+    status.expect_partial()
   except (ValueError, AssertionError, tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as e:
     first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise UserInputError(f"Checkpoint {prefix} does not fit the model its workdir's config.json describes "

@@ -46,5 +46,5 @@ def restore(workdir: str, overrides: dict | None = None) -> TrainedModel:
   model = model_lib.build_classifier(dataclasses.replace(config.model, weights="none"), len(classes),
                                      config.data.image_size, config.data.seed)
   # Only the model: the training checkpoint also holds the epoch counter and both optimizers.
-  checkpoints.restore_matching(tf.train.Checkpoint(model=model), checkpoint, partial=True)
+  checkpoints.restore_matching(tf.train.Checkpoint(model=model), checkpoint)
   return TrainedModel(config, classes, model, checkpoint)
