@@ -56,16 +56,21 @@ def test_list_layers_from_a_flagfile_marks_the_default_unfreeze_point(tmp_path, 
     (["--augment=heavy"], "--augment=heavy is not known"),
 ])
 def test_user_mistakes_end_in_one_line_naming_the_flag(args, message, tmp_path, color_folder, capsys):
+  code, errors = _run_main([f"--data_dir={color_folder}", f"--workdir={tmp_path / 'run'}", "--weights=none", *args],
+                           capsys)
+  assert code == 2 and len(errors) == 1 and errors[0].startswith("error: ") and message in errors[0]
+
+
+def _run_main(args, capsys) -> tuple[int, list[str]]:
+  """python -m trainer.main ARGS, in this process: its exit code and the lines it wrote to stderr."""
   from trainer import main
-  trainer_flags.FLAGS(["trainer", f"--data_dir={color_folder}", f"--workdir={tmp_path / 'run'}", "--weights=none",
-                       *args])
+  trainer_flags.FLAGS(["trainer", *args])
   try:
     with pytest.raises(SystemExit) as exit_:
       main.main(["trainer"])
   finally:
     trainer_flags.FLAGS.unparse_flags()
-  errors = capsys.readouterr().err.splitlines()
-  assert exit_.value.code == 2 and len(errors) == 1 and errors[0].startswith("error: ") and message in errors[0]
+  return exit_.value.code, capsys.readouterr().err.splitlines()
 
 
 _CHOICE_FIELDS = [field.name for _, field in section_fields() if field.metadata.get("choices")]
@@ -80,16 +85,9 @@ _OUT_OF_RANGE = {"image_size": 100000, "batch_size": 0, "frozen_epochs": -1, "fr
 def test_every_choice_and_range_is_refused_before_any_file_is_read(name, value, tmp_path, capsys):
   """A data folder that does not exist and a workdir not yet made: the flag's line must come first, so no file
   was read and nothing was created (a refusal after a scan, or after training, would say otherwise)."""
-  from trainer import main
   workdir = tmp_path / "run"
-  trainer_flags.FLAGS(["trainer", f"--data_dir={tmp_path / 'missing'}", f"--workdir={workdir}", f"--{name}={value}"])
-  try:
-    with pytest.raises(SystemExit) as exit_:
-      main.main(["trainer"])
-  finally:
-    trainer_flags.FLAGS.unparse_flags()
-  errors = capsys.readouterr().err.splitlines()
-  assert exit_.value.code == 2 and len(errors) == 1 and f"--{name}=" in errors[0], errors
+  code, errors = _run_main([f"--data_dir={tmp_path / 'missing'}", f"--workdir={workdir}", f"--{name}={value}"], capsys)
+  assert code == 2 and len(errors) == 1 and f"--{name}=" in errors[0], errors
   assert not workdir.exists()
 
 
