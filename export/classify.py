@@ -14,11 +14,12 @@ from typing import Iterable, Sequence
 import numpy as np
 import tensorflow as tf
 
+import export
 from export import saved_model
 from trainer import sources
 from trainer.errors import UserInputError
 
-FORMATS = ("table", "json", "csv")  # export.predict's --format choices, the same.
+FORMATS = export.PREDICTION_FORMATS
 _BATCH = 16
 
 

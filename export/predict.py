@@ -9,15 +9,14 @@ import sys
 
 from absl import flags
 
+import export
 from trainer import usage
 from trainer.errors import UserInputError, exit_on_user_error
 
-# Output formats (export.classify.format_predictions).
-FORMATS = ("table", "json", "csv")
 
 flags.DEFINE_string("model", None, "Export folder of one version: WORKDIR/export/<model_name>/<version>.")
 flags.DEFINE_integer("top_k", 3, "How many best labels to print per image.")
-flags.DEFINE_enum("format", "table", FORMATS, "Output format.")
+flags.DEFINE_enum("format", "table", export.PREDICTION_FORMATS, "Output format.")
 FLAGS = flags.FLAGS
 
 

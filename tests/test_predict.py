@@ -91,8 +91,3 @@ def test_running_the_library_module_says_which_command_classifies(capsys):
     runpy.run_module("export.classify", run_name="__main__")
   errors = capsys.readouterr().err.splitlines()
   assert exit_.value.code == 2 and len(errors) == 1 and "python -m export.predict" in errors[0]
-
-
-def test_the_commands_format_choices_are_what_the_library_formats():
-  from export import predict
-  assert predict.FORMATS == classify.FORMATS  # Kept apart: the command's --help loads no TensorFlow.
