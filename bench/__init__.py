@@ -58,6 +58,15 @@ def train_history(config, workdir: str) -> list[dict]:
   return run.history
 
 
+def define_backbone_flags(flag_values: flags.FlagValues) -> None:
+  """--backbone, --alpha and --weights, as every benchmark of a pretrained backbone takes them (the shared
+  MobileNetV2 file by default)."""
+  flags.DEFINE_string("backbone", "mobilenet_v2", "Backbone.", flag_values=flag_values)
+  flags.DEFINE_float("alpha", 1.0, "Width multiplier of mobilenet / mobilenet_v2.", flag_values=flag_values)
+  flags.DEFINE_string("weights", "../shared/weights/mobilenet_v2_1.0_224_coral-tf2ptq-dequant_no_top.h5",
+                      "No-top weights file of the backbone.", flag_values=flag_values)
+
+
 def write_figures(figures: dict, path: str) -> None:
   """Writes a benchmark's figures as JSON to `path` (its --json flag), nothing when path is empty."""
   if path:

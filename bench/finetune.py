@@ -22,10 +22,7 @@ from trainer.config import Config
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("data_dir", "../shared/datasets/hymenoptera", "Dataset (train/ + val/).", flag_values=FLAGS)
-flags.DEFINE_string("weights", "../shared/weights/mobilenet_v2_1.0_224_coral-tf2ptq-dequant_no_top.h5",
-                    "No-top weights file of the backbone.", flag_values=FLAGS)
-flags.DEFINE_string("backbone", "mobilenet_v2", "Backbone.", flag_values=FLAGS)
-flags.DEFINE_float("alpha", 1.0, "Width multiplier of mobilenet / mobilenet_v2.", flag_values=FLAGS)
+bench.define_backbone_flags(FLAGS)
 flags.DEFINE_integer("frozen_epochs", 10, "Frozen epochs of every run (on cached features, as a run's).",
                      flag_values=FLAGS)
 flags.DEFINE_integer("image_size", 0, "Input size; 0 is the backbone's default, as a run's.", flag_values=FLAGS)

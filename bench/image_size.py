@@ -25,10 +25,7 @@ from trainer.config import Config
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("data_dir", "../shared/datasets/hymenoptera", "Dataset (train/ + val/).", flag_values=FLAGS)
-flags.DEFINE_string("backbone", "mobilenet_v2", "Backbone.", flag_values=FLAGS)
-flags.DEFINE_float("alpha", 1.0, "Width multiplier of mobilenet / mobilenet_v2.", flag_values=FLAGS)
-flags.DEFINE_string("weights", "../shared/weights/mobilenet_v2_1.0_224_coral-tf2ptq-dequant_no_top.h5",
-                    "No-top weights file of the backbone.", flag_values=FLAGS)
+bench.define_backbone_flags(FLAGS)
 flags.DEFINE_list("sizes", ["224", "256", "288"], "Input sizes to compare.", flag_values=FLAGS)
 flags.DEFINE_integer("views", 2, "Augmented views of each training image.", flag_values=FLAGS)
 flags.DEFINE_integer("seeds", 8, "Heads trained per size.", flag_values=FLAGS)

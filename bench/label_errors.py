@@ -31,10 +31,7 @@ flags.DEFINE_string("dataset", "../shared/datasets/sign_language_digits", "Datas
                     flag_values=FLAGS)
 flags.DEFINE_float("flip", 0.05, "Fraction of the training labels flipped to another class.", flag_values=FLAGS)
 flags.DEFINE_integer("copies", 20, "Validation images re-encoded and put into train/.", flag_values=FLAGS)
-flags.DEFINE_string("backbone", "mobilenet_v2", "Backbone.", flag_values=FLAGS)
-flags.DEFINE_float("alpha", 1.0, "Width multiplier of mobilenet / mobilenet_v2.", flag_values=FLAGS)
-flags.DEFINE_string("weights", "../shared/weights/mobilenet_v2_1.0_224_coral-tf2ptq-dequant_no_top.h5",
-                    "No-top weights file of the backbone.", flag_values=FLAGS)
+bench.define_backbone_flags(FLAGS)
 flags.DEFINE_integer("image_size", 160, "Input size (smaller than the backbone's 224 for speed).", flag_values=FLAGS)
 flags.DEFINE_string("augment", "light", "Augmentation preset of the extraction (the run's default).",
                     flag_values=FLAGS)

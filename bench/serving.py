@@ -28,10 +28,7 @@ from trainer.config import Config
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("val_dir", "../shared/datasets/hymenoptera/val", "Class folders of JPEGs to serve.",
                     flag_values=FLAGS)
-flags.DEFINE_string("backbone", "mobilenet_v2", "Backbone.", flag_values=FLAGS)
-flags.DEFINE_float("alpha", 1.0, "Width multiplier of mobilenet / mobilenet_v2.", flag_values=FLAGS)
-flags.DEFINE_string("weights", "../shared/weights/mobilenet_v2_1.0_224_coral-tf2ptq-dequant_no_top.h5",
-                    "No-top weights file of the backbone.", flag_values=FLAGS)
+bench.define_backbone_flags(FLAGS)
 flags.DEFINE_integer("image_size", 224, "Input size of the model.", flag_values=FLAGS)
 flags.DEFINE_list("batch_sizes", ["1", "32"], "Batch sizes (each at most the number of files).", flag_values=FLAGS)
 flags.DEFINE_integer("repeats", 10, "Timed calls per figure.", flag_values=FLAGS)

@@ -26,10 +26,7 @@ from trainer.config import TFLITE_QUANTIZATIONS, Config
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("data_dir", "../shared/datasets/hymenoptera", "Dataset (train/ + val/, or class folders).",
                     flag_values=FLAGS)
-flags.DEFINE_string("backbone", "mobilenet_v2", "Backbone.", flag_values=FLAGS)
-flags.DEFINE_float("alpha", 1.0, "Width multiplier of mobilenet / mobilenet_v2.", flag_values=FLAGS)
-flags.DEFINE_string("weights", "../shared/weights/mobilenet_v2_1.0_224_coral-tf2ptq-dequant_no_top.h5",
-                    "No-top weights file of the backbone.", flag_values=FLAGS)
+bench.define_backbone_flags(FLAGS)
 flags.DEFINE_integer("image_size", 160, "Input size (smaller than the backbone's 224: two CPU cores).",
                      flag_values=FLAGS)
 flags.DEFINE_integer("frozen_epochs", 5, "Epochs of the frozen phase.", flag_values=FLAGS)

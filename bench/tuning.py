@@ -32,10 +32,7 @@ flags.DEFINE_list("data_dirs", ["../shared/datasets/hymenoptera", "../shared/dat
                   "Datasets (train/ + val/).", flag_values=FLAGS)
 flags.DEFINE_list("max_trials", ["20", "10"], "Trials of the search, per dataset (the last repeats).",
                   flag_values=FLAGS)
-flags.DEFINE_string("weights", "../shared/weights/mobilenet_v2_1.0_224_coral-tf2ptq-dequant_no_top.h5",
-                    "No-top weights file of the backbone.", flag_values=FLAGS)
-flags.DEFINE_string("backbone", "mobilenet_v2", "Backbone.", flag_values=FLAGS)
-flags.DEFINE_float("alpha", 1.0, "Width multiplier of mobilenet / mobilenet_v2.", flag_values=FLAGS)
+bench.define_backbone_flags(FLAGS)
 flags.DEFINE_integer("image_size", 224, "Input size.", flag_values=FLAGS)
 flags.DEFINE_integer("seeds", 5, "Seeds per setting.", flag_values=FLAGS)
 flags.DEFINE_list("views", ["1", "2", "4", "8"], "--feature_views settings to compare.", flag_values=FLAGS)
