@@ -105,6 +105,18 @@ def test_a_different_configuration_is_refused_in_a_workdir_with_checkpoints(tmp_
   assert run.load_config().train.finetune_epochs == 9
 
 
+def _signal_at_step(signum: int, at_step: int):
+  """A stand-in for the progress bar that sends this process `signum` when the epoch's step `at_step` is done."""
+  class Bar:
+    def __init__(self, steps, progress):
+      pass
+
+    def update(self, step, values):
+      if step == at_step:
+        signal.raise_signal(signum)
+  return Bar
+
+
 def test_ctrl_c_saves_mid_epoch_and_exits_130_in_one_line(color_folder, random_mobilenet_025_weights, tmp_path,
                                                           monkeypatch):
   """Ctrl-C ended in a KeyboardInterrupt traceback and lost the epoch's steps: it now saves as SIGTERM does."""
@@ -112,15 +124,7 @@ def test_ctrl_c_saves_mid_epoch_and_exits_130_in_one_line(color_folder, random_m
   config = tiny_run(random_mobilenet_025_weights, data_dir=str(color_folder), frozen_epochs=0, finetune_epochs=2,
                     batch_size=2)
   run = train.setup(config, str(tmp_path / "run"))
-
-  class PressCtrlCAtStep2:
-    def __init__(self, steps, progress):
-      pass
-
-    def update(self, step, values):
-      if step == 2:
-        signal.raise_signal(signal.SIGINT)
-  monkeypatch.setattr(progress, "bar", PressCtrlCAtStep2)
+  monkeypatch.setattr(progress, "bar", _signal_at_step(signal.SIGINT, 2))
   with pytest.raises(SystemExit) as exit_:
     train.train_epochs(run)
   run.tensorboard.close()
@@ -142,16 +146,7 @@ def test_sigterm_after_the_last_step_exits_for_a_retry_instead_of_being_swallowe
   from trainer import train
   config = tiny_run(random_mobilenet_025_weights, data_dir=str(color_folder), finetune_epochs=0, batch_size=4)
   run = train.setup(config, str(tmp_path / "run"))
-  steps = train._steps(run, run.inputs.train)
-
-  class SigtermAtTheLastStep:
-    def __init__(self, steps, progress):
-      pass
-
-    def update(self, step, values):
-      if step == steps:
-        signal.raise_signal(signal.SIGTERM)
-  monkeypatch.setattr(progress, "bar", SigtermAtTheLastStep)
+  monkeypatch.setattr(progress, "bar", _signal_at_step(signal.SIGTERM, train._steps(run, run.inputs.train)))
   with pytest.raises(SystemExit) as exit_:
     train.train_epochs(run)
   run.tensorboard.close()
