@@ -27,18 +27,6 @@ PEER_LOST = 138
 # Stopped by SIGTERM (a scheduler's preemption) after saving a checkpoint: restart to continue.
 PREEMPTED = 143
 
-TABLE = (
-    (DONE, "done", "no", "the finished run: checkpoints, report, export"),
-    (CRASHED, "unexpected error (traceback)", "no", "the last checkpoint; a rerun continues from it"),
-    (USER_ERROR, "user mistake, one line names the flag or file", "no: fix the command",
-     "nothing new (checked before any work) or the last checkpoint"),
-    (INTERRUPTED, "Ctrl-C, checkpoint saved", "yes (the same command continues)", "a checkpoint of the step reached"),
-    (KILLED, "SIGKILL (set by the system)", "yes", "the last epoch's checkpoint"),
-    (PEER_LOST, "multi-worker: a peer was lost or never came, one line names it", "yes (the whole job)",
-     "the last checkpoint"),
-    (PREEMPTED, "SIGTERM, checkpoint saved", "yes", "a checkpoint of the step reached"),
-)
-
 # The codes both of Kubeflow's rules retry (see above): the ones a scheduler following this table restarts.
 RETRYABLE = frozenset({INTERRUPTED, KILLED, PEER_LOST, PREEMPTED})
 
