@@ -22,7 +22,6 @@ import shlex
 import shutil
 import time
 import urllib.parse
-import uuid
 from typing import Callable, Generic, Sequence, TypeVar
 
 import numpy as np
@@ -31,6 +30,7 @@ from absl import logging
 from PIL import Image
 
 from trainer import data, label_audit, reporting
+from trainer import workdir as workdir_lib
 
 # Images in the top-losses grid: four rows of reporting.TOP_LOSS_COLUMNS.
 TOP_LOSSES = 24
@@ -165,9 +165,9 @@ def report_top_losses(model: Callable, examples: data.Examples, classes: Sequenc
                     "probability": example.probability, "true_probability": example.true_probability,
                     "loss": example.loss, "wrong": example.wrong, "thumbnail": thumbnail,
                     "source": sources.get(example.id, f"record {example.id}")})
-  _write_text(os.path.join(report_dir, TOP_LOSSES_FILE), json.dumps(
-      {"classes": list(classes), "examples": seen, "wrong": wrong, "all_examples": len(examples.all_labels),
-       "workers": workers, "seconds": seconds, "top": entries}, indent=2, ensure_ascii=False))
+  workdir_lib.write_json(os.path.join(report_dir, TOP_LOSSES_FILE), {
+      "classes": list(classes), "examples": seen, "wrong": wrong, "all_examples": len(examples.all_labels),
+      "workers": workers, "seconds": seconds, "top": entries})
   png = os.path.join(report_dir, TOP_LOSSES_PNG)
   if not ranked:
     if os.path.exists(png):
@@ -209,7 +209,7 @@ def write_page(workdir: str) -> str:
   page = _PAGE.format(title=_text(f"{name}: training report"), heading=_text(name), body="\n".join(sections),
                       written=_text(datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")))
   path = os.path.join(report_dir, PAGE_FILE)
-  _write_text(path, page)
+  workdir_lib.write_text(path, page)  # Atomic: a reader never sees half a page.
   return path
 
 
@@ -389,15 +389,6 @@ def _json_or_empty(path: str):
       return json.load(f)
   except (OSError, ValueError):
     return {}
-
-
-def _write_text(path: str, text: str) -> None:
-  """Atomic, as workdir.write_json: a reader never sees half a page."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  partial = f"{path}.{uuid.uuid4().hex}.partial"
-  with open(partial, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(partial, path)
 
 
 def _text(value) -> str:

@@ -24,6 +24,7 @@ from matplotlib.ticker import MaxNLocator
 from tensorboard.compat.proto import event_pb2
 from tensorboard.plugins.hparams import api as hp
 
+from trainer import workdir as workdir_lib
 from trainer.config import Config
 from trainer.model import FINETUNE, FROZEN, SCRATCH
 
@@ -405,9 +406,7 @@ def write_reports(report_dir: str, history: Sequence[dict], confusion: np.ndarra
                              title=f"Validation after epoch {history[-1]['epoch']}" if history else "Validation")
   write_classification_report(confusion, classes, report)
   # The counts themselves, for what is drawn from the report later (report_page's per-class table).
-  with open(counts, "w", encoding="utf-8") as f:
-    json.dump({"classes": list(classes), "counts": np.asarray(confusion).astype(np.int64).tolist()}, f,
-              ensure_ascii=False)
+  workdir_lib.write_json(counts, {"classes": list(classes), "counts": np.asarray(confusion).astype(np.int64).tolist()})
 
 
 def write_confusion_matrix_png(confusion: np.ndarray, classes: Sequence[str], path: str,
