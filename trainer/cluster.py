@@ -216,8 +216,7 @@ def tf_config(workers: list[str], index: int) -> dict:
   if not workers:
     raise UserInputError("--workers is empty: give HOST:PORT of every worker, the chief first.")
   for address in workers:
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
+    if _port_of(address) is None:  # The check TF_CONFIG's addresses get (cluster_from_tf_config).
       raise UserInputError(f"--workers: '{address}' is not HOST:PORT.")
   if len(set(workers)) != len(workers):
     raise UserInputError(f"--workers names an address twice: {','.join(workers)}.")
