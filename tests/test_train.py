@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 from trainer import model as model_lib
+from trainer import optimization
 from trainer import runtime
 from trainer import train
 from trainer.config import Config
@@ -113,6 +114,6 @@ def test_a_cosine_fine_tune_schedule_decays_to_zero_over_the_phase(tmp_path, tin
   # The rate each epoch starts at: the frozen phase's as given, then the top of the cosine, then half-way down.
   np.testing.assert_allclose(rates, [config.train.frozen_lr, 1e-3, 0.5e-3], atol=1e-9)
   # And it ends at 0 after the phase's steps.
-  schedule = model_lib.learning_rate(model_lib.FINETUNE, config.train, scale=2.0, phase_steps=10)
+  schedule = optimization.learning_rate(model_lib.FINETUNE, config.train, scale=2.0, phase_steps=10)
   np.testing.assert_allclose([float(schedule(0)), float(schedule(5)), float(schedule(10))], [2e-3, 1e-3, 0.0],
                              atol=1e-9)

@@ -121,6 +121,8 @@ class TrainConfig:
   contrast: float = _field(-1.0, "Overrides the preset's maximum random contrast factor (-1: the preset's).")
   rand_augment: float = _field(-1.0, "Overrides the preset's RandAugment strength, 0..1; 0 turns it off (-1: the "
                                "preset's).")
+  label_smoothing: float = _field(0.0, "Label smoothing of the training loss in both phases (0: none; 0.1 moves a "
+                                  "tenth of each label's weight to a uniform spread over the classes).")
   class_weight: str = _field("", "'' (every example weighs the same) or balanced (weights n / (classes * count) "
                              "from the training counts, recorded in config.json).", CLASS_WEIGHTS)
   cache_features: bool = _field(True, "Frozen phase on cached features: the frozen backbone's pooled features are "

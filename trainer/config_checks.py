@@ -45,6 +45,9 @@ def validate(config: Config, given: Collection[str] = ()) -> None:
       raise UserInputError(f"--{name}={value}: a learning rate must be a number > 0 (e.g. 1e-3).")
   if not 0.0 <= model.dropout < 1.0:
     raise UserInputError(f"--dropout={model.dropout}: the dropout rate must be in [0, 1).")
+  if not 0.0 <= train.label_smoothing < 1.0:
+    raise UserInputError(f"--label_smoothing={train.label_smoothing}: the smoothed fraction must be in [0, 1) "
+                         "(e.g. 0.1).")
   _at_least("head_units", model.head_units, 0)
   _at_least("batch_size", data.batch_size, 1)
   if data.image_size:

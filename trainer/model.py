@@ -18,7 +18,7 @@ import keras
 from absl import logging
 
 from trainer import backbones
-from trainer.config import Config, ModelConfig, TrainConfig
+from trainer.config import Config, ModelConfig
 from trainer.errors import UserInputError
 
 FROZEN, FINETUNE, SCRATCH = "frozen", "finetune", "scratch"
@@ -73,17 +73,6 @@ def phase_of_epoch(epoch: int, config: Config) -> str:
       return phase
     epoch -= epochs
   raise ValueError(f"Epoch index {epoch} is past the run's {phases(config)}")
-
-
-def learning_rate(phase: str, config: TrainConfig, scale: float = 1.0, phase_steps: int = 1):
-  """The phase's Adam learning rate (times `scale`): a number, or for --finetune_schedule=cosine a schedule that
-  reaches 0 after the phase's `phase_steps` steps (the optimizer's own step count, so a resumed run continues it).
-  --finetune_schedule is checked in trainer.config_checks."""
-  if phase != FINETUNE:
-    return config.frozen_lr * scale
-  if config.finetune_schedule == "cosine":
-    return keras.optimizers.schedules.CosineDecay(config.finetune_lr * scale, decay_steps=max(phase_steps, 1))
-  return config.finetune_lr * scale
 
 
 def announce_plan(config: Config, per_replica_batch_size: int) -> None:

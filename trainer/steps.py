@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer import augment, distribute, randomness
+from trainer import augment, optimization, randomness
 from trainer import model as model_lib
 from trainer import progress as progress_lib
 from trainer.config import Config
@@ -33,12 +33,7 @@ class Trainer:
     with strategy.scope():
       self.model = model_lib.build_classifier(config.model, num_classes, config.data.image_size, config.data.seed)
       self.augmenter = augment.build(config.train, config.data.seed)
-      self.learning_rates = {phase: model_lib.learning_rate(phase, config.train, lr_scale, epochs * steps_per_epoch)
-                             for phase, epochs in model_lib.phases(config)}
-      self.optimizers = {phase: keras.optimizers.Adam(rate) for phase, rate in self.learning_rates.items()}
-      if distribute.needs_loss_scaling(keras.config.dtype_policy().name):
-        self.optimizers = {phase: keras.optimizers.LossScaleOptimizer(optimizer)
-                           for phase, optimizer in self.optimizers.items()}
+      self.learning_rates, self.optimizers = optimization.phase_optimizers(config, lr_scale, steps_per_epoch)
       # Every optimizer is built before any restore so that its slots load from the checkpoint; the first last.
       for phase in reversed(self.optimizers):
         self.set_phase(phase)
@@ -85,6 +80,7 @@ class Trainer:
     # Cached features were augmented (or not) when they were computed.
     augmenter = self.augmenter if model is self.model else None
     class_weights, variables, seed = self.class_weights, model.trainable_variables, self.config.data.seed
+    training_loss = optimization.training_loss(self.config.train.label_smoothing)
 
     def replica_step(images, labels, weights, ids):
       replica = tf.distribute.get_replica_context().replica_id_in_sync_group
@@ -94,7 +90,7 @@ class Trainer:
         if augmenter is not None:
           inputs = augmenter(inputs, training=True)
         probabilities = tf.cast(model(inputs, training=True), tf.float32)
-        per_example = keras.losses.sparse_categorical_crossentropy(labels, probabilities)
+        per_example = training_loss(labels, probabilities)
         loss_weights = weights if class_weights is None else weights * tf.gather(class_weights, labels)
         # The mean over the real examples of the whole step, over every replica: padding weighs nothing.
         real = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, tf.reduce_sum(weights))

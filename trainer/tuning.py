@@ -28,7 +28,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from trainer import augment, data, distribute, features, model as model_lib
+from trainer import augment, data, distribute, features, optimization
+from trainer import model as model_lib
 from trainer import workdir as workdir_lib
 from trainer.config import Config
 from trainer.errors import UserInputError
@@ -63,7 +64,7 @@ def search(config: Config, workdir: str, strategy: tf.distribute.Strategy | None
   cache = feature_cache or cached_features(config, workdir, inputs)
   scorer = FoldScorer(cache.train_features, cache.train_labels, config.tune.tune_folds, config.data.seed,
                       HeadHyperModel(cache.train_features.shape[-1], cache.head.output.shape[-1], config.data.seed,
-                                     _lr_scale(config, strategy)),
+                                     _lr_scale(config, strategy), config.train.label_smoothing),
                       config.data.batch_size, strategy)
   log = _TrialLog(os.path.join(workdir, "tensorboard", "tuning"), os.path.basename(os.path.normpath(workdir)), config,
                   verbose=config.runtime.verbosity >= 0)
@@ -121,10 +122,12 @@ def cached_features(config: Config, workdir: str, inputs: data.InputData | None 
 
 class HeadHyperModel:
   """Builds the classifier's own head (trainer.model.classification_head) on pooled features, compiled with the
-  run's effective frozen learning rate (the value times lr_scale)."""
+  run's effective frozen learning rate (the value times lr_scale) and training loss (trainer.optimization)."""
 
-  def __init__(self, feature_dim: int, num_classes: int, seed: int, lr_scale: float = 1.0):
+  def __init__(self, feature_dim: int, num_classes: int, seed: int, lr_scale: float = 1.0,
+               label_smoothing: float = 0.0):
     self.feature_dim, self.num_classes, self.seed, self.lr_scale = feature_dim, num_classes, seed, lr_scale
+    self.label_smoothing = label_smoothing
 
   def __call__(self, hp) -> keras.Model:
     values = {}
@@ -141,7 +144,7 @@ class HeadHyperModel:
     head = keras.Model(inputs, outputs, name="head")
     # Many small steps: one call runs 32 of them (Python's per-step cost dominated); XLA measured slower here.
     head.compile(optimizer=keras.optimizers.Adam(values["frozen_lr"] * self.lr_scale),
-                 loss="sparse_categorical_crossentropy", steps_per_execution=32, jit_compile=False)
+                 loss=optimization.training_loss(self.label_smoothing), steps_per_execution=32, jit_compile=False)
     return head
 
 
