@@ -122,12 +122,13 @@ def color_folder(tmp_path) -> pathlib.Path:
 def trained_workdir(tmp_path_factory, random_mobilenet_025_weights) -> pathlib.Path:
   """One frozen epoch of MobileNet alpha 0.25 (random init) at 32 px on red/green/blue JPEGs of several sizes,
   exported once: the run shared by the export, serving, predict and evaluate tests."""
+  from export import end_of_run
   from trainer import train
   root = tmp_path_factory.mktemp("trained_run")
   write_color_dataset(root / "data", 6, widths=[40 + 4 * i for i in range(6)])
   config = tiny_run(random_mobilenet_025_weights, batch_size=8, finetune_epochs=0, augment="none",
                     data_dir=str(root / "data"), validation_split=0.34)
-  train.train_and_evaluate(config, str(root / "run"))
+  train.train_and_evaluate(config, str(root / "run"), exporter=end_of_run.SavedModelExport())
   return root / "run"
 
 

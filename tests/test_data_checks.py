@@ -11,6 +11,7 @@ import tensorflow as tf
 from PIL import Image
 
 from conftest import CLASS_COLORS, write_image
+from export import end_of_run
 from trainer import data, data_checks, train
 from trainer.config import Config
 from trainer.errors import UserInputError
@@ -142,7 +143,7 @@ def test_odd_paths_and_broken_files_work_end_to_end(tmp_path, tiny_config):
   (root / "пчела" / "broken ü.jpg").write_bytes(b"GIF89a but nothing else")
   config = tiny_config.replace(data_dir=str(root), frozen_epochs=1, finetune_epochs=0, validation_split=0.25,
                                top_k=3)
-  metrics = train.train_and_evaluate(config, str(tmp_path / "run"))
+  metrics = train.train_and_evaluate(config, str(tmp_path / "run"), exporter=end_of_run.SavedModelExport())
   with open(tmp_path / "run" / "report" / "metrics.json", encoding="utf-8") as f:
     report = json.load(f)
   assert [entry["path"] for entry in report["skipped_files"]] == [str(root / "пчела" / "broken ü.jpg")]

@@ -12,6 +12,7 @@ import tensorflow as tf
 from PIL import Image
 from tensorflow_serving.apis import prediction_log_pb2
 
+from export import end_of_run
 from export import main as export_main
 from export import saved_model, tflite
 from trainer import images
@@ -131,7 +132,8 @@ def test_a_failed_export_check_keeps_the_training_and_export_main_retries(tiny_c
   monkeypatch.setattr(saved_model, "check_parity", lambda *args: {name: 1.0 for name in checked(*args)})
 
   with pytest.raises(UserInputError) as raised:
-    train.train_and_evaluate(tiny_config.replace(data_dir=str(color_folder), finetune_epochs=0), str(workdir))
+    train.train_and_evaluate(tiny_config.replace(data_dir=str(color_folder), finetune_epochs=0), str(workdir),
+                               exporter=end_of_run.SavedModelExport())
 
   message = str(raised.value)
   assert "\n" not in message and f"python -m export.main --workdir={workdir}" in message

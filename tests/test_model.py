@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from export import end_of_run
 from tests.conftest import write_color_dataset
 from trainer import backbones, config_checks, restore, train
 from trainer import runtime
@@ -47,7 +48,7 @@ def scratch_run(tmp_path_factory):
   root = tmp_path_factory.mktemp("scratch")
   write_color_dataset(root / "data", 6)
   config = _tiny(weights="none", data_dir=str(root / "data"), frozen_epochs=1, finetune_epochs=1)
-  metrics = train.train_and_evaluate(config, str(root / "run"))
+  metrics = train.train_and_evaluate(config, str(root / "run"), exporter=end_of_run.SavedModelExport())
   return root / "run", metrics
 
 
@@ -132,7 +133,7 @@ def cut_run(tmp_path_factory, random_mobilenet_025_weights):
   write_color_dataset(root / "data", 6)
   config = _tiny(weights=random_mobilenet_025_weights, data_dir=str(root / "data"), feature_layer="conv_pw_5_relu",
                  frozen_epochs=1, finetune_epochs=1, finetune_lr=1e-3)
-  metrics = train.train_and_evaluate(config, str(root / "run"))
+  metrics = train.train_and_evaluate(config, str(root / "run"), exporter=end_of_run.SavedModelExport())
   return root / "run", metrics
 
 

@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import CLASS_COLORS, write_image
+from export import end_of_run
 from export import main as export_main
 from export import saved_model
 from trainer import distribute, train
@@ -43,7 +44,7 @@ def float32_serving_dtypes(tmp_path_factory, random_mobilenet_025_weights):
   config = Config().replace(backbone="mobilenet", alpha=0.25, weights=random_mobilenet_025_weights, image_size=32,
                             batch_size=8, frozen_epochs=1, finetune_epochs=0, head_units=8, augment="none",
                             verbosity=-1, data_dir=str(folder / "colors"))
-  metrics = train.train_and_evaluate(config, str(folder / "run"))
+  metrics = train.train_and_evaluate(config, str(folder / "run"), exporter=end_of_run.SavedModelExport())
   return _serving_dtypes(metrics["export_path"])
 
 
@@ -69,7 +70,7 @@ def test_mixed_precision_trains_and_exports_the_same_signature(precision, comput
   assert all(isinstance(o, keras.optimizers.LossScaleOptimizer) == loss_scaled
              for o in trainer.optimizers.values())
 
-  metrics = train.train_and_evaluate(config, str(tmp_path / "run"))
+  metrics = train.train_and_evaluate(config, str(tmp_path / "run"), exporter=end_of_run.SavedModelExport())
   assert np.isfinite(metrics["val_loss"]) and metrics["epochs"] == 2
   assert _serving_dtypes(metrics["export_path"]) == float32_serving_dtypes
   assert float32_serving_dtypes[0] == {"image_bytes": tf.string}

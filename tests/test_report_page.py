@@ -15,6 +15,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from export import end_of_run
 from tests.conftest import _missing
 from trainer import data, report_page, reporting, train
 from trainer.workdir import RunDir
@@ -327,5 +328,5 @@ def test_a_run_writes_its_page_and_a_finished_run_rerun_writes_it_again_when_mis
                                                                                          report_page.TOP_LOSSES)
   page.unlink()
   config = RunDir(str(trained_workdir)).load_config()
-  train.train_and_evaluate(config, str(trained_workdir))
+  train.train_and_evaluate(config, str(trained_workdir), exporter=end_of_run.SavedModelExport())
   assert page.is_file() and _Parsed(page.read_text(encoding="utf-8")).images == parsed.images

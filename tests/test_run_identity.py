@@ -8,6 +8,7 @@ import os
 import pytest
 
 from conftest import tiny_run, write_color_dataset, write_image
+from export import end_of_run
 from trainer import cli, config_checks, train
 from trainer.config import Config
 from trainer.errors import UserInputError
@@ -137,7 +138,7 @@ def test_the_done_line_never_prints_nan_and_names_the_export():
 def test_rerunning_a_finished_run_does_not_export_it_again(trained_workdir, caplog):
   config = Config.from_dict(json.loads((trained_workdir / "config.json").read_text()))
   versions = sorted(os.listdir(trained_workdir / "export" / "classifier"))
-  metrics = train.train_and_evaluate(config, str(trained_workdir))
+  metrics = train.train_and_evaluate(config, str(trained_workdir), exporter=end_of_run.SavedModelExport())
   assert sorted(os.listdir(trained_workdir / "export" / "classifier")) == versions
   assert "The run is complete" in caplog.text and metrics["export_path"]
 
@@ -154,7 +155,7 @@ def test_a_finished_run_is_finished_idempotently_whatever_its_workdir_is_called(
   metrics_file.write_text(json.dumps(killed))
   (trained_workdir / "report" / "curves.png").unlink()
 
-  metrics = train.train_and_evaluate(config, str(link))
+  metrics = train.train_and_evaluate(config, str(link), exporter=end_of_run.SavedModelExport())
   assert sorted(os.listdir(trained_workdir / "export" / "classifier")) == versions  # Not exported again.
   assert (trained_workdir / "report" / "curves.png").is_file()
   assert metrics["export_path"] and json.loads(metrics_file.read_text())["export_path"] == metrics["export_path"]

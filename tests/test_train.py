@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from export import end_of_run
 from trainer import model as model_lib
 from trainer import optimization
 from trainer import runtime
@@ -37,7 +38,7 @@ def two_phase_run(tmp_path_factory, random_mobilenet_025_weights):
                             finetune_epochs=1, head_units=8, augment="light", frozen_lr=1e-2, finetune_lr=1e-3,
                             verbosity=-1)
   workdir = root / "run"
-  metrics = train.train_and_evaluate(config, str(workdir))
+  metrics = train.train_and_evaluate(config, str(workdir), exporter=end_of_run.SavedModelExport())
   checkpoints = tf.train.get_checkpoint_state(str(workdir / "checkpoints")).all_model_checkpoint_paths
   snapshots = [_weights_by_layer(_model_at_checkpoint(config, 3, path)) for path in (None, *checkpoints)]
   return config, workdir, metrics, snapshots

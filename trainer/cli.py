@@ -3,15 +3,17 @@
 from typing import Collection
 
 from trainer import model as model_lib
-from trainer import config_checks, progress, train, tuning
+from trainer import config_checks, finish, progress, train, tuning
 from trainer import runtime as runtime_lib
 from trainer import workdir as workdir_lib
 from trainer.config import Config
 from trainer.errors import UserInputError, exit_on_user_error
 
 
-def run(config: Config, workdir: str | None, list_layers: bool, given: Collection[str] = ()) -> None:
-  """given: the config fields the user set (trainer.flags.given_flags), for checks of explicit choices."""
+def run(config: Config, workdir: str | None, list_layers: bool, given: Collection[str] = (),
+        exporter: finish.Exporter | None = None) -> None:
+  """given: the config fields the user set (trainer.flags.given_flags), for checks of explicit choices. exporter:
+  the end-of-run export the command hands to the loop (export.end_of_run.SavedModelExport)."""
   progress.hide_library_info()
   with exit_on_user_error():
     config_checks.validate(config, given)
@@ -36,7 +38,7 @@ def run(config: Config, workdir: str | None, list_layers: bool, given: Collectio
         runtime = runtime.with_config(runtime.config.replace(**best))
         if config.tune.tune_only:
           return
-      metrics = train.train_and_evaluate(runtime, workdir, inputs)
+      metrics = train.train_and_evaluate(runtime, workdir, inputs, exporter)
     # Printed, not logged: the one line --verbosity=-1 keeps besides warnings and errors.
     print(done_line(metrics), flush=True)
 

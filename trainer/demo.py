@@ -61,8 +61,9 @@ def demo(workdir: str, weights: str) -> None:
   run_dir = os.path.join(workdir, run_name(weights))
   settings = SCRATCH if weights == "none" else {**TRANSFER, "weights": weights}
   config = Config().replace(data_dir=data_dir, **settings)
+  from export import end_of_run
   from trainer import cli
-  cli.run(config, run_dir, list_layers=False)
+  cli.run(config, run_dir, list_layers=False, exporter=end_of_run.SavedModelExport())
 
   export_root = os.path.join(run_dir, "export", config.export.model_name)
   export_dir = os.path.join(export_root, max(os.listdir(export_root), key=lambda v: int(v) if v.isdigit() else -1))

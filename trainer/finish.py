@@ -1,25 +1,33 @@
-"""The end of a run, on every worker: the last validation, the report (chief), the export (chief), and a rerun of a
-finished run that has nothing left to do. Finishing is idempotent: each artifact is checked and made if missing,
-and an export is never made twice for one checkpoint.
+"""The end of a run, on every worker: the last validation, the report (chief), the end-of-run export the command
+handed in (chief), and a rerun of a finished run that has nothing left to do. Finishing is idempotent: each
+artifact is checked and made if missing, and an export is never made twice for one checkpoint.
 """
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from absl import logging
 
-from export import saved_model
-from trainer import data, distribute, report_page, reporting
+from trainer import distribute, report_page, reporting
 from trainer import model as model_lib
 from trainer import workdir as workdir_lib
-from trainer.config import Config
-from trainer.errors import UserInputError
 
 if TYPE_CHECKING:
   from trainer.train import Run
 
 
-def finished_export(run: "Run") -> dict | None:
+class Exporter(Protocol):
+  """The end-of-run export a command hands to the loop (export.end_of_run.SavedModelExport): the loop knows no
+  export format, only that one exists for a checkpoint or must be made."""
+
+  def find(self, run: "Run") -> str | None:
+    """Where the run's latest checkpoint is already exported, or None."""
+
+  def __call__(self, run: "Run") -> str:
+    """Exports the run's model at its latest checkpoint; returns where."""
+
+
+def finished_export(run: "Run", exporter: Exporter | None) -> dict | None:
   """A rerun of a finished run whose every artifact exists (the export of the last checkpoint, the metrics naming
   it, the report files and page): nothing is trained or exported. With one missing (a run killed between its
   export and its report) this returns None and `finalize` makes what is missing, reusing the export."""
@@ -27,10 +35,10 @@ def finished_export(run: "Run") -> dict | None:
     return None
   # Every worker of a cluster reads the same files of the shared workdir here, before any collective of this start,
   # so all take the same path: a chief lost after its export is not exported twice when the job restarts.
-  exported = _export_of(run.run_dir, run.config, run.manager.latest_checkpoint)
+  exported = exporter.find(run) if exporter else None
   reports = [run.run_dir.metrics_file, report_page.page_file(run.workdir),
              *(os.path.join(run.run_dir.report, name) for name in reporting.REPORT_FILES)]
-  if not exported or not all(os.path.isfile(path) for path in reports):
+  if (exporter and not exported) or not all(os.path.isfile(path) for path in reports):
     return None
   metrics = workdir_lib.read_json(run.run_dir.metrics_file)
   if metrics.get("export_path") != exported:  # Killed before the metrics named it, or the workdir moved.
@@ -40,28 +48,16 @@ def finished_export(run: "Run") -> dict | None:
       report_page.write_page(run.workdir)
   logging.warning("The run is complete (%d epochs) and its export of %s is at %s: nothing to do. Raise "
                   "--finetune_epochs to train more, or run python -m export.main --workdir=%s to export again.",
-                  run.total_epochs, os.path.basename(run.manager.latest_checkpoint), exported, run.workdir)
+                  run.total_epochs, os.path.basename(run.manager.latest_checkpoint), exported or "(none made)",
+                  run.workdir)
   run.tensorboard.close()
   distribute.remove_worker_files(run.workdir, run.strategy)
   return metrics
 
 
-def _export_of(run_dir: workdir_lib.RunDir, config: Config, checkpoint: str) -> str | None:
-  model_dir = os.path.join(run_dir.export, config.export.model_name)
-  if not os.path.isdir(model_dir):
-    return None
-  for version in sorted((v for v in os.listdir(model_dir) if v.isdigit()), key=int, reverse=True):
-    metadata = os.path.join(model_dir, version, saved_model.METADATA_FILE)
-    # By the checkpoint's name: a workdir spelled another way (a symlink, a relative path, a moved folder) holds
-    # the same checkpoints under another path.
-    source = workdir_lib.read_json(metadata).get("source") if os.path.isfile(metadata) else None
-    if source and os.path.basename(source) == os.path.basename(checkpoint):
-      return os.path.join(model_dir, version)
-  return None
-
-
-def finalize(run: "Run", val_metrics: dict) -> dict:
-  """Exports on the chief and writes the report from the final model's validation (`val_metrics`)."""
+def finalize(run: "Run", val_metrics: dict, exporter: Exporter | None) -> dict:
+  """Writes the report from the final model's validation (`val_metrics`) and, with an `exporter`, exports, both on
+  the chief."""
   run.trainer.train_on_features(None)  # The report's figures and the export are of the whole classifier.
   metrics = reporting.summarize(run.history, list(run.inputs.classes), None,
                                 [phase for phase, _ in model_lib.phases(run.config)])
@@ -75,13 +71,10 @@ def finalize(run: "Run", val_metrics: dict) -> dict:
     reporting.write_reports(run.run_dir.report, run.history, val_metrics["confusion_matrix"], run.inputs.classes)
     report_page.write_page(run.workdir)
     # A finished run rerun to make a missing report keeps its export (exports are never made twice).
-    metrics["export_path"] = _export_of(run.run_dir, run.config, run.manager.latest_checkpoint or "")
-    if not metrics["export_path"]:
-      samples = data.sample_files(run.inputs.val, os.path.join(run.workdir, "cache", "samples"),
-                                  saved_model.PARITY_FILES)
-      metrics["export_path"] = _export(run, samples)
-    run.run_dir.save_metrics(metrics)
-    report_page.write_page(run.workdir)  # Again, with the export's link.
+    if exporter:
+      metrics["export_path"] = exporter.find(run) or exporter(run)
+      run.run_dir.save_metrics(metrics)
+      report_page.write_page(run.workdir)  # Again, with the export's link.
   distribute.wait_for_all_workers(run.strategy)
   distribute.remove_worker_files(run.workdir, run.strategy)
   return metrics
@@ -92,17 +85,3 @@ def _report_top_losses(run: "Run") -> None:
   one forward pass over them."""
   report_page.report_top_losses(run.trainer.model, run.inputs.val, run.inputs.classes, run.config.data.batch_size,
                                 run.run_dir.report, run.tensorboard, int(run.trainer.epoch), run.shard.count)
-
-
-def _export(run: "Run", samples) -> str:
-  """The SavedModel of the last checkpoint. A failed export check never loses the training: the checkpoint stays
-  and `python -m export.main` retries."""
-  try:
-    path = saved_model.export_saved_model(run.trainer.model, list(run.inputs.classes), run.config,
-                                          run.run_dir.export, samples, source=run.manager.latest_checkpoint or "",
-                                          inputs=run.inputs)
-  except saved_model.ExportParityError as e:
-    raise UserInputError(f"{e} Training is complete and kept in {run.run_dir.checkpoints}; retry the export with "
-                         f"python -m export.main --workdir={run.workdir}.") from None
-  logging.info("Exported the SavedModel to %s", path)
-  return path

@@ -14,9 +14,10 @@ def main(argv):
   with exit_on_user_error():
     usage.refuse_arguments(argv)
   # Imported after the flags are parsed: --help answers without loading TensorFlow.
+  from export import end_of_run
   from trainer import cli
   cli.run(trainer_flags.config_from_flags(), trainer_flags.FLAGS.workdir, trainer_flags.FLAGS.list_layers,
-          given=trainer_flags.given_flags())
+          given=trainer_flags.given_flags(), exporter=end_of_run.SavedModelExport())
 
 
 def run_script():

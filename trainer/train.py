@@ -61,21 +61,22 @@ class Run:
     return sum(epochs for _, epochs in model_lib.phases(self.config))
 
 
-def train_and_evaluate(config: Config | runtime_lib.Runtime, workdir: str, inputs: data.InputData | None = None
-                       ) -> dict:
-  """Trains every phase (resuming from the workdir's last checkpoint), exports, and returns the metrics.
+def train_and_evaluate(config: Config | runtime_lib.Runtime, workdir: str, inputs: data.InputData | None = None,
+                       exporter: finish.Exporter | None = None) -> dict:
+  """Trains every phase (resuming from the workdir's last checkpoint), reports, exports with `exporter` (the
+  command's end-of-run action, export.end_of_run.SavedModelExport; None exports nothing), and returns the metrics.
 
   config: the runtime the command built (trainer.runtime.build), or a config to build it from here. inputs: this
   worker's data as `load_inputs` gave it to the caller (a --tune search), so that the files are decoded once."""
   # A lost peer ends a multi-worker run in one line and a code schedulers retry (distribute.exit_on_peer_loss).
   with distribute.exit_on_peer_loss():
     run = setup(config, workdir, inputs)
-    finished = finish.finished_export(run)
+    finished = finish.finished_export(run, exporter)
     if finished:
       return finished
     # A run resumed after its last epoch has not validated in this process; the report needs the final model's.
     val_metrics = train_epochs(run) or validate(run)
-    return finish.finalize(run, val_metrics)
+    return finish.finalize(run, val_metrics, exporter)
 
 
 def load_inputs(runtime: runtime_lib.Runtime, workdir: str) -> data.InputData:
