@@ -1,4 +1,5 @@
-"""python -m bench.label_errors: does the label audit (trainer.label_audit) find flipped labels and re-encoded copies?
+"""python -m bench.label_errors: does the label audit (trainer.reporting.label_audit) find flipped labels and re-encoded
+copies?
 
 On a temporary copy of --dataset (train/ + val/ class folders) made of symlinks, never written into the dataset:
   noisy:  --flip of the training images moved to another class at random (seeded): the labels are wrong, the images
@@ -22,9 +23,10 @@ from absl import flags
 from PIL import Image, ImageOps
 
 import bench
-from trainer import augment, data, features, label_audit, model as model_lib
-from trainer import runtime
+from trainer import augment, data, features, runtime
+from trainer import model as model_lib
 from trainer.config import Config
+from trainer.reporting import label_audit
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("dataset", "../shared/datasets/sign_language_digits", "Dataset: train/ and val/ class folders.",

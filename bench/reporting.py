@@ -14,7 +14,7 @@ import numpy as np
 from absl import flags
 
 import bench
-from trainer import reporting
+from trainer.reporting import report_files, summaries
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_list("classes", ["2", "10", "102"], "Class counts to measure.", flag_values=FLAGS)
@@ -40,7 +40,7 @@ def _costs(root: str, count: int) -> dict:
   rng = np.random.default_rng(0)
   classes = [f"class_{index}" for index in range(count)]
   confusion = rng.integers(0, 20, (count, count))
-  log = reporting.TensorBoardLog(f"{root}/tensorboard_{count}", classes)
+  log = summaries.TensorBoardLog(f"{root}/tensorboard_{count}", classes)
   history = [{"epoch": epoch, "phase": "frozen" if epoch <= 10 else "finetune", "loss": 1.0, "accuracy": 0.5,
               "val_loss": 1.0, "val_accuracy": 0.5, "learning_rate": 1e-3, "images_per_sec": 10.0,
               "train_seconds": 10.0, "compile_seconds": 2.0, "steady_images_per_sec": 12.0}
@@ -52,7 +52,7 @@ def _costs(root: str, count: int) -> dict:
     seconds.append(time.perf_counter() - start)
   log.close()
   start = time.perf_counter()
-  reporting.write_reports(f"{root}/report_{count}", history, confusion, classes)
+  report_files.write_reports(f"{root}/report_{count}", history, confusion, classes)
   return {"log_epoch_ms": statistics.median(seconds[1:]) * 1000,
           "write_reports_ms": (time.perf_counter() - start) * 1000}
 

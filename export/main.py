@@ -12,8 +12,8 @@ import os
 
 from absl import app, flags
 
-from trainer import usage
 from trainer import flags as trainer_flags
+from trainer import usage
 from trainer import workdir as workdir_lib
 from trainer.config import DATA_SOURCE_FIELDS, ExportConfig
 from trainer.errors import UserInputError, exit_on_user_error
@@ -45,7 +45,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   from export import saved_model
-  from trainer import progress
+  from trainer.reporting import progress
   progress.hide_library_info()
   given = trainer_flags.FLAGS
   with exit_on_user_error():

@@ -13,7 +13,6 @@ import export
 from trainer import usage
 from trainer.errors import UserInputError, exit_on_user_error
 
-
 flags.DEFINE_string("model", None, "Export folder of one version: WORKDIR/export/<model_name>/<version>.")
 flags.DEFINE_integer("top_k", 3, "How many best labels to print per image.")
 flags.DEFINE_enum("format", "table", export.PREDICTION_FORMATS, "Output format.")
@@ -23,7 +22,8 @@ FLAGS = flags.FLAGS
 def main(argv):
   # Imported once the flags are parsed: --help answers without loading TensorFlow.
   from export import classify
-  from trainer import images, progress
+  from trainer import images
+  from trainer.reporting import progress
   progress.hide_library_info()
   with exit_on_user_error():
     if not FLAGS.model:

@@ -9,11 +9,12 @@ import types
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import tiny_run, write_color_dataset
 from PIL import Image
 
-from conftest import tiny_run, write_color_dataset
-from trainer import config_checks, images, label_audit, train
+from trainer import config_checks, images, train
 from trainer.errors import UserInputError
+from trainer.reporting import label_audit
 
 
 def _clustered_features(classes=5, per_class=60, dim=32, views=2, seed=0):
@@ -183,7 +184,7 @@ def test_a_run_writes_the_audit_and_drop_suspects_trains_without_them(tmp_path, 
   assert len(label_audit.suspect_rows(str(report))) == 2
   assert (report / "near_duplicates.csv").is_file()
   # The report page shows them: the grid, the table of the worst, the CSVs.
-  from trainer import report_page
+  from trainer.reporting import report_page
   page = (tmp_path / "run" / "report" / "index.html")
   report_page.write_page(str(tmp_path / "run"))
   text = page.read_text(encoding="utf-8")

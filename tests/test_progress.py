@@ -14,7 +14,7 @@ import tensorflow as tf
 from absl import logging
 
 from tests.conftest import REPO, write_color_dataset
-from trainer import progress
+from trainer.reporting import progress
 
 
 class _Terminal(io.StringIO):

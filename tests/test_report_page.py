@@ -17,7 +17,8 @@ from PIL import Image
 
 from export import end_of_run
 from tests.conftest import _missing
-from trainer import data, report_page, reporting, train
+from trainer import data, train
+from trainer.reporting import report_files, report_page, summaries
 from trainer.workdir import RunDir
 
 # Names a page must escape and a browser must draw: CJK, markup characters, a quote, a space and a '#'.
@@ -145,7 +146,7 @@ def test_report_top_losses_writes_thumbnails_the_list_and_the_grid_naming_files_
 
 def test_the_top_losses_grid_goes_to_the_images_of_tensorboard(tmp_path):
   from tensorboard.backend.event_processing import event_accumulator
-  log = reporting.TensorBoardLog(str(tmp_path / "tensorboard"), CLASSES)
+  log = summaries.TensorBoardLog(str(tmp_path / "tensorboard"), CLASSES)
   report_page.report_top_losses(_softmax_of_channel_means, _examples(np.array([[0.0, 5.0, 0.0]]), [0]), CLASSES,
                                 2, str(tmp_path / "report"), log, step=7)
   log.close()
@@ -174,7 +175,7 @@ def workdir(tmp_path_factory) -> pathlib.Path:
   run_dir.save_history(history)
   export = root / "export" / "classifier" / "1"
   export.mkdir(parents=True)
-  run_dir.save_metrics({**reporting.summarize(history, CLASSES, str(export), ["frozen", "finetune"]),
+  run_dir.save_metrics({**report_files.summarize(history, CLASSES, str(export), ["frozen", "finetune"]),
                         "skipped_files": [{"path": "/data/broken.jpg", "reason": "truncated"}]})
   (root / "config.json").write_text(json.dumps({
       "data": {"batch_size": 8, "seed": 42, "image_size": 32}, "model": {"backbone": "mobilenet", "alpha": 0.25,
@@ -188,7 +189,7 @@ def workdir(tmp_path_factory) -> pathlib.Path:
       "tuner": "random", "trials": 4, "folds": 5,
       "candidates": [{"trial": 0, "default": True, "hparams": {"head_units": 128, "frozen_lr": 0.001,
                                                                "dropout": 0.2}}]}), encoding="utf-8")
-  reporting.write_reports(run_dir.report, history, confusion, CLASSES)
+  report_files.write_reports(run_dir.report, history, confusion, CLASSES)
   logits = np.array([[0.0, 5.0, 0.0], [5.0, 0.0, 0.0], [0.0, 0.0, 5.0], [3.0, 3.5, 0.0], [0.0, 0.0, 5.0]])
   report_page.report_top_losses(_softmax_of_channel_means,
                                 _examples(logits, [0, 0, 1, 1, 2], [f"/data/{name}.jpg" for name in "abcde"],

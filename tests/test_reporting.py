@@ -9,7 +9,6 @@ import subprocess
 import sys
 import textwrap
 import time
-
 import warnings
 
 import numpy as np
@@ -24,8 +23,9 @@ from tensorboard.plugins.hparams import metadata as hparams_metadata
 from werkzeug import test as werkzeug_test
 
 from tests.conftest import CLASS_COLORS, REPO, write_color_dataset
-from trainer import reporting, runtime, steps, train
+from trainer import runtime, steps, train
 from trainer.config import Config, section_fields
+from trainer.reporting import class_labels, report_files, summaries
 
 CLASSES = sorted(CLASS_COLORS)
 
@@ -170,7 +170,7 @@ def _changed(value):
 
 def test_hparams_name_the_trial_after_the_run_and_hold_every_setting_runs_differ_in(run):
   config, workdir, _, _ = run
-  start = _session_start(workdir / "tensorboard" / reporting.HPARAMS_DIR)
+  start = _session_start(workdir / "tensorboard" / summaries.HPARAMS_DIR)
   assert start.group_name == workdir.name
   hparams = start.hparams
   assert hparams["backbone"].string_value == "mobilenet"
@@ -227,7 +227,7 @@ def test_hparams_dashboard_of_a_single_run_shows_its_metrics(run):
   assert values["val_accuracy"] == pytest.approx(history[-1]["val_accuracy"])
   assert values["train_loss"] == pytest.approx(history[-1]["loss"], rel=1e-6)
   assert values["frozen_images_per_sec"] == pytest.approx(
-      reporting.steady_images_per_sec([r for r in history if r["phase"] == "frozen"]), rel=1e-6)
+      report_files.steady_images_per_sec([r for r in history if r["phase"] == "frozen"]), rel=1e-6)
 
 
 def _record(epoch, phase="frozen", **fields):
@@ -237,7 +237,7 @@ def _record(epoch, phase="frozen", **fields):
 
 
 def _log(log_dir, config, history, classes=("a", "b")):
-  log = reporting.TensorBoardLog(str(log_dir), classes)
+  log = summaries.TensorBoardLog(str(log_dir), classes)
   log.log_run(config, {"precision": "float32", "num_replicas": 1, "classes": list(classes)})
   for end in range(1, len(history) + 1):
     log.log_epoch(history[:end], np.eye(len(classes), dtype=np.int64))
@@ -254,7 +254,7 @@ def test_a_resumed_run_shows_each_epoch_once_in_tensorboard(tmp_path):
     parts = path.name.split(".")
     parts[3] = f"{int(parts[3]) - 10:010d}"
     path.rename(path.with_name(".".join(parts)))
-  resumed = reporting.TensorBoardLog(str(log_dir), ("a", "b"), next_epoch=3)
+  resumed = summaries.TensorBoardLog(str(log_dir), ("a", "b"), next_epoch=3)
   resumed.log_epoch([_record(1), _record(2), _record(3, loss=0.4)], np.eye(2, dtype=np.int64))
   resumed.close()
   accumulator = event_accumulator.EventAccumulator(str(log_dir / "frozen" / "train"), purge_orphaned_data=True)
@@ -288,13 +288,13 @@ def test_steady_images_per_sec_and_compile_time_are_logged_per_phase_when_record
   assert _scalars(finetune, "throughput/finetune_steady_images_per_sec") == pytest.approx({3: 0.2})
   # Each phase's images/s: the images of its epochs with a steady rate over their time at that rate (frozen:
   # epoch 1's 100 images in 100/90 s; epoch 2 has none).
-  hparams_events = _events(tmp_path / "tensorboard" / reporting.HPARAMS_DIR)
+  hparams_events = _events(tmp_path / "tensorboard" / summaries.HPARAMS_DIR)
   assert _scalars(hparams_events, "frozen_images_per_sec")[3] == pytest.approx(90.0)
   assert _scalars(hparams_events, "finetune_images_per_sec")[3] == pytest.approx(0.2)
   # Two steady epochs of 100 images each: all 200 over their time at their rates.
-  assert reporting.steady_images_per_sec([_record(1, steady_images_per_sec=90.0), _record(
+  assert report_files.steady_images_per_sec([_record(1, steady_images_per_sec=90.0), _record(
       2, steady_images_per_sec=20.0)]) == pytest.approx(200 / (100 / 90 + 100 / 20))
-  phases = reporting.summarize(history, ["a", "b"], None, ["frozen", "finetune"])["phases"]
+  phases = report_files.summarize(history, ["a", "b"], None, ["frozen", "finetune"])["phases"]
   assert phases["frozen"]["steady_images_per_sec"] == pytest.approx(90.0)
   assert phases["finetune"]["steady_images_per_sec"] == pytest.approx(0.2)
   assert phases["frozen"]["compile_seconds"] == pytest.approx(9.0)
@@ -313,7 +313,7 @@ def test_metrics_json_matches_the_last_logged_scalars(run):
   assert on_disk["phases"]["frozen"]["val_accuracy"] == pytest.approx(val_accuracy[2])
   assert on_disk["phases"]["finetune"]["val_accuracy"] == pytest.approx(val_accuracy[3])
   # Each phase's steady rate, as its throughput chart and the HParams dashboard show it.
-  hparams_events = _events(workdir / "tensorboard" / reporting.HPARAMS_DIR)
+  hparams_events = _events(workdir / "tensorboard" / summaries.HPARAMS_DIR)
   assert on_disk["phases"]["frozen"]["steady_images_per_sec"] == pytest.approx(
       _scalars(hparams_events, "frozen_images_per_sec")[3], rel=1e-6)
   # The one fine-tune epoch compiled at each of its two steps (a full and a partial batch): no steady rate.
@@ -365,12 +365,12 @@ def test_a_quiet_continued_run_prints_nothing_and_extends_the_epoch_axis(run, tm
 def test_per_class_metrics_follow_their_definitions():
   # Rows are true classes, columns predictions; class 2 is never predicted.
   confusion = np.array([[3, 1, 0], [0, 2, 0], [1, 1, 0]])
-  metrics = reporting.per_class_metrics(confusion)
+  metrics = report_files.per_class_metrics(confusion)
   np.testing.assert_allclose(metrics["precision"], [3 / 4, 2 / 4, 0.0])
   np.testing.assert_allclose(metrics["recall"], [3 / 4, 2 / 2, 0 / 2])
   np.testing.assert_allclose(metrics["f1"], [3 / 4, 2 * 0.5 * 1.0 / 1.5, 0.0])
   np.testing.assert_array_equal(metrics["support"], [4, 2, 2])
-  report = reporting.classification_report(confusion, ["a", "b", "c"])
+  report = report_files.classification_report(confusion, ["a", "b", "c"])
   accuracy = next(line.split() for line in report.splitlines() if line.strip().startswith("accuracy"))
   assert accuracy[1:] == [f"{5 / 8:.4f}", "8"]
 
@@ -382,7 +382,7 @@ def _report_row(report: str, name: str) -> str:
 def test_classification_report_notes_undefined_ratios_and_shows_shares_beside_counts():
   # Class c is never predicted; class d has no example (and is never predicted either).
   confusion = np.array([[3, 1, 0, 0], [0, 2, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0]])
-  report = reporting.classification_report(confusion, ["a", "b", "c", "d"])
+  report = report_files.classification_report(confusion, ["a", "b", "c", "d"])
   assert "never predicted" not in _report_row(report, "a") + _report_row(report, "b")
   assert "never predicted" in _report_row(report, "c") and "absent" not in _report_row(report, "c")
   assert "never predicted" in _report_row(report, "d") and "absent" in _report_row(report, "d")
@@ -395,7 +395,7 @@ def test_classification_report_notes_undefined_ratios_and_shows_shares_beside_co
 
 
 def test_a_report_with_every_class_predicted_has_no_notes():
-  report = reporting.classification_report(np.array([[2, 1], [0, 3]]), ["a", "b"])
+  report = report_files.classification_report(np.array([[2, 1], [0, 3]]), ["a", "b"])
   assert "never predicted" not in report and "undefined" not in report
 
 
@@ -403,7 +403,7 @@ def _drawn_with_missing_glyphs(figure) -> list[str]:
   """The warnings matplotlib gives for characters the figure's fonts have no glyph for (drawn as empty boxes)."""
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    reporting.write_png(figure, io.BytesIO())
+    report_files.write_png(figure, io.BytesIO())
   return [str(warning.message) for warning in caught if "missing from font" in str(warning.message)]
 
 
@@ -413,10 +413,10 @@ NON_LATIN = ["chat", "\u732b", "\u0441\u043e\u0431\u0430\u043a\u0430 \u72ac"]
 
 def test_non_latin_class_names_draw_without_empty_boxes_whatever_fonts_are_installed():
   images = np.zeros((3, 8, 8, 3))
-  for figure in (reporting.confusion_matrix_figure(np.eye(3, dtype=np.int64), NON_LATIN, "t"),
-                 reporting.image_grid_figure(images, [0, 1, 2], NON_LATIN)):
+  for figure in (report_files.confusion_matrix_figure(np.eye(3, dtype=np.int64), NON_LATIN, "t"),
+                 report_files.image_grid_figure(images, [0, 1, 2], NON_LATIN)):
     assert _drawn_with_missing_glyphs(figure) == []
-  labels = reporting.figure_labels(NON_LATIN)
+  labels = class_labels.figure_labels(NON_LATIN)
   assert labels.texts[0] == "chat"
   for index in (1, 2):  # Drawn by name where some font has the glyphs, else by class id with a legend.
     assert labels.texts[index] in (NON_LATIN[index], f"#{index}")
@@ -425,32 +425,32 @@ def test_non_latin_class_names_draw_without_empty_boxes_whatever_fonts_are_insta
 
 def test_a_name_no_installed_font_draws_shows_as_its_class_id_with_a_legend(monkeypatch):
   # A fresh machine: only matplotlib's own fonts (DejaVu Sans has Cyrillic, no CJK).
-  default = reporting.rcParams["font.sans-serif"][0]
-  monkeypatch.setattr(reporting, "_charmaps", lambda: {default: frozenset(range(0x3000))})
-  monkeypatch.setattr(reporting, "_add_fonts_missing_from_the_cache", lambda: False)
-  labels = reporting.figure_labels(NON_LATIN)
+  default = class_labels.rcParams["font.sans-serif"][0]
+  monkeypatch.setattr(class_labels, "_charmaps", lambda: {default: frozenset(range(0x3000))})
+  monkeypatch.setattr(class_labels, "_add_fonts_missing_from_the_cache", lambda: False)
+  labels = class_labels.figure_labels(NON_LATIN)
   assert labels.texts == ("chat", "#1", "#2") and labels.by_id == (1, 2)
   assert "\u732b" in labels.legend() and "#1" in labels.note() and "#2" in labels.note()
-  report = reporting.classification_report(np.eye(3, dtype=np.int64), NON_LATIN)
+  report = report_files.classification_report(np.eye(3, dtype=np.int64), NON_LATIN)
   assert "#1 \u732b " in report and "#2 \u0441\u043e\u0431\u0430\u043a\u0430 \u72ac " in report
-  figure = reporting.confusion_matrix_figure(np.eye(3, dtype=np.int64), NON_LATIN, "t")
+  figure = report_files.confusion_matrix_figure(np.eye(3, dtype=np.int64), NON_LATIN, "t")
   assert labels.note() in [text.get_text() for text in figure.texts]
 
 
 def test_a_font_with_the_glyphs_draws_the_name(monkeypatch):
-  default = reporting.rcParams["font.sans-serif"][0]
-  monkeypatch.setattr(reporting, "_charmaps", lambda: {default: frozenset(range(0x3000)),
+  default = class_labels.rcParams["font.sans-serif"][0]
+  monkeypatch.setattr(class_labels, "_charmaps", lambda: {default: frozenset(range(0x3000)),
                                                        "Some CJK": frozenset({0x732B, 0x72AC})})
-  labels = reporting.figure_labels(NON_LATIN)
+  labels = class_labels.figure_labels(NON_LATIN)
   assert labels.texts == tuple(NON_LATIN) and labels.by_id == () and labels.fonts == (default, "Some CJK")
 
 
 def test_long_class_names_end_in_an_ellipsis_on_figures():
   name = "a_very_long_class_name_for_blue_things"
-  short = reporting.figure_labels([name]).texts[0]
-  assert short.endswith("\u2026") and len(short) <= reporting.MAX_LABEL_CHARS and name.startswith(short[:-1])
-  assert reporting.figure_labels(["red"]).texts == ("red",)
-  report = reporting.classification_report(np.eye(1, dtype=np.int64), [name])
+  short = class_labels.figure_labels([name]).texts[0]
+  assert short.endswith("\u2026") and len(short) <= class_labels.MAX_LABEL_CHARS and name.startswith(short[:-1])
+  assert class_labels.figure_labels(["red"]).texts == ("red",)
+  report = report_files.classification_report(np.eye(1, dtype=np.int64), [name])
   assert name in report
 
 
@@ -489,31 +489,31 @@ def test_validation_confusion_matrix_sums_over_replicas():
 def test_a_font_installed_after_matplotlibs_cache_was_built_draws_the_name(monkeypatch):
   """matplotlib lists fonts once, in its cache: a font installed later is found among the system's fonts."""
   from matplotlib import font_manager
-  default = reporting.rcParams["font.sans-serif"][0]
-  default_codes = reporting._codes_of(font_manager.findfont(default))
+  default = class_labels.rcParams["font.sans-serif"][0]
+  default_codes = class_labels._codes_of(font_manager.findfont(default))
   # A font with a letter no other font has stands for the CJK font installed after the cache.
-  charmaps = reporting._charmaps()
+  charmaps = class_labels._charmaps()
   font, code = next((font, code) for font in font_manager.fontManager.ttflist if font.name in charmaps
                     and font.name != default
-                    for code in sorted(reporting._codes_of(font.fname) - default_codes) if chr(code).isalpha()
+                    for code in sorted(class_labels._codes_of(font.fname) - default_codes) if chr(code).isalpha()
                     and not any(code in codes for name, codes in charmaps.items() if name != font.name))
   stale = copy.copy(font_manager.fontManager)
   stale.ttflist = [entry for entry in font_manager.fontManager.ttflist if entry.name != font.name]
   monkeypatch.setattr(font_manager, "fontManager", stale)
   monkeypatch.setattr(font_manager, "findSystemFonts", lambda *args, **kwargs: [font.fname])
-  reporting._add_fonts_missing_from_the_cache.cache_clear()
+  class_labels._add_fonts_missing_from_the_cache.cache_clear()
   try:
-    labels = reporting.figure_labels([chr(code)])
+    labels = class_labels.figure_labels([chr(code)])
   finally:
-    reporting._add_fonts_missing_from_the_cache.cache_clear()
+    class_labels._add_fonts_missing_from_the_cache.cache_clear()
   assert labels.texts == (chr(code),) and labels.by_id == () and font.name in labels.fonts
 
 
 def test_the_legend_of_names_drawn_by_id_says_how_to_fix_it_in_one_line(monkeypatch):
-  default = reporting.rcParams["font.sans-serif"][0]
-  monkeypatch.setattr(reporting, "_charmaps", lambda: {default: frozenset(range(0x3000))})
-  monkeypatch.setattr(reporting, "_add_fonts_missing_from_the_cache", lambda: False)
-  labels = reporting.figure_labels(NON_LATIN)
+  default = class_labels.rcParams["font.sans-serif"][0]
+  monkeypatch.setattr(class_labels, "_charmaps", lambda: {default: frozenset(range(0x3000))})
+  monkeypatch.setattr(class_labels, "_add_fonts_missing_from_the_cache", lambda: False)
+  labels = class_labels.figure_labels(NON_LATIN)
   for text in (labels.note(), labels.legend()):
     assert "\n" not in text and "install" in text.lower()
 

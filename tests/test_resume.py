@@ -7,12 +7,13 @@ import signal
 import time
 
 import pytest
-
 import trainer_process
 from conftest import CLASS_COLORS, tiny_run, write_image
-from trainer import exit_codes, progress
+
+from trainer import exit_codes
 from trainer.config import Config
 from trainer.errors import UserInputError
+from trainer.reporting import progress
 from trainer.workdir import RunDir
 
 EPOCHS = {"frozen_epochs": 1, "finetune_epochs": 3}

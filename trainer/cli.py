@@ -2,12 +2,13 @@
 
 from typing import Collection
 
+from trainer import config_checks, finish, train, tuning
 from trainer import model as model_lib
-from trainer import config_checks, finish, progress, train, tuning
 from trainer import runtime as runtime_lib
 from trainer import workdir as workdir_lib
 from trainer.config import Config
 from trainer.errors import UserInputError, exit_on_user_error
+from trainer.reporting import progress
 
 
 def run(config: Config, workdir: str | None, list_layers: bool, given: Collection[str] = (),

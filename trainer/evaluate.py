@@ -28,7 +28,8 @@ def main(argv):
     usage.refuse_arguments(argv)
     trainer_flags.refuse_unused(("workdir",) + _OVERRIDABLE, "trainer.evaluate")
     # Imported once the flags are parsed: --help answers without loading TensorFlow.
-    from trainer import evaluation, progress
+    from trainer import evaluation
+    from trainer.reporting import progress
     progress.hide_library_info()
     metrics = evaluation.evaluate(given.workdir, trainer_flags.overrides(_OVERRIDABLE))
   report_dir = os.path.join(given.workdir, "report")

@@ -9,10 +9,11 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from trainer import data, data_checks, images, reporting, restore, sources
+from trainer import data, data_checks, images, restore, sources
 from trainer import workdir as workdir_lib
 from trainer.config import SOURCE_FLAGS
 from trainer.errors import UserInputError
+from trainer.reporting import report_files
 
 METRICS_FILE = "eval_metrics.json"
 REPORT_FILE = "eval_classification_report.txt"
@@ -48,8 +49,8 @@ def evaluate(workdir: str, overrides: dict | None = None) -> dict:
              "skipped_files": [{"path": path, "reason": why} for path, why in sorted(skipped.items())]}
   confusion = np.array(metrics["confusion_matrix"])
   workdir_lib.write_json(metrics_path, metrics)
-  reporting.write_classification_report(confusion, classes, os.path.join(run.report, REPORT_FILE))
-  reporting.write_confusion_matrix_png(confusion, classes, os.path.join(run.report, CONFUSION_FILE),
+  report_files.write_classification_report(confusion, classes, os.path.join(run.report, REPORT_FILE))
+  report_files.write_confusion_matrix_png(confusion, classes, os.path.join(run.report, CONFUSION_FILE),
                                        title=f"Evaluation on {metrics['data']}")
   return metrics
 
@@ -133,7 +134,7 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, classe
   # Rank of the true class: the number of classes scored higher (ties count in the label's favour).
   true_scores = probabilities[np.arange(len(labels)), labels]
   rank = np.sum(probabilities > true_scores[:, None], axis=1)
-  per_class = reporting.per_class_metrics(confusion)
+  per_class = report_files.per_class_metrics(confusion)
   support = per_class["support"]
   weights = support / max(1, support.sum())
   averages = {name: {metric: float(average(per_class[metric])) for metric in ("precision", "recall", "f1")}

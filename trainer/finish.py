@@ -8,9 +8,10 @@ from typing import TYPE_CHECKING, Protocol
 
 from absl import logging
 
-from trainer import distribute, report_page, reporting
+from trainer import distribute
 from trainer import model as model_lib
 from trainer import workdir as workdir_lib
+from trainer.reporting import report_files, report_page
 
 if TYPE_CHECKING:
   from trainer.train import Run
@@ -37,7 +38,7 @@ def finished_export(run: "Run", exporter: Exporter | None) -> dict | None:
   # so all take the same path: a chief lost after its export is not exported twice when the job restarts.
   exported = exporter.find(run) if exporter else None
   reports = [run.run_dir.metrics_file, report_page.page_file(run.workdir),
-             *(os.path.join(run.run_dir.report, name) for name in reporting.REPORT_FILES)]
+             *(os.path.join(run.run_dir.report, name) for name in report_files.REPORT_FILES)]
   if (exporter and not exported) or not all(os.path.isfile(path) for path in reports):
     return None
   metrics = workdir_lib.read_json(run.run_dir.metrics_file)
@@ -59,7 +60,7 @@ def finalize(run: "Run", val_metrics: dict, exporter: Exporter | None) -> dict:
   """Writes the report from the final model's validation (`val_metrics`) and, with an `exporter`, exports, both on
   the chief."""
   run.trainer.train_on_features(None)  # The report's figures and the export are of the whole classifier.
-  metrics = reporting.summarize(run.history, list(run.inputs.classes), None,
+  metrics = report_files.summarize(run.history, list(run.inputs.classes), None,
                                 [phase for phase, _ in model_lib.phases(run.config)])
   metrics["skipped_files"] = [{"path": path, "reason": why} for path, why in sorted(run.inputs.skipped.items())]
   if run.chief:  # Before the writers close: the grid goes to TensorBoard too.
@@ -68,7 +69,7 @@ def finalize(run: "Run", val_metrics: dict, exporter: Exporter | None) -> dict:
   if run.chief:
     # The report first: a failed export check must not lose it either.
     run.run_dir.save_metrics(metrics)
-    reporting.write_reports(run.run_dir.report, run.history, val_metrics["confusion_matrix"], run.inputs.classes)
+    report_files.write_reports(run.run_dir.report, run.history, val_metrics["confusion_matrix"], run.inputs.classes)
     report_page.write_page(run.workdir)
     # A finished run rerun to make a missing report keeps its export (exports are never made twice).
     if exporter:

@@ -1,13 +1,14 @@
-"""The frozen phase's features of this worker's share, and the label audit made on them (trainer.label_audit): read
-from the run's cache when a run (or its --tune search) already extracted them, else extracted once."""
+"""The frozen phase's features of this worker's share, and the label audit made on them (trainer.reporting.label_audit):
+read from the run's cache when a run (or its --tune search) already extracted them, else extracted once."""
 
 import os
 from typing import TYPE_CHECKING
 
 from absl import logging
 
-from trainer import augment, features, label_audit
+from trainer import augment, features
 from trainer.config import Config
+from trainer.reporting import label_audit
 
 if TYPE_CHECKING:
   from trainer.train import Run
@@ -31,8 +32,8 @@ def of_run(run: "Run") -> features.SharedFeatures:
 
 
 def _audit(run: "Run", cache: features.FeatureCache, key: str) -> frozenset[int]:
-  """The label audit of this worker's share (trainer.label_audit; the chief writes report/suspect_labels.csv and
-  near_duplicates.csv), once per features; returns the ids --drop_suspects leaves out (none without it)."""
+  """The label audit of this worker's share (trainer.reporting.label_audit; the chief writes report/suspect_labels.csv
+  and near_duplicates.csv), once per features; returns the ids --drop_suspects leaves out (none without it)."""
   config = run.config
   names = {split: dict(zip(examples.ids, examples.paths)) if examples.paths is not None else {}
            for split, examples in (("train", run.inputs.train), ("val", run.inputs.val))}

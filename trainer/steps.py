@@ -15,8 +15,8 @@ import tensorflow as tf
 
 from trainer import augment, optimization, randomness
 from trainer import model as model_lib
-from trainer import progress as progress_lib
 from trainer.config import Config
+from trainer.reporting import progress as progress_lib
 
 
 class Trainer:

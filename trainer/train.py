@@ -20,13 +20,13 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from trainer import augment, checkpoints, data, distribute, example_log
-from trainer import finish, frozen_features, reporting
-from trainer import steps as steps_lib
-from trainer import runtime as runtime_lib
+from trainer import augment, checkpoints, data, distribute, example_log, finish, frozen_features
 from trainer import model as model_lib
+from trainer import runtime as runtime_lib
+from trainer import steps as steps_lib
 from trainer import workdir as workdir_lib
 from trainer.config import Config
+from trainer.reporting import report_files, summaries
 
 
 def phase_of_epoch(epoch: int, config: Config) -> str:
@@ -45,7 +45,7 @@ class Run:
   manager: tf.train.CheckpointManager
   own_manager: tf.train.CheckpointManager
   history: list
-  tensorboard: reporting.TensorBoardLog
+  tensorboard: summaries.TensorBoardLog
 
   # The runtime's parts, by the names the loop uses.
   config = property(lambda self: self.runtime.config)
@@ -141,7 +141,7 @@ def setup(runtime: runtime_lib.Runtime | Config, workdir: str, inputs: data.Inpu
   history = run_dir.load_history()[:int(trainer.epoch)]
   example_log.log_share(config.runtime.example_log, shard.index, decoded=inputs.train.padded_length,
                         examples=len(inputs.train), of=len(inputs.train.all_labels))
-  tensorboard = reporting.TensorBoardLog(run_dir.tensorboard if chief else None, inputs.classes,
+  tensorboard = summaries.TensorBoardLog(run_dir.tensorboard if chief else None, inputs.classes,
                                          next_epoch=int(trainer.epoch) + 1)
   return Run(runtime, workdir, inputs, run_dir, trainer, manager, own_manager, history, tensorboard)
 
@@ -163,7 +163,8 @@ def _train_epochs(run: Run, stops: distribute.CtrlCAsSigterm) -> dict | None:
                                    "classes": list(run.inputs.classes), "run_name": os.path.basename(
                                        os.path.normpath(run.workdir))})
   if int(trainer.epoch) == 0 and int(trainer.epoch_step) == 0:
-    run.tensorboard.log_training_images(*augment.first_batch(config, run.inputs.train.images, reporting.GRID_IMAGES))
+    run.tensorboard.log_training_images(*augment.first_batch(config, run.inputs.train.images,
+                                                             report_files.GRID_IMAGES))
   val_metrics = feature_cache = None
   if config.train.drop_suspects:
     feature_cache = frozen_features.of_run(run)  # The suspects are known before any epoch trains without them.

@@ -29,10 +29,11 @@ import tensorflow as tf
 from absl import logging
 from PIL import Image
 
-from trainer import data, label_audit, reporting
+from trainer import data
 from trainer import workdir as workdir_lib
+from trainer.reporting import label_audit, report_files, summaries
 
-# Images in the top-losses grid: four rows of reporting.TOP_LOSS_COLUMNS.
+# Images in the top-losses grid: four rows of report_files.TOP_LOSS_COLUMNS.
 TOP_LOSSES = 24
 # The longer side of a thumbnail (the model's input is kept when smaller): a tile of the page's grid at 1280 px.
 THUMBNAIL_PIXELS = 160
@@ -143,7 +144,7 @@ def _thumbnail(image: np.ndarray) -> np.ndarray:
 
 
 def report_top_losses(model: Callable, examples: data.Examples, classes: Sequence[str], batch_size: int,
-                      report_dir: str, tensorboard: reporting.TensorBoardLog | None = None, step: int = 0,
+                      report_dir: str, tensorboard: summaries.TensorBoardLog | None = None, step: int = 0,
                       workers: int = 1) -> None:
   """The top losses of this worker's validation examples: thumbnails in report/top_losses/, the list in
   report/top_losses.json, the grid in report/top_losses.png and (given `tensorboard`) in TensorBoard's Images, as
@@ -173,10 +174,10 @@ def report_top_losses(model: Callable, examples: data.Examples, classes: Sequenc
     if os.path.exists(png):
       os.remove(png)
     return
-  figure = reporting.top_losses_figure(np.stack([e.thumbnail for e in ranked]),
+  figure = report_files.top_losses_figure(np.stack([e.thumbnail for e in ranked]),
                                        [e.label for e in ranked], [e.predicted for e in ranked],
                                        [e.probability for e in ranked], classes)
-  reporting.write_png(figure, png)
+  report_files.write_png(figure, png)
   if tensorboard is not None:
     tensorboard.log_top_losses(figure, step, f"The {len(ranked)} validation images with the largest loss "
                                              f"(misclassified first; {wrong} of {seen} misclassified): true class, "
@@ -194,7 +195,7 @@ def write_page(workdir: str) -> str:
   config = _json_or_empty(os.path.join(workdir, "config.json"))
   metrics = _json_or_empty(os.path.join(report_dir, "metrics.json"))
   history = _json_or_empty(os.path.join(report_dir, "history.json")) or []
-  confusion = _json_or_empty(os.path.join(report_dir, reporting.CONFUSION_FILE))
+  confusion = _json_or_empty(os.path.join(report_dir, report_files.CONFUSION_FILE))
   top_losses = _json_or_empty(os.path.join(report_dir, TOP_LOSSES_FILE))
   tuning = _json_or_empty(os.path.join(workdir, "tuning", "best_hparams.json"))
   name = os.path.basename(os.path.normpath(os.path.abspath(workdir)))
@@ -257,7 +258,7 @@ def _per_class(confusion: dict) -> str:
   if not confusion:
     return ""
   classes, counts = confusion["classes"], np.asarray(confusion["counts"])
-  values = reporting.per_class_metrics(counts)
+  values = report_files.per_class_metrics(counts)
   rows = "\n".join(
       f"<tr><td class=num>{index}</td><td>{_text(name)}</td><td class=num>{values['precision'][index]:.3f}</td>"
       f"<td class=num>{values['recall'][index]:.3f}</td><td class=num>{values['f1'][index]:.3f}</td>"
@@ -288,7 +289,8 @@ def _top_losses(top_losses: dict) -> str:
 
 
 def _suspects(report_dir: str) -> str:
-  """The label audit (trainer.label_audit): the worst suspect labels, their grid, and the near-duplicates' count."""
+  """The label audit (trainer.reporting.label_audit): the worst suspect labels, their grid, and the near-duplicates'
+  count."""
   audit = _json_or_empty(os.path.join(report_dir, label_audit.STATE_FILE))
   if not audit:
     return ""
@@ -452,7 +454,7 @@ code {{ background: #f4f4f4; padding: 2px 5px; border-radius: 3px; overflow-wrap
 <body>
 <h1>{heading}</h1>
 {body}
-<p class=written>Written {written} by trainer.report_page from the run's files.</p>
+<p class=written>Written {written} by trainer.reporting.report_page from the run's files.</p>
 </body>
 </html>
 """
