@@ -522,7 +522,7 @@ def _decoded(split: _SplitList, image_size: int, config: DataConfig, budget: int
       from trainer import data_service  # Only --data_service needs it.
       # A job of its own for this worker's share: the service's workers decode it, and this trainer, its only
       # consumer, receives every element once (in the order they finish, so resumes are not bit-exact).
-      decoded = data_service.distribute(decoded, config.data_service,
+      decoded = data_service.distribute(decoded, config.data_service, elements=split.padded_length,
                                         job_name=f"transfer-trainer-{uuid.uuid4().hex}")
     return decoded
 

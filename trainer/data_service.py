@@ -10,6 +10,7 @@ once, not once per worker. The workers read the files themselves, so the data mu
 every worker (a shared volume, or gs://). See launch/data_service.yaml.
 """
 
+import re
 import socket
 import time
 import urllib.parse
@@ -67,16 +68,35 @@ def wait_for_dispatcher(address: str, timeout: float = TRAINER_TIMEOUT_SECONDS, 
       time.sleep(_PROBE_INTERVAL_SECONDS)
 
 
-def distribute(dataset: "tf.data.Dataset", address: str, job_name: str,
+def distribute(dataset: "tf.data.Dataset", address: str, job_name: str, elements: int,
                timeout: float = TRAINER_TIMEOUT_SECONDS) -> "tf.data.Dataset":
-  """`dataset` produced by the tf.data service at `address` in distributed_epoch mode: every element of an epoch
-  once, split among the workers and among the consumers that share `job_name` (the trainers of one run)."""
+  """`dataset`, of `elements` elements, produced by the tf.data service at `address` in distributed_epoch mode:
+  every element of an epoch once, split among the workers and among the consumers that share `job_name` (the
+  trainers of one run).
+
+  A service worker lost mid-epoch loses the elements it held (distributed_epoch hands each out at most once): the
+  epoch ends short once the worker is back at its address, and `whole` turns that end into an error before the
+  epoch is saved (trainer.distribute.exit_on_peer_loss: one line, exit 138, the epoch redone from the last
+  checkpoint). Nothing bounds the wait for a worker that never comes back: this client retries it for as long as
+  the job lists its task, and the dispatcher's worker_timeout_ms only marks it lost (for snapshots), leaving its
+  task in the job (measured on TensorFlow 2.21)."""
   import tensorflow as tf
   wait_for_dispatcher(address, timeout)
   # ShardingPolicy.DYNAMIC is what processing_mode="distributed_epoch" names.
-  return dataset.apply(tf.data.experimental.service.distribute(
+  return whole(dataset.apply(tf.data.experimental.service.distribute(
       processing_mode=tf.data.experimental.service.ShardingPolicy.DYNAMIC, service=_grpc(address),
-      job_name=job_name))
+      job_name=job_name)), elements)
+
+
+# TensorFlow's words when a dataset under `whole` ends early.
+SHORT_EPOCH = re.compile(r"expected to contain (\d+) elements but contained only (\d+) elements")
+
+
+def whole(dataset: "tf.data.Dataset", elements: int) -> "tf.data.Dataset":
+  """`dataset`, raising FailedPreconditionError (whose message SHORT_EPOCH matches) instead of ending when fewer
+  than `elements` arrive: examples lost with a service worker are never trained as if the epoch had none."""
+  import tensorflow as tf
+  return dataset.apply(tf.data.experimental.assert_cardinality(elements))
 
 
 def _grpc(address: str) -> str:

@@ -29,7 +29,6 @@ from trainer.config import RuntimeConfig
 from trainer.errors import UserInputError
 
 
-
 def create_strategy(config: RuntimeConfig) -> tf.distribute.Strategy:
   name = config.strategy
   if name == "default":
@@ -250,9 +249,19 @@ def exit_on_peer_loss():
   """Under a multi-worker TF_CONFIG: a peer's loss ends this worker in one line naming the peer and
   exit_codes.PEER_LOST (retried by schedulers), instead of a traceback and exit 1. The workdir is consistent: the
   error comes from a collective, between this process's writes (each checkpoint and report file is written whole
-  or not at all), and a restart resumes from the last checkpoint. Other errors, and single-worker runs, pass."""
+  or not at all), and a restart resumes from the last checkpoint. So does a tf.data service worker's loss, which
+  leaves an epoch short (trainer.data_service.whole) before its history and checkpoint are saved. Other errors, and
+  single-worker runs' peer errors, pass."""
   try:
     yield
+  except tf.errors.FailedPreconditionError as e:
+    from trainer import data_service  # Only a --data_service input raises this one.
+    short = data_service.SHORT_EPOCH.search(str(e))
+    if not short:
+      raise
+    _end(f"a tf.data service epoch ended after {short.group(2)} of its {short.group(1)} examples: a service worker "
+         "was lost mid-epoch with the examples it held. Restart to redo the epoch from the last checkpoint "
+         "(--data_service).", exit_codes.PEER_LOST)
   except _PEER_ERRORS as e:
     cluster = cluster_lib.cluster_from_tf_config()
     if cluster is None or not cluster.peers:
