@@ -51,7 +51,7 @@ def train_history(config, workdir: str) -> list[dict]:
   """The epoch records (report/history.json's) of one run trained as train.train_and_evaluate trains it, without
   its export: the benchmarks measure training, and the export with its parity checks costs about a minute for a
   MobileNetV2 here. `config` is a trainer.config.Config."""
-  from trainer import train  # Here, not above: bench.scale's rows measure their process's memory without it.
+  from trainer.loop import train  # Here, not above: bench.scale's rows measure their process's memory without it.
   run = train.setup(config, workdir)
   train.train_epochs(run)
   run.tensorboard.close()

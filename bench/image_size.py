@@ -3,7 +3,7 @@
 python -m bench.image_size [--data_dir=../shared/datasets/hymenoptera] [--sizes=224,256,288] [--json=FILE]
 
 For each size: the frozen backbone's pooled features of the training images (--views augmented views, as
---cache_features computes them: trainer.tuning.cached_features) and of the validation images, then the default
+--cache_features computes them: trainer.loop.tuning.cached_features) and of the validation images, then the default
 head trained on them with several seeds (epoch e on view e mod --views). Prints and writes, per size, the
 extraction time and the mean, min and max validation accuracy.
 """
@@ -17,11 +17,10 @@ import numpy as np
 from absl import flags
 
 import bench
-from trainer import features
-from trainer import runtime
-from trainer import model as model_lib
-from trainer import tuning
 from trainer.config import Config
+from trainer.loop import features, tuning
+from trainer.modeling import model as model_lib
+from trainer.runtime import runtime
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("data_dir", "../shared/datasets/hymenoptera", "Dataset (train/ + val/).", flag_values=FLAGS)

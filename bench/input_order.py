@@ -13,7 +13,7 @@ import tensorflow as tf
 from absl import flags
 
 import bench
-from trainer import images
+from trainer.input import images
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("data_dir", "../shared/datasets/hymenoptera", "A folder of images (searched recursively).",

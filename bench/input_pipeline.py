@@ -5,7 +5,7 @@ python -m bench.input_pipeline --data_dir=../shared/datasets/hymenoptera/train -
 
 Every figure is images/s over one full pass of the folder's images, as batches of --batch_size, the median of
 --repeats rounds (each round measures every pipeline once, from scratch, so that a busy machine slows all alike):
-  ours_first_epoch              trainer.data.load with --cache=memory (list, check and hash every file, decode +
+  ours_first_epoch              trainer.input.data.load with --cache=memory (list, check and hash every file, decode +
                                 resize in parallel into the cache), then a pass over its training and validation
                                 splits (which together are the folder): from nothing to one epoch, as a run meets it
   ours_cached_epoch             later epochs: shuffled batches from the cache (mean of --cached_epochs)
@@ -14,7 +14,7 @@ Every figure is images/s over one full pass of the folder's images, as batches o
                                 augmentation (rotation 40, shifts 0.2, shear 0.2, zoom 0.2, horizontal flip)
   image_data_generator_plain    the same without augmentation
   decode_only                   tf.io.decode_image alone, in parallel: the machine's decode bound for these files
-Also reported (printed, and in the JSON as "facts"): the images counted, and the seconds of trainer.data_checks'
+Also reported (printed, and in the JSON as "facts"): the images counted, and the seconds of trainer.input.data_checks'
 scan of every file (part of ours_first_epoch).
 Keras 3 no longer exports ImageDataGenerator; its legacy class lives in keras.src.legacy.preprocessing.image.
 """
@@ -29,8 +29,8 @@ from absl import flags
 from keras.src.legacy.preprocessing.image import ImageDataGenerator
 
 import bench
-from trainer import data, data_checks, images, sources
 from trainer.config import Config
+from trainer.input import data, data_checks, images, sources
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("data_dir", None, "Folder with one sub-folder of images per class.", required=True,
@@ -61,7 +61,7 @@ def _generator_images_per_sec(generator) -> float:
 
 
 def _ours(data_dir: str, size: int, batch_size: int, cached_epochs: int) -> tuple[dict, int]:
-  """images/s of trainer.data's first epoch (data.load included) and of its cached epochs, and the images."""
+  """images/s of trainer.input.data's first epoch (data.load included) and of its cached epochs, and the images."""
   config = Config().replace(data_dir=data_dir, cache="memory", batch_size=batch_size).data
   start = time.perf_counter()
   inputs = data.load(config, size)

@@ -23,10 +23,13 @@ from absl import flags
 from PIL import Image, ImageOps
 
 import bench
-from trainer import augment, data, features, runtime
-from trainer import model as model_lib
 from trainer.config import Config
+from trainer.input import data
+from trainer.loop import features
+from trainer.modeling import augment
+from trainer.modeling import model as model_lib
 from trainer.reporting import label_audit
+from trainer.runtime import runtime
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("dataset", "../shared/datasets/sign_language_digits", "Dataset: train/ and val/ class folders.",

@@ -1,4 +1,4 @@
-"""Input at scale: images/s, peak memory and cache size of trainer.data by dataset size and --cache mode, next to
+"""Input at scale: images/s, peak memory and cache size of trainer.input.data by dataset size and --cache mode, next to
 keras.utils.image_dataset_from_directory on the same files in the same run.
 
 python -m bench.scale [--sizes=1000,5000,20000] [--phone_photos=200] [--image_size=224] [--epochs=3]
@@ -87,8 +87,9 @@ def _iterate(dataset) -> int:
 
 def ours_row(folder: str, cache: str, image_size: int, batch_size: int, epochs: int, cache_root: str) -> dict:
   import tensorflow as tf
-  from trainer import data
+
   from trainer.config import Config
+  from trainer.input import data
   config = Config().replace(data_dir=folder, cache=cache, validation_split=_VALIDATION_SPLIT,
                             batch_size=batch_size).data
   rss_before = _current_rss_bytes()

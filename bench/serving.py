@@ -21,9 +21,9 @@ from absl import flags
 
 import bench
 from export import saved_model
-from trainer import images, sources
-from trainer import model as model_lib
 from trainer.config import Config
+from trainer.input import images, sources
+from trainer.modeling import model as model_lib
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("val_dir", "../shared/datasets/hymenoptera/val", "Class folders of JPEGs to serve.",

@@ -20,8 +20,10 @@ from absl import flags
 
 import bench
 from export import tflite
-from trainer import data, restore, runtime, train
 from trainer.config import TFLITE_QUANTIZATIONS, Config
+from trainer.input import data
+from trainer.loop import restore, train
+from trainer.runtime import runtime
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("data_dir", "../shared/datasets/hymenoptera", "Dataset (train/ + val/, or class folders).",

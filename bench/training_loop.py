@@ -49,10 +49,9 @@ def main(argv: list[str]) -> dict:
   import keras
   import numpy as np
 
-  from trainer import distribute, runtime, train
-
-  from trainer import steps
   from trainer.config import Config, RuntimeConfig
+  from trainer.loop import steps, train
+  from trainer.runtime import distribute, runtime
 
   config = runtime.resolve(Config().replace(backbone=FLAGS.backbone, alpha=FLAGS.alpha, weights=FLAGS.weights,
                                           image_size=FLAGS.image_size, batch_size=FLAGS.batch_size,
@@ -68,7 +67,7 @@ def main(argv: list[str]) -> dict:
   def batched(elements: tuple) -> tf.data.Dataset:
     dataset = tf.data.Dataset.from_tensor_slices(elements).batch(FLAGS.batch_size).cache().prefetch(2)
     return dataset.with_options(options)
-  # The loop's elements also carry a weight (0 for padding: none here) and an id, as trainer.data gives them.
+  # The loop's elements also carry a weight (0 for padding: none here) and an id, as trainer.input.data gives them.
   loop_batches = batched((images, labels, np.ones(count, np.float32), np.arange(count, dtype=np.int64)))
 
   trainer = steps.Trainer(config, 3, strategy)

@@ -23,9 +23,9 @@ import numpy as np
 from absl import flags
 
 import bench
-
-from trainer import runtime, tuning
 from trainer.config import Config
+from trainer.loop import tuning
+from trainer.runtime import runtime
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_list("data_dirs", ["../shared/datasets/hymenoptera", "../shared/datasets/sign_language_digits"],

@@ -16,8 +16,8 @@ import tensorflow as tf
 
 import export
 from export import saved_model
-from trainer import sources
 from trainer.errors import UserInputError
+from trainer.input import sources
 
 FORMATS = export.PREDICTION_FORMATS
 _BATCH = 16

@@ -10,16 +10,16 @@ from typing import TYPE_CHECKING
 from absl import logging
 
 from export import saved_model
-from trainer import data
-from trainer import workdir as workdir_lib
 from trainer.errors import UserInputError
+from trainer.input import data
+from trainer.runtime import workdir as workdir_lib
 
 if TYPE_CHECKING:
-  from trainer.train import Run
+  from trainer.loop.train import Run
 
 
 class SavedModelExport:
-  """Called by trainer.finish on the chief: `find` an export of the run's latest checkpoint, else make one."""
+  """Called by trainer.loop.finish on the chief: `find` an export of the run's latest checkpoint, else make one."""
 
   def find(self, run: "Run") -> str | None:
     """The version folder exported from the run's latest checkpoint, if any. By the checkpoint's name: a workdir

@@ -12,11 +12,11 @@ import os
 
 from absl import app, flags
 
-from trainer import flags as trainer_flags
-from trainer import usage
-from trainer import workdir as workdir_lib
+from trainer.command import flags as trainer_flags
+from trainer.command import usage
 from trainer.config import DATA_SOURCE_FIELDS, ExportConfig
 from trainer.errors import UserInputError, exit_on_user_error
+from trainer.runtime import workdir as workdir_lib
 
 flags.DEFINE_integer("version", None, "Version folder to write (never overwritten); default: one more than the "
                      "highest existing version.")
@@ -26,10 +26,11 @@ _OVERRIDABLE = tuple(ExportConfig.__dataclass_fields__) + DATA_SOURCE_FIELDS
 
 def export_run(workdir: str, overrides: dict | None = None, version: int | None = None) -> str:
   """Exports the latest checkpoint of `workdir` with config.json's settings changed by `overrides` (see
-  `trainer.restore.restore`); returns the version folder."""
+  `trainer.loop.restore.restore`); returns the version folder."""
   # Imported here, once the flags are parsed: --help answers without loading TensorFlow.
   from export import saved_model
-  from trainer import data, restore
+  from trainer.input import data
+  from trainer.loop import restore
   trained = restore.restore(workdir, overrides)
   config = trained.config
   inputs = data.load(config.data, config.data.image_size, os.path.join(workdir, "cache"))

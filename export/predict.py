@@ -10,7 +10,7 @@ import sys
 from absl import flags
 
 import export
-from trainer import usage
+from trainer.command import usage
 from trainer.errors import UserInputError, exit_on_user_error
 
 flags.DEFINE_string("model", None, "Export folder of one version: WORKDIR/export/<model_name>/<version>.")
@@ -22,7 +22,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   # Imported once the flags are parsed: --help answers without loading TensorFlow.
   from export import classify
-  from trainer import images
+  from trainer.input import images
   from trainer.reporting import progress
   progress.hide_library_info()
   with exit_on_user_error():

@@ -44,10 +44,11 @@ from absl import logging
 from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
 from export import tflite
-from trainer import checkpoints, data, images
-from trainer import model as model_lib
 from trainer.config import Config
 from trainer.errors import UserInputError
+from trainer.input import data, images
+from trainer.loop import checkpoints
+from trainer.modeling import model as model_lib
 
 SERVING_DEFAULT = "serving_default"
 IMAGE_TENSOR_SIGNATURE = "serving_image_tensor"
@@ -86,7 +87,7 @@ def export_saved_model(model: keras.Model, classes: Sequence[str], config: Confi
                        inputs: data.InputData | None = None) -> str:
   """Writes export_root/<model_name>/<version>/ after checking it against `model`; returns that path.
 
-  parity_paths: validation image files (see `trainer.data.sample_files`); the first PARITY_FILES are fed as bytes
+  parity_paths: validation image files (see `trainer.input.data.sample_files`); the first PARITY_FILES are fed as bytes
   to the reloaded SavedModel and, decoded, to `model`, and make the warmup requests. source: where the weights
   came from (a checkpoint). inputs: the run's data, needed with --tflite (int8 is calibrated on its training
   split; the file is judged on its validation split). A mixed-precision `model` is exported as its float32 copy

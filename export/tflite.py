@@ -34,9 +34,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer import data
 from trainer.config import Config
 from trainer.errors import UserInputError
+from trainer.input import data
 
 TFLITE_FILE = "model.tflite"
 # A few hundred images pin every activation's range as well as the whole split would (Model Maker uses 300-500).

@@ -123,7 +123,7 @@ def trained_workdir(tmp_path_factory, random_mobilenet_025_weights) -> pathlib.P
   """One frozen epoch of MobileNet alpha 0.25 (random init) at 32 px on red/green/blue JPEGs of several sizes,
   exported once: the run shared by the export, serving, predict and evaluate tests."""
   from export import end_of_run
-  from trainer import train
+  from trainer.loop import train
   root = tmp_path_factory.mktemp("trained_run")
   write_color_dataset(root / "data", 6, widths=[40 + 4 * i for i in range(6)])
   config = tiny_run(random_mobilenet_025_weights, batch_size=8, finetune_epochs=0, augment="none",
@@ -140,7 +140,7 @@ def trained_export_dir(trained_workdir) -> pathlib.Path:
 @pytest.fixture(scope="session")
 def trained(trained_workdir):
   """The trained run's model, restored from its workdir."""
-  from trainer import restore
+  from trainer.loop import restore
   return restore.restore(str(trained_workdir))
 
 

@@ -5,9 +5,10 @@ import dataclasses
 import numpy as np
 import pytest
 
-from trainer import augment, config_checks
+from trainer import config_checks
 from trainer.config import Config
 from trainer.errors import UserInputError
+from trainer.modeling import augment
 
 
 def _images(seed=0):

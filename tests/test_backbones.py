@@ -2,8 +2,8 @@ import keras
 import numpy as np
 import pytest
 
-from trainer import backbones
 from trainer.errors import UserInputError
+from trainer.modeling import backbones
 
 # The smallest input each architecture accepts, to build every entry quickly with random weights.
 _MIN_SIZE = {"inception_v3": 75}

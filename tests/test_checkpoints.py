@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import checkpoints, restore
 from trainer.errors import UserInputError
-from trainer.workdir import RunDir
+from trainer.loop import checkpoints, restore
+from trainer.runtime.workdir import RunDir
 
 
 class TinyRun:
@@ -200,7 +200,7 @@ def test_a_full_disk_ends_the_save_in_one_line_and_the_run_resumes(small_disk):
 
 def test_a_run_whose_newest_checkpoint_is_corrupt_resumes_from_the_one_before(tiny_config, color_folder, tmp_path,
                                                                               caplog):
-  from trainer import train  # Imported here: the other tests need no model.
+  from trainer.loop import train  # Imported here: the other tests need no model.
   config = tiny_config.replace(data_dir=str(color_folder), frozen_epochs=2, finetune_epochs=0)
   workdir = tmp_path / "run"
   train.train_and_evaluate(config, str(workdir))

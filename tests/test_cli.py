@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from tests.conftest import REPO, write_image
-from trainer import flags as trainer_flags
-from trainer import usage
+from trainer.command import flags as trainer_flags
+from trainer.command import usage
 from trainer.config import SECTIONS, Config, section_fields
 from trainer.errors import UserInputError
 
@@ -93,7 +93,8 @@ def test_every_choice_and_range_is_refused_before_any_file_is_read(name, value, 
 
 
 def test_declared_choices_are_what_the_registries_implement():
-  from trainer import augment, backbones, config as config_lib
+  from trainer import config as config_lib
+  from trainer.modeling import augment, backbones
   assert set(config_lib.BACKBONES) == set(backbones.REGISTRY)
   assert set(config_lib.AUGMENT_PRESETS) == set(augment.PRESETS)
   assert set(config_lib.FLIPS) - {""} == set(augment.FLIPS)

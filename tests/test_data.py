@@ -6,11 +6,12 @@ import shutil
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from conftest import CLASS_COLORS, write_image
-from trainer import config_checks, data, data_checks
+
+from trainer import config_checks
 from trainer.config import Config
 from trainer.errors import UserInputError
+from trainer.input import data, data_checks
 
 SIZE = 16
 
@@ -324,7 +325,7 @@ def test_balanced_class_weights():
 
 
 def test_tfrecord_shards_give_the_folders_pixels_and_split_by_file_across_workers(color_folder, tmp_path):
-  from trainer import tfrecords
+  from trainer.input import tfrecords
   folder = Config().replace(data_dir=str(color_folder), validation_split=0.34).data
   tfrecords.convert(folder, str(tmp_path / "shards"), shards=2)
   from_files = data.load(folder, SIZE, str(tmp_path / "cache"))
@@ -424,7 +425,7 @@ def test_records_are_shuffled_alike_whether_kept_in_memory_or_streamed(color_fol
   """A TFRecord run's epochs depended on where its records lived (a whole shuffle in memory, a buffer when
   streamed): a resume whose memory budget changed trained other epochs. A buffer smaller than the split, as it is
   for any real one."""
-  from trainer import tfrecords
+  from trainer.input import tfrecords
   monkeypatch.setattr(data, "_MAX_SHUFFLE_BUFFER", 4)
   tfrecords.convert(Config().replace(data_dir=str(color_folder), validation_split=0.34).data,
                     str(tmp_path / "shards"), shards=2)

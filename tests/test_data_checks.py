@@ -8,13 +8,14 @@ import shutil
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import CLASS_COLORS, write_image
 from PIL import Image
 
-from conftest import CLASS_COLORS, write_image
 from export import end_of_run
-from trainer import data, data_checks, train
 from trainer.config import Config
 from trainer.errors import UserInputError
+from trainer.input import data, data_checks
+from trainer.loop import train
 
 
 def _truncated_jpeg(path):

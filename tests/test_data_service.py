@@ -12,9 +12,12 @@ import pytest
 import tensorflow as tf
 from conftest import REPO, tiny_run, write_color_dataset, write_image
 
-from trainer import data_service, distribute, exit_codes, images, tfrecords
+from trainer import exit_codes
 from trainer.errors import UserInputError
-from trainer.workdir import RunDir
+from trainer.input import images, tfrecords
+from trainer.input import service as data_service
+from trainer.runtime import distribute
+from trainer.runtime.workdir import RunDir
 
 
 def _free_port() -> int:
@@ -142,7 +145,7 @@ def test_a_run_whose_service_epoch_comes_up_short_saves_neither_the_epoch_nor_it
     random_mobilenet_025_weights, tmp_path, monkeypatch):
   """The whole loop, its input from a stand-in service that loses the share's last example (the element count is
   what the check sees, whatever the step count)."""
-  from trainer import train
+  from trainer.loop import train
   config = tiny_run(random_mobilenet_025_weights, data_dir=str(write_color_dataset(tmp_path / "colors", 4)),
                     frozen_epochs=0, finetune_epochs=1, augment="none", data_service="grpc://localhost:1")
   monkeypatch.setattr(data_service, "distribute", lambda dataset, address, job_name, elements, **_: (

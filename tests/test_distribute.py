@@ -14,13 +14,14 @@ import types
 
 import pytest
 import tensorflow as tf
-
 import trainer_process
 from conftest import REPO
-from trainer import cluster as cluster_lib
-from trainer import config_checks, distribute, exit_codes
+
+from trainer import config_checks, exit_codes
 from trainer.config import Config, RuntimeConfig
 from trainer.errors import UserInputError
+from trainer.runtime import cluster as cluster_lib
+from trainer.runtime import distribute
 
 
 def test_plan_splits_the_global_batch_and_scales_learning_rates_linearly():

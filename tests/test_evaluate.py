@@ -5,14 +5,15 @@ import re
 
 import numpy as np
 import pytest
+from conftest import CLASS_COLORS, write_image
 from PIL import Image
 
-from conftest import CLASS_COLORS, write_image
-from trainer import evaluate, evaluation
-from trainer import flags as trainer_flags
-from trainer import usage
+from trainer import evaluate
+from trainer.command import flags as trainer_flags
+from trainer.command import usage
 from trainer.config import Config
 from trainer.errors import UserInputError
+from trainer.loop import evaluation
 
 
 def test_metrics_of_known_predictions():

@@ -12,11 +12,10 @@ import tensorflow as tf
 from PIL import Image
 from tensorflow_serving.apis import prediction_log_pb2
 
-from export import end_of_run
+from export import end_of_run, saved_model, tflite
 from export import main as export_main
-from export import saved_model, tflite
-from trainer import images
 from trainer.errors import UserInputError
+from trainer.input import images
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +125,7 @@ def test_saved_model_cli_runs_on_a_npy_of_jpeg_bytes(loaded, trained_export_dir,
 
 def test_a_failed_export_check_keeps_the_training_and_export_main_retries(tiny_config, color_folder, tmp_path,
                                                                           monkeypatch):
-  from trainer import train  # Imported here: the other tests share one trained run.
+  from trainer.loop import train  # Imported here: the other tests share one trained run.
   workdir = tmp_path / "run"
   checked = saved_model.check_parity
   monkeypatch.setattr(saved_model, "check_parity", lambda *args: {name: 1.0 for name in checked(*args)})

@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import augment, data, features, train
-from trainer import runtime
-from trainer import model as model_lib
-from trainer.restore import restore
+from trainer.input import data
+from trainer.loop import features, train
+from trainer.loop.restore import restore
+from trainer.modeling import augment
+from trainer.modeling import model as model_lib
+from trainer.runtime import runtime
 
 
 def _history(workdir):

@@ -1,4 +1,4 @@
-"""The one decode path (trainer.images): EXIF orientation like PIL, DCT-domain decoding of large JPEGs, uint8
+"""The one decode path (trainer.input.images): EXIF orientation like PIL, DCT-domain decoding of large JPEGs, uint8
 pixels, and the training pipeline's pixels equal to the exported serving graph's, exactly."""
 
 import io
@@ -9,12 +9,12 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import write_image
 from PIL import Image, ImageOps
 
-from conftest import write_image
 from export import saved_model
-from trainer import data, images
 from trainer.config import Config
+from trainer.input import data, images
 
 # Phone photos of class 7 stored sideways with an EXIF orientation tag (see ../shared/README.md).
 PHONE_PHOTOS = ("train/7/IMG_5874.JPG", "train/7/IMG_5978.JPG", "val/7/IMG_5935.JPG")

@@ -12,8 +12,10 @@ import tensorflow as tf
 from conftest import tiny_run, write_color_dataset
 from PIL import Image
 
-from trainer import config_checks, images, train
+from trainer import config_checks
 from trainer.errors import UserInputError
+from trainer.input import images
+from trainer.loop import train
 from trainer.reporting import label_audit
 
 

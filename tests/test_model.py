@@ -10,11 +10,13 @@ import tensorflow as tf
 
 from export import end_of_run
 from tests.conftest import write_color_dataset
-from trainer import backbones, config_checks, restore, train
-from trainer import runtime
-from trainer import model as model_lib
+from trainer import config_checks
 from trainer.config import Config
 from trainer.errors import UserInputError
+from trainer.loop import restore, train
+from trainer.modeling import backbones
+from trainer.modeling import model as model_lib
+from trainer.runtime import runtime
 
 
 def _tiny(**values) -> Config:

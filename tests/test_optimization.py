@@ -2,9 +2,10 @@ import keras
 import numpy as np
 import pytest
 
-from trainer import optimization, tuning
-from trainer import model as model_lib
 from trainer.config import Config
+from trainer.loop import tuning
+from trainer.modeling import model as model_lib
+from trainer.modeling import optimization
 
 
 def _cross_entropy(targets: np.ndarray, probabilities: np.ndarray) -> np.ndarray:

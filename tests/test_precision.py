@@ -10,16 +10,14 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from conftest import CLASS_COLORS, write_image
-from export import end_of_run
+
+from export import end_of_run, saved_model
 from export import main as export_main
-from export import saved_model
-from trainer import distribute, train
-from trainer import steps
-from trainer import runtime
-from trainer import model as model_lib
 from trainer.config import Config, RuntimeConfig
+from trainer.loop import steps, train
+from trainer.modeling import model as model_lib
+from trainer.runtime import distribute, runtime
 
 
 @pytest.fixture(autouse=True)
@@ -59,7 +57,7 @@ def test_mixed_precision_trains_and_exports_the_same_signature(precision, comput
   distribute.set_precision(distribute.resolve_precision(RuntimeConfig(mixed_precision=precision),
                                                         tf.distribute.get_strategy()))
   trainer = steps.Trainer(config, 3, tf.distribute.get_strategy())
-  model = trainer.model
+  model = trainer.modeling.model
   for name in ("head_dense", "logits"):
     layer = model.get_layer(name)
     assert (layer.compute_dtype, layer.variable_dtype) == (compute_dtype, "float32")

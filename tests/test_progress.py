@@ -74,7 +74,7 @@ def test_library_info_lines_are_hidden_and_their_warnings_kept(hidden_library_in
   library = std_logging.makeLogRecord({"name": "absl", "levelno": std_logging.INFO, "levelname": "INFO",
                                        "msg": "Sharding callback duration", "pathname": "/x/tensorflow/saver.py"})
   own = std_logging.makeLogRecord({"name": "absl", "levelno": std_logging.INFO, "levelname": "INFO",
-                                   "msg": "epoch 1/1", "pathname": "/repo/trainer/train.py"})
+                                   "msg": "epoch 1/1", "pathname": "/repo/trainer/loop/train.py"})
   for record in (library, own):
     logging.get_absl_handler().handle(record)
   assert hidden_library_info.lines == ["a TensorFlow warning", "epoch 1/1"]

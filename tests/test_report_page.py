@@ -17,9 +17,10 @@ from PIL import Image
 
 from export import end_of_run
 from tests.conftest import _missing
-from trainer import data, train
+from trainer.input import data
+from trainer.loop import train
 from trainer.reporting import report_files, report_page, summaries
-from trainer.workdir import RunDir
+from trainer.runtime.workdir import RunDir
 
 # Names a page must escape and a browser must draw: CJK, markup characters, a quote, a space and a '#'.
 CLASSES = ["蜜蜂", "<b>ant</b> & co", 'say "hi" #1']

@@ -23,9 +23,10 @@ from tensorboard.plugins.hparams import metadata as hparams_metadata
 from werkzeug import test as werkzeug_test
 
 from tests.conftest import CLASS_COLORS, REPO, write_color_dataset
-from trainer import runtime, steps, train
 from trainer.config import Config, section_fields
+from trainer.loop import steps, train
 from trainer.reporting import class_labels, report_files, summaries
+from trainer.runtime import runtime
 
 CLASSES = sorted(CLASS_COLORS)
 
@@ -461,7 +462,8 @@ def test_validation_confusion_matrix_sums_over_replicas():
       import numpy as np, tensorflow as tf
       cpu = tf.config.list_physical_devices("CPU")[0]
       tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-      from trainer import runtime, steps
+      from trainer.loop import steps
+      from trainer.runtime import runtime
       from trainer.config import Config
       config = runtime.resolve(Config().replace(backbone="mobilenet", alpha=0.25, weights="none", image_size=32,
                                               head_units=4, augment="none"))
@@ -474,7 +476,7 @@ def test_validation_confusion_matrix_sums_over_replicas():
       examples = (images, labels, np.ones(14, np.float32), np.arange(14, dtype=np.int32))
       batches = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensor_slices(examples).batch(4))
       metrics = trainer.run_epoch(batches, training=False, steps=4, progress=False)
-      predicted = np.argmax(trainer.model.predict(images, verbose=0), axis=-1)
+      predicted = np.argmax(trainer.modeling.model.predict(images, verbose=0), axis=-1)
       expected = np.zeros((3, 3), np.int64)
       np.add.at(expected, (labels, predicted), 1)
       assert strategy.num_replicas_in_sync == 2

@@ -1,6 +1,6 @@
 """Interrupted runs: SIGKILL loses at most the epoch in progress, SIGTERM saves mid-epoch and exits for a retry;
 a rerun of the same command ends where an uninterrupted run ends, with the defaults' augmentation, dropout and
-input order (their random streams follow (seed, epoch, step), see trainer.randomness). Another configuration is
+input order (their random streams follow (seed, epoch, step), see trainer.modeling.randomness). Another configuration is
 refused."""
 
 import signal
@@ -14,7 +14,7 @@ from trainer import exit_codes
 from trainer.config import Config
 from trainer.errors import UserInputError
 from trainer.reporting import progress
-from trainer.workdir import RunDir
+from trainer.runtime.workdir import RunDir
 
 EPOCHS = {"frozen_epochs": 1, "finetune_epochs": 3}
 
@@ -121,7 +121,7 @@ def _signal_at_step(signum: int, at_step: int):
 def test_ctrl_c_saves_mid_epoch_and_exits_130_in_one_line(color_folder, random_mobilenet_025_weights, tmp_path,
                                                           monkeypatch):
   """Ctrl-C ended in a KeyboardInterrupt traceback and lost the epoch's steps: it now saves as SIGTERM does."""
-  from trainer import train
+  from trainer.loop import train
   config = tiny_run(random_mobilenet_025_weights, data_dir=str(color_folder), frozen_epochs=0, finetune_epochs=2,
                     batch_size=2)
   run = train.setup(config, str(tmp_path / "run"))
@@ -144,7 +144,7 @@ def test_sigterm_after_the_last_step_exits_for_a_retry_instead_of_being_swallowe
     color_folder, random_mobilenet_025_weights, tmp_path, monkeypatch):
   """No step was left to act on a SIGTERM that came with the last one: the run went on to its export, past a
   scheduler's grace period. The last epoch's checkpoint is saved; the run exits 143, and a rerun finishes."""
-  from trainer import train
+  from trainer.loop import train
   config = tiny_run(random_mobilenet_025_weights, data_dir=str(color_folder), finetune_epochs=0, batch_size=4)
   run = train.setup(config, str(tmp_path / "run"))
   monkeypatch.setattr(progress, "bar", _signal_at_step(signal.SIGTERM, train._steps(run, run.inputs.train)))

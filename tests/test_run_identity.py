@@ -6,13 +6,15 @@ import json
 import os
 
 import pytest
-
 from conftest import tiny_run, write_color_dataset, write_image
+
 from export import end_of_run
-from trainer import cli, config_checks, train
+from trainer import config_checks
+from trainer.command import cli
 from trainer.config import Config
 from trainer.errors import UserInputError
-from trainer.workdir import RunDir
+from trainer.loop import train
+from trainer.runtime.workdir import RunDir
 
 
 def test_a_renamed_class_folder_is_refused_with_the_old_and_new_classes(tmp_path, random_mobilenet_025_weights):

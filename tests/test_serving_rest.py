@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from trainer import images
+from trainer.input import images
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,11 @@ import logging
 import os
 
 import pytest
-
 from conftest import CLASS_COLORS, write_image
-from trainer import sources
+
 from trainer.config import Config
 from trainer.errors import UserInputError
+from trainer.input import sources
 
 
 def _data(**values):
@@ -42,7 +42,7 @@ def test_files_that_are_no_readable_image_are_skipped_with_the_reason(color_fold
 
 
 def test_the_data_pipeline_counts_skipped_files_in_its_warning(color_folder, tmp_path, caplog):
-  from trainer import data
+  from trainer.input import data
   (color_folder / "red" / "scan.tif").write_bytes(b"II*\0")
   (color_folder / "blue" / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
 

@@ -10,9 +10,10 @@ import pytest
 from bench import tflite as bench_tflite
 from export import main as export_main
 from export import saved_model, tflite
-from trainer import config_checks, data
+from trainer import config_checks
 from trainer.config import Config
 from trainer.errors import UserInputError
+from trainer.input import data
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,11 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from conftest import REPO, write_color_dataset
-from trainer import data, images, tfrecords
+
 from trainer.config import Config
 from trainer.errors import UserInputError
+from trainer.input import data, images, tfrecords
 
 
 def _jpeg(color=(200, 30, 30), size=(20, 16)) -> bytes:
@@ -140,8 +140,9 @@ def test_records_whose_header_exceeds_max_image_pixels_are_skipped_before_decodi
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "BMP"])
 def test_header_size_reads_height_and_width_without_decoding(fmt):
-  from PIL import Image
   import io
+
+  from PIL import Image
   encoded = io.BytesIO()
   Image.fromarray(np.zeros((37, 53, 3), np.uint8)).save(encoded, fmt)
   assert images.header_size(encoded.getvalue()).numpy().tolist() == [37, 53]

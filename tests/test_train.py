@@ -1,16 +1,17 @@
 import json
 import os
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from export import end_of_run
-from trainer import model as model_lib
-from trainer import optimization
-from trainer import runtime
-from trainer import train
 from trainer.config import Config
+from trainer.loop import train
+from trainer.modeling import model as model_lib
+from trainer.modeling import optimization
+from trainer.runtime import runtime
 
 
 def _model_at_checkpoint(config: Config, num_classes: int, checkpoint: str | None) -> keras.Model:

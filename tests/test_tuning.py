@@ -7,14 +7,15 @@ import threading
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
 from tests.test_reporting import _hparams_dashboard, _log, _record
-from trainer import cli, config_checks, tuning
-from trainer import runtime
+from trainer import config_checks
+from trainer.command import cli
 from trainer.config import Config
 from trainer.errors import UserInputError
+from trainer.loop import tuning
+from trainer.runtime import runtime
 
 
 def _search_config(data_dir, weights, **changes):

@@ -10,11 +10,12 @@ import sys
 import threading
 
 import pytest
-
 from conftest import REPO
-from trainer import cli, workdir
+
+from trainer.command import cli
 from trainer.config import Config
 from trainer.errors import UserInputError
+from trainer.runtime import workdir
 
 _HOLD_LOCK = ("import sys, time; from trainer import workdir\n"
               "with workdir.lock(sys.argv[1]):\n"

@@ -1,7 +1,7 @@
 """The one typed configuration that flows from the command line to every part of a run.
 
 Each section owns one responsibility (data, model, training, runtime, export). Field names are unique across
-sections so that each field is also a command-line flag of the same name (see `trainer.flags`). The help text of
+sections so that each field is also a command-line flag of the same name (see `trainer.command.flags`). The help text of
 every flag is the `help` metadata of its field.
 """
 
@@ -20,7 +20,7 @@ def _field(default: Any, help: str, choices: tuple = ()) -> Any:  # noqa: A002 -
 
 
 # The choices of the fields below: plain names here (this module loads without TensorFlow, for --help); tests check
-# them against the registries that implement them (trainer.backbones, trainer.augment, ...).
+# them against the registries that implement them (trainer.modeling.backbones, trainer.modeling.augment, ...).
 BACKBONES = ("vgg16", "resnet50", "inception_v3", "mobilenet_v2", "mobilenet", "efficientnet_b0")
 AUGMENT_PRESETS = ("none", "light", "classic", "strong")
 FLIPS = ("", "none", "horizontal", "vertical", "horizontal_and_vertical")

@@ -14,12 +14,14 @@ import sys
 
 import numpy as np
 
-from trainer import demo_data, usage
-from trainer.config import Config
-from trainer.errors import UserInputError
+from trainer.command import usage
+
 # The trainer's own --workdir and --weights (imagenet, none, or a local MobileNet alpha 0.25 .h5 file such as
 # ../shared/weights/mobilenet_2_5_224_tf_no_top.h5): one definition of each flag per process.
-from trainer.flags import FLAGS
+from trainer.command.flags import FLAGS
+from trainer.config import Config
+from trainer.errors import UserInputError
+from trainer.input import demo_data
 
 DEFAULT_WORKDIR = "runs/demo"
 
@@ -37,7 +39,7 @@ def available_weights(weights: str) -> str:
   """`weights`, or none when they are ImageNet's and Keras can neither download nor find them in its cache."""
   if weights != "imagenet":
     return weights
-  from trainer import backbones  # Imported when needed: --help answers without loading TensorFlow.
+  from trainer.modeling import backbones  # Imported when needed: --help answers without loading TensorFlow.
   try:
     backbones.build(TRANSFER["backbone"], "imagenet", TRANSFER["image_size"], TRANSFER["alpha"])
   except UserInputError:
@@ -62,7 +64,7 @@ def demo(workdir: str, weights: str) -> None:
   settings = SCRATCH if weights == "none" else {**TRANSFER, "weights": weights}
   config = Config().replace(data_dir=data_dir, **settings)
   from export import end_of_run
-  from trainer import cli
+  from trainer.command import cli
   cli.run(config, run_dir, list_layers=False, exporter=end_of_run.SavedModelExport())
 
   export_root = os.path.join(run_dir, "export", config.export.model_name)

@@ -13,7 +13,7 @@ class UserInputError(Exception):
 @contextlib.contextmanager
 def exit_on_user_error():
   """Ends a command on a UserInputError with its message on stderr and exit code 2, and on Ctrl-C with one line
-  and 130 (trainer.exit_codes; while epochs train, Ctrl-C saves a checkpoint first: trainer.train)."""
+  and 130 (trainer.exit_codes; while epochs train, Ctrl-C saves a checkpoint first: trainer.loop.train)."""
   try:
     yield
   except UserInputError as e:

@@ -13,8 +13,8 @@ eval_confusion_matrix.png, and prints the classification report and a summary li
 
 import os
 
-from trainer import flags as trainer_flags
-from trainer import usage
+from trainer.command import flags as trainer_flags
+from trainer.command import usage
 from trainer.config import DATA_SOURCE_FIELDS
 from trainer.errors import exit_on_user_error
 
@@ -28,7 +28,7 @@ def main(argv):
     usage.refuse_arguments(argv)
     trainer_flags.refuse_unused(("workdir",) + _OVERRIDABLE, "trainer.evaluate")
     # Imported once the flags are parsed: --help answers without loading TensorFlow.
-    from trainer import evaluation
+    from trainer.loop import evaluation
     from trainer.reporting import progress
     progress.hide_library_info()
     metrics = evaluation.evaluate(given.workdir, trainer_flags.overrides(_OVERRIDABLE))

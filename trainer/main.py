@@ -5,8 +5,8 @@ TensorBoard logs and a report into the workdir, and exports a SavedModel. Rerunn
 interrupted run. Every flag below is also a field of config.json.
 """
 
-from trainer import flags as trainer_flags
-from trainer import usage
+from trainer.command import flags as trainer_flags
+from trainer.command import usage
 from trainer.errors import exit_on_user_error
 
 
@@ -15,7 +15,7 @@ def main(argv):
     usage.refuse_arguments(argv)
   # Imported after the flags are parsed: --help answers without loading TensorFlow.
   from export import end_of_run
-  from trainer import cli
+  from trainer.command import cli
   cli.run(trainer_flags.config_from_flags(), trainer_flags.FLAGS.workdir, trainer_flags.FLAGS.list_layers,
           given=trainer_flags.given_flags(), exporter=end_of_run.SavedModelExport())
 

@@ -11,8 +11,9 @@ import os
 
 from absl import flags
 
-from trainer import config_checks, usage
-from trainer import flags as trainer_flags
+from trainer import config_checks
+from trainer.command import flags as trainer_flags
+from trainer.command import usage
 from trainer.errors import exit_on_user_error
 
 flags.DEFINE_string("output", "", "Folder the shards are written to (created; must hold no train-* or val-* yet).")
@@ -27,7 +28,7 @@ def main(argv):
     output = given.output
     config = trainer_flags.config_from_flags()
     config_checks.validate(config)
-    from trainer import tfrecords  # Imported once the flags are parsed: --help answers without TensorFlow.
+    from trainer.input import tfrecords  # Imported once the flags are parsed: --help answers without TensorFlow.
     written = tfrecords.convert(config.data, output, given.shards)
     print(f"Wrote {written['train']} training and {written['val']} validation records to {output}. Train with "
           f"--tfrecord='{os.path.join(output, 'train-*')}' --tfrecord_val='{os.path.join(output, 'val-*')}'.")

@@ -1,4 +1,4 @@
-"""Suspect labels and near-duplicate images, found on the frozen phase's cached features (`trainer.features`).
+"""Suspect labels and near-duplicate images, found on the frozen phase's cached features (`trainer.loop.features`).
 
 Suspect labels, by confident learning (Northcutt, Jiang & Chuang, "Confident Learning: Estimating Uncertainty in
 Dataset Labels", JAIR 2021), as cleanlab's `find_label_issues(filter_by="prune_by_noise_rate")` does it:
@@ -14,7 +14,7 @@ Dataset Labels", JAIR 2021), as cleanlab's `find_label_issues(filter_by="prune_b
      class.
 The flagged images are ranked by self-confidence, the out-of-fold probability of the given label, lowest first
 (cleanlab's default `rank_by`); that probability is the CSV's `score`. Labels are never changed: --drop_suspects
-gives the flagged images weight 0 in training (trainer.train), nothing else.
+gives the flagged images weight 0 in training (trainer.loop.train), nothing else.
 
 Near-duplicates: pairs of images whose 16 x 16 pixel thumbnails (of the image the model sees, from the run's decoded
 images, brightness-centred and L2-normalised) have a cosine similarity of at least `NEAR_DUPLICATE_SIMILARITY`,
@@ -22,7 +22,7 @@ train x val and within each split, computed in blocks (bounded memory at 100k im
 measured on sign_language_digits, a copy re-encoded at JPEG quality 75 and resized to 90% has a feature similarity
 of 0.81-0.94 to its original while distinct photos of that uniform set reach 0.95 (the pooled features describe
 the hand, not the photo), and the augmented views of the cache lower a copy's similarity further. The byte-hash
-leakage check (trainer.data_checks) misses such copies; the thumbnails find them (BUILD_NOTES.md).
+leakage check (trainer.input.data_checks) misses such copies; the thumbnails find them (BUILD_NOTES.md).
 """
 
 import csv
@@ -37,7 +37,9 @@ import tensorflow as tf
 from absl import logging
 from matplotlib.figure import Figure
 
-from trainer import images, tuning, workdir as workdir_lib
+from trainer.input import images
+from trainer.loop import tuning
+from trainer.runtime import workdir as workdir_lib
 
 # Thumbnail similarity from which two images count as near-duplicates, and the thumbnail's side. Measured on
 # sign_language_digits (bench.label_errors, BUILD_NOTES.md): copies re-encoded at JPEG quality 75 and resized to 90%
@@ -404,7 +406,7 @@ def log_suspect_grid(tensorboard_dir: str, figure: Figure) -> None:
 
 
 def _image_or_blank(path: str, image_size: int) -> np.ndarray:
-  """The image the model sees (trainer.images.load), or grey for an example without a readable file."""
+  """The image the model sees (trainer.input.images.load), or grey for an example without a readable file."""
   try:
     return images.load(tf.io.read_file(path), image_size).numpy()
   except (tf.errors.OpError, ValueError):

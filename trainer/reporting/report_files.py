@@ -16,9 +16,9 @@ import tensorflow as tf
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from trainer import workdir as workdir_lib
-from trainer.model import FINETUNE, FROZEN
+from trainer.modeling.model import FINETUNE, FROZEN
 from trainer.reporting import class_labels
+from trainer.runtime import workdir as workdir_lib
 
 # Confusion matrices with more classes than this are drawn without a count in every cell (it would be illegible).
 _MAX_ANNOTATED_CLASSES = 25

@@ -29,9 +29,9 @@ import tensorflow as tf
 from absl import logging
 from PIL import Image
 
-from trainer import data
-from trainer import workdir as workdir_lib
+from trainer.input import data
 from trainer.reporting import label_audit, report_files, summaries
+from trainer.runtime import workdir as workdir_lib
 
 # Images in the top-losses grid: four rows of report_files.TOP_LOSS_COLUMNS.
 TOP_LOSSES = 24

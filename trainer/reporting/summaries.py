@@ -18,7 +18,7 @@ from tensorboard.compat.proto import event_pb2
 from tensorboard.plugins.hparams import api as hp
 
 from trainer.config import Config
-from trainer.model import FINETUNE, FROZEN, SCRATCH
+from trainer.modeling.model import FINETUNE, FROZEN, SCRATCH
 from trainer.reporting import class_labels, report_files
 
 # The phases in training order; each has its runs PHASE/train and PHASE/validation (see TensorBoardLog).
@@ -116,7 +116,7 @@ class TensorBoardLog:
     self._run.flush()
 
   def log_epoch(self, history: Sequence[dict], confusion: np.ndarray) -> None:
-    """The scalars of the last epoch record of `history` (see `trainer.train`) in its phase's runs, the validation
+    """The scalars of the last epoch record of `history` (see `trainer.loop.train`) in its phase's runs, the validation
     confusion matrix as an image, and the run's metrics so far for the HParams dashboard."""
     record = history[-1]
     step, phase = record["epoch"], record["phase"]

@@ -8,9 +8,11 @@ import dataclasses
 
 import tensorflow as tf
 
-from trainer import backbones, data, distribute
-from trainer import model as model_lib
 from trainer.config import Config
+from trainer.input import data
+from trainer.modeling import backbones
+from trainer.modeling import model as model_lib
+from trainer.runtime import distribute
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,13 +8,13 @@ from typing import TYPE_CHECKING, Protocol
 
 from absl import logging
 
-from trainer import distribute
-from trainer import model as model_lib
-from trainer import workdir as workdir_lib
+from trainer.modeling import model as model_lib
 from trainer.reporting import report_files, report_page
+from trainer.runtime import distribute
+from trainer.runtime import workdir as workdir_lib
 
 if TYPE_CHECKING:
-  from trainer.train import Run
+  from trainer.loop.train import Run
 
 
 class Exporter(Protocol):

@@ -1,14 +1,14 @@
-"""How a run's weights move: each phase's learning rate (scaled with the batch, decayed over the fine-tune phase),
-its optimizer, and the training loss. The steps (trainer.steps) and the tuner's trials (trainer.tuning) both take
+"""How a run's weights move: each phase's learning rate (scaled with the batch, decayed over the fine-tune phase), its
+optimizer, and the training loss. The steps (trainer.loop.steps) and the tuner's trials (trainer.loop.tuning) both take
 them from here, so that a trial trains its head as the run's frozen phase does.
 """
 
 import keras
 import tensorflow as tf
 
-from trainer import distribute
-from trainer import model as model_lib
 from trainer.config import Config, TrainConfig
+from trainer.modeling import model as model_lib
+from trainer.runtime import distribute
 
 
 def learning_rate(phase: str, config: TrainConfig, scale: float = 1.0, phase_steps: int = 1):

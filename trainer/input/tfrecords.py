@@ -21,9 +21,9 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from trainer import data_checks, images, sources
 from trainer.config import DataConfig
 from trainer.errors import UserInputError
+from trainer.input import data_checks, images, sources
 
 ENCODED, LABEL, TEXT = "image/encoded", "image/class/label", "image/class/text"
 FEATURES = {ENCODED: tf.io.FixedLenFeature([], tf.string), LABEL: tf.io.FixedLenFeature([], tf.int64),
@@ -66,7 +66,7 @@ def scan(glob: str, strict: bool = False, image_size: int | None = None, flag: s
   """Every shard of `glob` checked once: the usable records' labels, class names and the unusable records.
 
   max_pixels: records whose image header says more pixels (--max_image_pixels) are unusable, refused before
-  they are decoded. decode=False leaves the images undecoded (trainer.data decodes each record once, in the
+  they are decoded. decode=False leaves the images undecoded (trainer.input.data decodes each record once, in the
   first epoch, and names a record that fails then by `record_name`).
 
   image_size: decode the images as training will (`images.load` at this size) rather than at the cheapest scale

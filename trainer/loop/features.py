@@ -21,7 +21,7 @@ API, also for hyper-parameter search on cached features:
   load_or_extract(model, train_images, val_images, batch_size, augmenter, views, cache_dir, key) -> FeatureCache
 
 `images` is an unbatched tf.data.Dataset of (float32 image [S, S, 3] in 0..255, int32 label), as in
-`trainer.data.Examples.images`; a FeatureCache given (image, label, id), as `Examples.images_with_ids`, also keeps
+`trainer.input.data.Examples.images`; a FeatureCache given (image, label, id), as `Examples.images_with_ids`, also keeps
 the ids (`train_ids`, `val_ids`: which example each row is; None without them).
 """
 
@@ -40,14 +40,15 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from trainer import augment, data
-from trainer import workdir as workdir_lib
 from trainer.config import Config
+from trainer.input import data
+from trainer.modeling import augment
+from trainer.runtime import workdir as workdir_lib
 
-# The layer of the classifier (trainer.model.build_classifier) whose output the head starts from.
+# The layer of the classifier (trainer.modeling.model.build_classifier) whose output the head starts from.
 POOL_LAYER = "pool"
 _ARRAYS = ("train_features", "train_labels", "val_features", "val_labels")
-# The examples' ids (trainer.data), kept when the images came with them: which examples the rows are.
+# The examples' ids (trainer.input.data), kept when the images came with them: which examples the rows are.
 _ID_ARRAYS = ("train_ids", "val_ids")
 
 
@@ -161,7 +162,7 @@ class FeatureCache:
 def cache_key(config: Config, data_identity: str, dtype_policy: str) -> str:
   """A hash of everything the cached features depend on, for the file name of `load_or_extract`.
 
-  data_identity: the examples and their order (trainer.data.InputData.identity). The head, the learning rates and
+  data_identity: the examples and their order (trainer.input.data.InputData.identity). The head, the learning rates and
   the epochs are not part of it: they do not change the features. The batch size is: augmentation draws its
   random transforms batch by batch.
   """

@@ -15,8 +15,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer import data
 from trainer.config import Config, TrainConfig
+from trainer.input import data
 
 FLIPS = ("none", "horizontal", "vertical", "horizontal_and_vertical")
 

@@ -23,10 +23,10 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from trainer import cluster as cluster_lib
 from trainer import exit_codes
 from trainer.config import RuntimeConfig
 from trainer.errors import UserInputError
+from trainer.runtime import cluster as cluster_lib
 
 
 def create_strategy(config: RuntimeConfig) -> tf.distribute.Strategy:
@@ -250,13 +250,13 @@ def exit_on_peer_loss():
   exit_codes.PEER_LOST (retried by schedulers), instead of a traceback and exit 1. The workdir is consistent: the
   error comes from a collective, between this process's writes (each checkpoint and report file is written whole
   or not at all), and a restart resumes from the last checkpoint. So does a tf.data service worker's loss, which
-  leaves an epoch short (trainer.data_service.whole) before its history and checkpoint are saved. Other errors, and
+  leaves an epoch short (trainer.input.service.whole) before its history and checkpoint are saved. Other errors, and
   single-worker runs' peer errors, pass."""
   try:
     yield
   except tf.errors.FailedPreconditionError as e:
-    from trainer import data_service  # Only a --data_service input raises this one.
-    short = data_service.SHORT_EPOCH.search(str(e))
+    from trainer.input import service  # Only a --data_service input raises this one.
+    short = service.SHORT_EPOCH.search(str(e))
     if not short:
       raise
     _end(f"a tf.data service epoch ended after {short.group(2)} of its {short.group(1)} examples: a service worker "

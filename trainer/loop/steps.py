@@ -1,9 +1,9 @@
 """The compiled steps of one run: the model, its optimizers per phase, and the train and eval steps under the
 run's strategy, with every epoch's sums (loss, accuracy, examples, seconds, ids) and its timing figures.
 
-Augmentation runs inside the train step on the replica's device, with seeds derived from (seed, epoch, step,
-replica) (`trainer.randomness`), so a resumed run continues the random streams it left. Padding examples weigh 0:
-the loss is the mean over the real examples of the whole step, over every replica.
+Augmentation runs inside the train step on the replica's device, with seeds derived from (seed, epoch, step, replica)
+(`trainer.modeling.randomness`), so a resumed run continues the random streams it left. Padding examples weigh 0: the
+loss is the mean over the real examples of the whole step, over every replica.
 """
 
 import time
@@ -13,9 +13,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer import augment, optimization, randomness
-from trainer import model as model_lib
 from trainer.config import Config
+from trainer.modeling import augment, optimization, randomness
+from trainer.modeling import model as model_lib
 from trainer.reporting import progress as progress_lib
 
 

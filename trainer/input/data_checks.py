@@ -5,7 +5,7 @@ anything is decoded, and its content hash finds the same image in train and vali
 the file names. The files asked for (`scan(decode=...)`: with --strict_data, and for a file found undecodable, its
 message) are also decoded by `images.check` (the decode path training and serving use, a JPEG at 1/8 scale), so
 a file that passes it decodes in the pipeline too. The others are decoded once, in the first epoch
-(trainer.data), which skips and names the ones that fail.
+(trainer.input.data), which skips and names the ones that fail.
 """
 
 import concurrent.futures
@@ -20,8 +20,8 @@ import tensorflow as tf
 from absl import logging
 from PIL import Image
 
-from trainer import images
 from trainer.errors import UserInputError
+from trainer.input import images
 
 # How many skipped files a warning names (all of them go into the run's report).
 _LISTED = 5
@@ -38,7 +38,7 @@ class ScanResult:
 
 def check_file(path: str, max_pixels: int, decode: bool = True) -> tuple[str | None, str | None]:
   """(why the file cannot be used or None, sha256 of its bytes or None). decode=False checks the header only:
-  for files that the pipeline decodes next anyway (trainer.data skips and names what fails there)."""
+  for files that the pipeline decodes next anyway (trainer.input.data skips and names what fails there)."""
   try:
     with open(path, "rb") as f:
       content = f.read()

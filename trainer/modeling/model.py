@@ -17,9 +17,9 @@ import dataclasses
 import keras
 from absl import logging
 
-from trainer import backbones
 from trainer.config import Config, ModelConfig
 from trainer.errors import UserInputError
+from trainer.modeling import backbones
 
 FROZEN, FINETUNE, SCRATCH = "frozen", "finetune", "scratch"
 UNFREEZE_ALL = "all"

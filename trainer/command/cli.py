@@ -2,19 +2,20 @@
 
 from typing import Collection
 
-from trainer import config_checks, finish, train, tuning
-from trainer import model as model_lib
-from trainer import runtime as runtime_lib
-from trainer import workdir as workdir_lib
+from trainer import config_checks
 from trainer.config import Config
 from trainer.errors import UserInputError, exit_on_user_error
+from trainer.loop import finish, train, tuning
+from trainer.modeling import model as model_lib
 from trainer.reporting import progress
+from trainer.runtime import runtime as runtime_lib
+from trainer.runtime import workdir as workdir_lib
 
 
 def run(config: Config, workdir: str | None, list_layers: bool, given: Collection[str] = (),
         exporter: finish.Exporter | None = None) -> None:
-  """given: the config fields the user set (trainer.flags.given_flags), for checks of explicit choices. exporter:
-  the end-of-run export the command hands to the loop (export.end_of_run.SavedModelExport)."""
+  """given: the config fields the user set (trainer.command.flags.given_flags), for checks of explicit choices.
+  exporter: the end-of-run export the command hands to the loop (export.end_of_run.SavedModelExport)."""
   progress.hide_library_info()
   with exit_on_user_error():
     config_checks.validate(config, given)

@@ -6,12 +6,13 @@ from typing import TYPE_CHECKING
 
 from absl import logging
 
-from trainer import augment, features
 from trainer.config import Config
+from trainer.loop import features
+from trainer.modeling import augment
 from trainer.reporting import label_audit
 
 if TYPE_CHECKING:
-  from trainer.train import Run
+  from trainer.loop.train import Run
 
 
 def of_run(run: "Run") -> features.SharedFeatures:

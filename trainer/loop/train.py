@@ -1,8 +1,8 @@
 """The training loop: the run's phases (frozen then fine-tune, or one from scratch), checkpointed every epoch.
-`train_and_evaluate` reads in three parts, as Flax's train.py does: `setup` (from the runtime the command built:
-this worker's data, the model, the checkpoint restored, the run's identity checked), `train_epochs` (the loop) and
-the end of the run (trainer.finish: report and export). The compiled steps are trainer.steps; the frozen phase's
-cached features trainer.frozen_features.
+`train_and_evaluate` reads in three parts, as Flax's train.py does: `setup` (from the runtime the command built: this
+worker's data, the model, the checkpoint restored, the run's identity checked), `train_epochs` (the loop) and the end of
+the run (trainer.loop.finish: report and export). The compiled steps are trainer.loop.steps; the frozen phase's cached
+features trainer.loop.frozen_features.
 
 One loop for every tf.distribute strategy (Keras 3 `model.fit` fails under MultiWorkerMirroredStrategy,
 keras-team/keras#20585). Each worker reads its own share of the data (`data.Shard`) through
@@ -20,13 +20,16 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from trainer import augment, checkpoints, data, distribute, example_log, finish, frozen_features
-from trainer import model as model_lib
-from trainer import runtime as runtime_lib
-from trainer import steps as steps_lib
-from trainer import workdir as workdir_lib
 from trainer.config import Config
+from trainer.input import data
+from trainer.loop import checkpoints, example_log, finish, frozen_features
+from trainer.loop import steps as steps_lib
+from trainer.modeling import augment
+from trainer.modeling import model as model_lib
 from trainer.reporting import report_files, summaries
+from trainer.runtime import distribute
+from trainer.runtime import runtime as runtime_lib
+from trainer.runtime import workdir as workdir_lib
 
 
 def phase_of_epoch(epoch: int, config: Config) -> str:
@@ -66,7 +69,7 @@ def train_and_evaluate(config: Config | runtime_lib.Runtime, workdir: str, input
   """Trains every phase (resuming from the workdir's last checkpoint), reports, exports with `exporter` (the
   command's end-of-run action, export.end_of_run.SavedModelExport; None exports nothing), and returns the metrics.
 
-  config: the runtime the command built (trainer.runtime.build), or a config to build it from here. inputs: this
+  config: the runtime the command built (trainer.runtime.runtime.build), or a config to build it from here. inputs: this
   worker's data as `load_inputs` gave it to the caller (a --tune search), so that the files are decoded once."""
   # A lost peer ends a multi-worker run in one line and a code schedulers retry (distribute.exit_on_peer_loss).
   with distribute.exit_on_peer_loss():
@@ -92,7 +95,7 @@ def load_inputs(runtime: runtime_lib.Runtime, workdir: str) -> data.InputData:
 
 def setup(runtime: runtime_lib.Runtime | Config, workdir: str, inputs: data.InputData | None = None) -> Run:
   """This worker's data, the model, and the run's checkpoint restored. runtime: the one the command built, or a
-  config to build it from here (trainer.runtime.build: the strategy, precision, batch plan, share, chief)."""
+  config to build it from here (trainer.runtime.runtime.build: the strategy, precision, batch plan, share, chief)."""
   if not isinstance(runtime, runtime_lib.Runtime):
     runtime = runtime_lib.build(runtime, workdir)
   config, strategy, plan, shard, chief = runtime.config, runtime.strategy, runtime.plan, runtime.shard, runtime.chief
@@ -183,7 +186,7 @@ def _train_epochs(run: Run, stops: distribute.CtrlCAsSigterm) -> dict | None:
     on_features = config.train.cache_features and phase == model_lib.FROZEN
     if on_features and feature_cache is None:
       feature_cache = frozen_features.of_run(run)  # Computed once in this process (its time counts in this epoch).
-    if (trainer.network is not trainer.model) != on_features:
+    if (trainer.network is not trainer.modeling.model) != on_features:
       trainer.train_on_features(feature_cache.head if on_features else None)
     done_steps = int(trainer.epoch_step)
     learning_rate = trainer.epoch_start_rate(phase)

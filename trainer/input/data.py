@@ -11,7 +11,7 @@ An element is (uint8 image [S, S, 3], int32 label, float32 weight (1 real, 0 pad
 decoded by `images.load`, the function the serving graph uses, so training and serving see the same pixels.
 Decoding keeps the list's order, so an epoch's seeded shuffle is the same permutation in every process: a run
 stopped mid-epoch replays the same batches. Before anything is decoded every file's header and content hash are
-read (`trainer.data_checks`). Each file is decoded once in a first epoch: filling the cache of a folder or CSV
+read (`trainer.input.data_checks`). Each file is decoded once in a first epoch: filling the cache of a folder or CSV
 source drops the files that fail to decode; otherwise such an item becomes a stand-in of weight 0
 (`_decode_or_stand_in`). Either way it is warned about and listed in the report (--strict_data: refused before
 training).
@@ -37,10 +37,12 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from trainer import checkpoints, config_checks, data_checks, images, sources
-from trainer import workdir as workdir_lib
+from trainer import config_checks
 from trainer.config import DataConfig
 from trainer.errors import UserInputError
+from trainer.input import data_checks, images, sources
+from trainer.loop import checkpoints
+from trainer.runtime import workdir as workdir_lib
 
 # Decoded images may take this share of the machine's memory when --memory_budget is not given.
 _MEMORY_SHARE = 0.25
@@ -58,7 +60,7 @@ WHOLE, BUFFERED = "whole", "buffered"
 # Examples decoded together where an undecodable one becomes a stand-in (`_decode_or_stand_in`).
 _DECODE_CHUNK = 64
 # The pipelines' map functions are plain TensorFlow ops: AutoGraph, which tf.data runs on each of them, need not
-# parse and rewrite them (as for trainer.images: ~0.4 s of CPU of every data.load, and of every epoch without a
+# parse and rewrite them (as for trainer.input.images: ~0.4 s of CPU of every data.load, and of every epoch without a
 # cache, which builds its pipeline anew).
 _plain_graph = tf.autograph.experimental.do_not_convert
 
@@ -127,7 +129,7 @@ class InputData:
   skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # unusable file (of this worker) -> why
   identity: str = ""  # digest of every example this worker trains and validates on, and of the image size
   # File sources: every file of this worker's share -> "split<TAB>class<TAB>content hash" (whatever the cache
-  # mode), so that a resume can say which files were added, removed or changed (trainer.workdir.data_changes).
+  # mode), so that a resume can say which files were added, removed or changed (trainer.runtime.workdir.data_changes).
   manifest: dict[str, str] = dataclasses.field(default_factory=dict)
 
   @property
@@ -424,7 +426,7 @@ def _tfds_lists(config: DataConfig, shard: Shard, pad_multiple: int):
 
 def _tfrecord_lists(config: DataConfig, shard: Shard, pad_multiple: int):
   """TFRecord shards: each worker reads whole shard files of its own (shard k goes to worker k mod W)."""
-  from trainer import tfrecords  # Only TFRecord sources need it.
+  from trainer.input import tfrecords  # Only TFRecord sources need it.
   if not config.tfrecord:
     raise UserInputError("--tfrecord_val needs --tfrecord=GLOB, the training shards.")
   # Images are decoded in the first epoch (a record that fails becomes a stand-in), or first with --strict_data.
@@ -507,7 +509,7 @@ def _decoded(split: _SplitList, image_size: int, config: DataConfig, budget: int
   if not split.order:
     # Records stream from their files and only a memory cache could hold them whole: every mode shuffles them in a
     # bounded buffer, so that a resume whose cache moved trains the epochs an uninterrupted run would (records are
-    # written shuffled: trainer.tfrecords.convert). A run an earlier version started WHOLE keeps that order while
+    # written shuffled: trainer.input.tfrecords.convert). A run an earlier version started WHOLE keeps that order while
     # memory holds its records.
     whole = order == WHOLE and cache.mode == "memory"
     if order == WHOLE and not whole:
@@ -519,11 +521,11 @@ def _decoded(split: _SplitList, image_size: int, config: DataConfig, budget: int
   def decode(dataset: tf.data.Dataset) -> tf.data.Dataset:
     decoded = _decode_or_stand_in(dataset, image_size, split.items_are_paths)
     if config.data_service:
-      from trainer import data_service  # Only --data_service needs it.
+      from trainer.input import service  # Only --data_service needs it.
       # A job of its own for this worker's share: the service's workers decode it, and this trainer, its only
       # consumer, receives every element once (in the order they finish, so resumes are not bit-exact).
-      decoded = data_service.distribute(decoded, config.data_service, elements=split.padded_length,
-                                        job_name=f"transfer-trainer-{uuid.uuid4().hex}")
+      decoded = service.distribute(decoded, config.data_service, elements=split.padded_length,
+                                   job_name=f"transfer-trainer-{uuid.uuid4().hex}")
     return decoded
 
   if cache.mode == "none":

@@ -2,8 +2,10 @@
 
 import typing
 
-from absl import flags
-from absl import logging  # noqa: F401 - defines --verbosity, which must exist before the config flags.
+from absl import (
+  flags,
+  logging,  # noqa: F401 - defines --verbosity, which must exist before the config flags.
+)
 
 from trainer.config import Config, section_fields
 from trainer.errors import UserInputError
@@ -51,7 +53,7 @@ def given_flags() -> set[str]:
 
 def overrides(names: typing.Collection[str]) -> dict:
   """The config fields among `names` given on the command line: what a command on a trained run changes of its
-  config.json (trainer.restore)."""
+  config.json (trainer.loop.restore)."""
   return {name: FLAGS[name].value for name in names if FLAGS[name].present}
 
 

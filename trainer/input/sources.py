@@ -16,9 +16,9 @@ from typing import Collection, Hashable, Iterable, Iterator, Sequence
 import tensorflow as tf
 from absl import logging
 
-from trainer import images
 from trainer.config import SOURCE_FLAGS, DataConfig
 from trainer.errors import UserInputError
+from trainer.input import images
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,11 +6,12 @@ import dataclasses
 import keras
 import tensorflow as tf
 
-from trainer import checkpoints, config_checks
-from trainer import model as model_lib
-from trainer import workdir as workdir_lib
+from trainer import config_checks
 from trainer.config import SOURCE_FLAGS, Config
 from trainer.errors import UserInputError
+from trainer.loop import checkpoints
+from trainer.modeling import model as model_lib
+from trainer.runtime import workdir as workdir_lib
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,11 +9,12 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from trainer import data, data_checks, images, restore, sources
-from trainer import workdir as workdir_lib
 from trainer.config import SOURCE_FLAGS
 from trainer.errors import UserInputError
+from trainer.input import data, data_checks, images, sources
+from trainer.loop import restore
 from trainer.reporting import report_files
+from trainer.runtime import workdir as workdir_lib
 
 METRICS_FILE = "eval_metrics.json"
 REPORT_FILE = "eval_classification_report.txt"

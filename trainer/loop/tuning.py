@@ -1,6 +1,6 @@
 """Hyper-parameter search of the head (width, dropout, frozen learning rate), scored by cross-validation.
 
-Trials train the head alone on the cached backbone features of the training split (`trainer.features`, the same
+Trials train the head alone on the cached backbone features of the training split (`trainer.loop.features`, the same
 file the training after the search reads), so a trial costs seconds. Each trial is scored by stratified, seeded
 K-fold cross-validation (`--tune_folds`) inside the training split, folds split by image (every augmented view of
 a held-out image is held out): the validation split is never seen by the search and stays the honest final
@@ -28,11 +28,14 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from trainer import augment, data, distribute, features, optimization
-from trainer import model as model_lib
-from trainer import workdir as workdir_lib
 from trainer.config import Config
 from trainer.errors import UserInputError
+from trainer.input import data
+from trainer.loop import features
+from trainer.modeling import augment, optimization
+from trainer.modeling import model as model_lib
+from trainer.runtime import distribute
+from trainer.runtime import workdir as workdir_lib
 
 # The search space: (name, low, high, log sampling). The names are Config fields, so the best values apply as is.
 # frozen_lr is searched and recorded unscaled: the trials train at frozen_lr * lr_scale, as the run's Trainer does.
@@ -121,8 +124,8 @@ def cached_features(config: Config, workdir: str, inputs: data.InputData | None 
 
 
 class HeadHyperModel:
-  """Builds the classifier's own head (trainer.model.classification_head) on pooled features, compiled with the
-  run's effective frozen learning rate (the value times lr_scale) and training loss (trainer.optimization)."""
+  """Builds the classifier's own head (trainer.modeling.model.classification_head) on pooled features, compiled with the
+  run's effective frozen learning rate (the value times lr_scale) and training loss (trainer.modeling.optimization)."""
 
   def __init__(self, feature_dim: int, num_classes: int, seed: int, lr_scale: float = 1.0,
                label_smoothing: float = 0.0):
