@@ -15,7 +15,7 @@ import bench
 from bench import (finetune, frozen_phase, image_size, input_order, input_pipeline, modes, reporting, scale, serving,
                    synthetic, training_loop, tune_runs, tuning)
 from conftest import REPO, write_color_dataset
-from trainer import model as model_lib
+from trainer.modeling import model as model_lib
 from trainer.config import Config
 
 # The tiny model of every smoke test (tests/conftest.py's TINY_RUN) as benchmark flags.
