@@ -57,7 +57,7 @@ def test_mixed_precision_trains_and_exports_the_same_signature(precision, comput
   distribute.set_precision(distribute.resolve_precision(RuntimeConfig(mixed_precision=precision),
                                                         tf.distribute.get_strategy()))
   trainer = steps.Trainer(config, 3, tf.distribute.get_strategy())
-  model = trainer.modeling.model
+  model = trainer.model
   for name in ("head_dense", "logits"):
     layer = model.get_layer(name)
     assert (layer.compute_dtype, layer.variable_dtype) == (compute_dtype, "float32")

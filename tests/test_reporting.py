@@ -476,7 +476,7 @@ def test_validation_confusion_matrix_sums_over_replicas():
       examples = (images, labels, np.ones(14, np.float32), np.arange(14, dtype=np.int32))
       batches = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensor_slices(examples).batch(4))
       metrics = trainer.run_epoch(batches, training=False, steps=4, progress=False)
-      predicted = np.argmax(trainer.modeling.model.predict(images, verbose=0), axis=-1)
+      predicted = np.argmax(trainer.model.predict(images, verbose=0), axis=-1)
       expected = np.zeros((3, 3), np.int64)
       np.add.at(expected, (labels, predicted), 1)
       assert strategy.num_replicas_in_sync == 2

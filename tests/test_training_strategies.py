@@ -125,17 +125,17 @@ def test_float16_loss_scale_skips_a_non_finite_step(tmp_path, random_mobilenet_0
     assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
     images = np.full((4, 32, 32, 3), 100, np.uint8)
     labels, weights, ids = tf.constant([0, 1, 2, 0]), tf.ones([4]), tf.range(4, dtype=tf.int64)
-    before = [v.numpy().copy() for v in trainer.modeling.model.trainable_variables]
+    before = [v.numpy().copy() for v in trainer.model.trainable_variables]
     scale = float(optimizer.dynamic_scale)
     trainer.class_weights = tf.constant([np.inf, 1.0, 1.0])  # An infinite loss: its gradients are not finite.
     trainer._train_step = None
     trainer.run_epoch([(images, labels, weights, ids)], training=True, steps=1, progress=False)
-    assert all(np.array_equal(b, v.numpy()) for b, v in zip(before, trainer.modeling.model.trainable_variables))
+    assert all(np.array_equal(b, v.numpy()) for b, v in zip(before, trainer.model.trainable_variables))
     assert float(optimizer.dynamic_scale) < scale  # The scale backs off instead of the weights going NaN.
     trainer.class_weights, trainer._train_step = None, None
     # Finite steps train again (after the scale has backed off far enough for float16 gradients).
     trainer.run_epoch([(images, labels, weights, ids)] * 20, training=True, steps=20, progress=False)
-    assert any(not np.array_equal(b, v.numpy()) for b, v in zip(before, trainer.modeling.model.trainable_variables))
-    assert all(np.isfinite(v.numpy()).all() for v in trainer.modeling.model.trainable_variables)
+    assert any(not np.array_equal(b, v.numpy()) for b, v in zip(before, trainer.model.trainable_variables))
+    assert all(np.isfinite(v.numpy()).all() for v in trainer.model.trainable_variables)
   finally:
     keras.mixed_precision.set_dtype_policy(previous)

@@ -186,7 +186,7 @@ def _train_epochs(run: Run, stops: distribute.CtrlCAsSigterm) -> dict | None:
     on_features = config.train.cache_features and phase == model_lib.FROZEN
     if on_features and feature_cache is None:
       feature_cache = frozen_features.of_run(run)  # Computed once in this process (its time counts in this epoch).
-    if (trainer.network is not trainer.modeling.model) != on_features:
+    if (trainer.network is not trainer.model) != on_features:
       trainer.train_on_features(feature_cache.head if on_features else None)
     done_steps = int(trainer.epoch_step)
     learning_rate = trainer.epoch_start_rate(phase)
