@@ -44,10 +44,10 @@ from absl import logging
 from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
 from export import tflite
+from trainer import errors
 from trainer.config import Config
 from trainer.errors import UserInputError
 from trainer.input import data, images
-from trainer.loop import checkpoints
 from trainer.modeling import model as model_lib
 
 SERVING_DEFAULT = "serving_default"
@@ -174,7 +174,7 @@ def _a_full_disk_is_one_line(model_dir: str, partial: str, needed: int):
     yield
   except (OSError, tf.errors.OpError) as e:
     full = (e.errno in (errno.ENOSPC, errno.EDQUOT) if isinstance(e, OSError)
-            else any(words in e.message for words in checkpoints.DISK_FULL))
+            else any(words in e.message for words in errors.DISK_FULL))
     if not full:
       raise
     shutil.rmtree(partial, ignore_errors=True)

@@ -11,6 +11,7 @@ from conftest import CLASS_COLORS, write_image
 from trainer import config_checks
 from trainer.config import Config
 from trainer.errors import UserInputError
+from trainer.input import cache as cache_lib
 from trainer.input import data, data_checks
 
 SIZE = 16
@@ -292,7 +293,7 @@ def test_auto_picks_memory_then_disk_then_none_from_the_budget_and_the_free_disk
   assert _load(tmp_path, data_dir=str(color_folder)).train.cache.mode == "memory"
   small = _load(tmp_path, data_dir=str(color_folder), memory_budget="100B")
   assert small.train.cache.mode == "disk" and "memory budget" in small.train.cache.reason
-  monkeypatch.setattr(data, "_free_bytes", lambda folder: 10)
+  monkeypatch.setattr(cache_lib, "_free_bytes", lambda folder: 10)
   full = _load(tmp_path, data_dir=str(color_folder), memory_budget="100B")
   assert full.train.cache.mode == "none"
   with pytest.raises(UserInputError, match="--cache=none"):
@@ -440,7 +441,7 @@ def test_a_full_disk_while_filling_the_image_cache_is_one_line(color_folder, tmp
   """The last of the places where a full disk ended in a traceback; the partial fill is removed."""
   def full_disk(decoded):
     raise tf.errors.ResourceExhaustedError(None, None, "cache_dataset_ops: No space left on device")
-  monkeypatch.setattr(data, "_positions_in", full_disk)
+  monkeypatch.setattr(cache_lib, "_positions_in", full_disk)
   cache = tmp_path / "cache"
   with pytest.raises(UserInputError, match=f"The disk holding {cache} is full: the decoded-image cache needs"):
     _load(tmp_path, data_dir=str(color_folder), cache="disk")

@@ -17,9 +17,9 @@ from PIL import Image
 
 from export import end_of_run
 from tests.conftest import _missing
-from trainer.input import data
+from trainer.input import cache, data
 from trainer.loop import train
-from trainer.reporting import report_files, report_page, summaries
+from trainer.reporting import report_files, report_page, summaries, top_losses
 from trainer.runtime.workdir import RunDir
 
 # Names a page must escape and a browser must draw: CJK, markup characters, a quote, a space and a '#'.
@@ -45,7 +45,7 @@ def _examples(logits: np.ndarray, labels: list[int], paths: list[str] | None = N
               np.array([1.0] * count + [0.0], np.float32), np.array(ids + (-1,), np.int64))
     return tf.data.Dataset.from_tensor_slices(padded)
   return data.Examples(tuple(labels), tuple(labels) * ((all_examples or count) // count), ids, count + 1,
-                       data.CacheChoice("memory", "test"), epoch, tuple(paths) if paths else None)
+                       cache.CacheChoice("memory", "test"), epoch, tuple(paths) if paths else None)
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -58,7 +58,7 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 def test_top_k_keeps_the_largest_keys_largest_first_and_makes_only_the_items_it_keeps():
   keys = np.random.default_rng(3).permutation(1000)
-  top, made = report_page.TopK(5), []
+  top, made = top_losses.TopK(5), []
   for position, key in enumerate(keys):
     top.offer(int(key), lambda position=position: made.append(position) or position)
   assert [int(keys[position]) for position in top.ranked()] == [999, 998, 997, 996, 995]
@@ -67,18 +67,18 @@ def test_top_k_keeps_the_largest_keys_largest_first_and_makes_only_the_items_it_
 
 
 def test_top_k_of_equal_keys_keeps_and_ranks_the_earlier_items_first():
-  top = report_page.TopK(3)
+  top = top_losses.TopK(3)
   for position, key in enumerate([1, 5, 5, 2, 5, 5, 0]):
     top.offer(key, lambda position=position: position)
   assert top.ranked() == [1, 2, 4]
 
 
 def test_top_k_holds_fewer_items_than_its_bound_when_the_stream_is_short_and_none_for_zero():
-  short = report_page.TopK(10)
+  short = top_losses.TopK(10)
   for key in (3, 1, 2):
     short.offer(key, lambda key=key: key)
   assert short.ranked() == [3, 2, 1]
-  none = report_page.TopK(0)
+  none = top_losses.TopK(0)
   none.offer(1, lambda: pytest.fail("an item was made for a top-0"))
   assert none.ranked() == []
 
@@ -101,7 +101,7 @@ def test_top_losses_rank_misclassified_images_first_then_by_loss_over_batches():
   wrong = predicted != np.array(labels)
   expected = sorted(range(11), key=lambda i: (not wrong[i], -losses[i], i))[:5]
 
-  ranked, seen, wrong_count = report_page.find_top_losses(_softmax_of_channel_means, examples.images_with_ids,
+  ranked, seen, wrong_count = top_losses.find_top_losses(_softmax_of_channel_means, examples.images_with_ids,
                                                            batch_size=3, count=5)
   assert (seen, wrong_count) == (11, int(wrong.sum()))
   assert [example.id for example in ranked] == [10 + i for i in expected]
@@ -116,17 +116,17 @@ def test_top_losses_rank_misclassified_images_first_then_by_loss_over_batches():
 def test_thumbnails_of_large_images_are_shrunk_to_the_thumbnail_size():
   examples = _examples(np.array([[5.0, 1.0, 1.0]]), [1])
   large = examples.images_with_ids.map(lambda image, label, id_: (tf.image.resize(image, [640, 480]), label, id_))
-  [example], _, _ = report_page.find_top_losses(_softmax_of_channel_means, large, batch_size=1)
-  assert max(example.thumbnail.shape[:2]) == report_page.THUMBNAIL_PIXELS
+  [example], _, _ = top_losses.find_top_losses(_softmax_of_channel_means, large, batch_size=1)
+  assert max(example.thumbnail.shape[:2]) == top_losses.THUMBNAIL_PIXELS
 
 
 def test_report_top_losses_writes_thumbnails_the_list_and_the_grid_naming_files_or_records(tmp_path):
   logits = np.array([[0.0, 5.0, 0.0], [5.0, 0.0, 0.0], [0.0, 0.0, 5.0], [4.0, 5.0, 0.0]])
   labels = [0, 0, 1, 1]  # The first and third are wrong, the fourth right but unsure.
   paths = [f"/data/{name}.jpg" for name in "abcd"]
-  report_page.report_top_losses(_softmax_of_channel_means, _examples(logits, labels, paths), CLASSES, 2,
+  top_losses.report_top_losses(_softmax_of_channel_means, _examples(logits, labels, paths), CLASSES, 2,
                                 str(tmp_path))
-  listed = json.loads((tmp_path / report_page.TOP_LOSSES_FILE).read_text(encoding="utf-8"))
+  listed = json.loads((tmp_path / top_losses.TOP_LOSSES_FILE).read_text(encoding="utf-8"))
   assert (listed["examples"], listed["wrong"]) == (4, 2)
   assert [entry["source"] for entry in listed["top"]] == ["/data/a.jpg", "/data/c.jpg", "/data/d.jpg",
                                                           "/data/b.jpg"]
@@ -134,21 +134,21 @@ def test_report_top_losses_writes_thumbnails_the_list_and_the_grid_naming_files_
   for entry in listed["top"]:
     with Image.open(tmp_path / entry["thumbnail"]) as thumbnail:
       assert thumbnail.size == (4, 6)
-  with Image.open(tmp_path / report_page.TOP_LOSSES_PNG) as grid:
+  with Image.open(tmp_path / top_losses.TOP_LOSSES_PNG) as grid:
     assert grid.size[0] > 4 * 100  # Four tiles side by side.
 
   # A TFRecord or TFDS source has no paths; a rerun replaces every thumbnail.
-  report_page.report_top_losses(_softmax_of_channel_means, _examples(logits[:1], labels[:1]), CLASSES, 2,
+  top_losses.report_top_losses(_softmax_of_channel_means, _examples(logits[:1], labels[:1]), CLASSES, 2,
                                 str(tmp_path))
-  listed = json.loads((tmp_path / report_page.TOP_LOSSES_FILE).read_text(encoding="utf-8"))
+  listed = json.loads((tmp_path / top_losses.TOP_LOSSES_FILE).read_text(encoding="utf-8"))
   assert [entry["source"] for entry in listed["top"]] == ["record 10"]
-  assert len(os.listdir(tmp_path / report_page.THUMBNAIL_DIR)) == 1
+  assert len(os.listdir(tmp_path / top_losses.THUMBNAIL_DIR)) == 1
 
 
 def test_the_top_losses_grid_goes_to_the_images_of_tensorboard(tmp_path):
   from tensorboard.backend.event_processing import event_accumulator
   log = summaries.TensorBoardLog(str(tmp_path / "tensorboard"), CLASSES)
-  report_page.report_top_losses(_softmax_of_channel_means, _examples(np.array([[0.0, 5.0, 0.0]]), [0]), CLASSES,
+  top_losses.report_top_losses(_softmax_of_channel_means, _examples(np.array([[0.0, 5.0, 0.0]]), [0]), CLASSES,
                                 2, str(tmp_path / "report"), log, step=7)
   log.close()
   # The run's own folder, with its other images (under images/, which TensorBoard opens after loss and accuracy).
@@ -192,7 +192,7 @@ def workdir(tmp_path_factory) -> pathlib.Path:
                                                                "dropout": 0.2}}]}), encoding="utf-8")
   report_files.write_reports(run_dir.report, history, confusion, CLASSES)
   logits = np.array([[0.0, 5.0, 0.0], [5.0, 0.0, 0.0], [0.0, 0.0, 5.0], [3.0, 3.5, 0.0], [0.0, 0.0, 5.0]])
-  report_page.report_top_losses(_softmax_of_channel_means,
+  top_losses.report_top_losses(_softmax_of_channel_means,
                                 _examples(logits, [0, 0, 1, 1, 2], [f"/data/{name}.jpg" for name in "abcde"],
                                           all_examples=10),
                                 CLASSES, 2, run_dir.report, workers=2)
@@ -325,9 +325,9 @@ def test_a_run_writes_its_page_and_a_finished_run_rerun_writes_it_again_when_mis
   page = pathlib.Path(report_page.page_file(str(trained_workdir)))
   parsed = _Parsed(page.read_text(encoding="utf-8"))
   assert parsed.errors == [] and "../export/classifier/1/" in parsed.links
-  listed = json.loads((page.parent / report_page.TOP_LOSSES_FILE).read_text(encoding="utf-8"))
+  listed = json.loads((page.parent / top_losses.TOP_LOSSES_FILE).read_text(encoding="utf-8"))
   assert listed["examples"] == listed["all_examples"] > 0 and len(listed["top"]) == min(listed["examples"],
-                                                                                         report_page.TOP_LOSSES)
+                                                                                         top_losses.TOP_LOSSES)
   page.unlink()
   config = RunDir(str(trained_workdir)).load_config()
   train.train_and_evaluate(config, str(trained_workdir), exporter=end_of_run.SavedModelExport())

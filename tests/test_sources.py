@@ -9,7 +9,7 @@ from conftest import CLASS_COLORS, write_image
 
 from trainer.config import Config
 from trainer.errors import UserInputError
-from trainer.input import sources
+from trainer.input import sources, tfds_source
 
 
 def _data(**values):
@@ -135,7 +135,7 @@ def test_csv_columns_that_cannot_be_told_apart_are_named(tmp_path, lines, messag
 
 def test_an_unknown_tfds_name_is_one_line_with_close_names_and_how_to_list_them(tmp_path):
   with pytest.raises(UserInputError) as error:
-    sources.tfds_splits(_data(tfds="mnsit", tfds_data_dir=str(tmp_path)))
+    tfds_source.tfds_splits(_data(tfds="mnsit", tfds_data_dir=str(tmp_path)))
 
   message = str(error.value)
   assert "\n" not in message and len(message) < 400

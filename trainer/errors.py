@@ -5,6 +5,10 @@ import sys
 
 from trainer import exit_codes
 
+# TensorFlow reports ENOSPC and EDQUOT as ResourceExhaustedError (as it does running out of memory), or in an
+# UnknownError: these words tell a full disk.
+DISK_FULL = ("No space left on device", "Disk quota exceeded")
+
 
 class UserInputError(Exception):
   """A mistake the user can fix; the message names the flag or file and the fix."""

@@ -19,6 +19,7 @@ from absl import logging
 from google.protobuf import text_format
 from tensorflow.python.training.checkpoint_state_pb2 import CheckpointState
 
+from trainer import errors
 from trainer.errors import UserInputError
 
 CORRUPT_DIR = "corrupt"
@@ -27,9 +28,6 @@ STATE_FILE = "checkpoint"
 _INDEX = re.compile(r"ckpt-(\d+)\.index")
 # A sharded save writes <prefix>_temp/ and renames its files into place; a killed or failed save leaves it.
 _UNFINISHED_SAVE = "ckpt-*_temp"
-# TensorFlow reports ENOSPC and EDQUOT as ResourceExhaustedError (as it does running out of memory), or in an
-# UnknownError: these words tell a full disk.
-DISK_FULL = ("No space left on device", "Disk quota exceeded")
 # How long a worker waits for the chief to repair the state file: repairing takes the chief a few file moves.
 REPAIR_WAIT_SECONDS = 60
 
@@ -119,7 +117,7 @@ def save(manager: tf.train.CheckpointManager) -> str:
   try:
     return manager.save()
   except tf.errors.ResourceExhaustedError as e:
-    if not any(reason in str(e) for reason in DISK_FULL):
+    if not any(reason in str(e) for reason in errors.DISK_FULL):
       raise
     directory = manager.directory
     remove_unfinished_saves(directory)

@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from trainer.config import SOURCE_FLAGS
 from trainer.errors import UserInputError
-from trainer.input import data, data_checks, images, sources
+from trainer.input import data, data_checks, images, sources, tfds_source
 from trainer.loop import restore
 from trainer.reporting import report_files
 from trainer.runtime import workdir as workdir_lib
@@ -88,7 +88,7 @@ def _training_files_among(paths, trained_on) -> list[str]:
 def _tfds_test_split(config, trained_on: str) -> tuple[tuple[str, ...], tf.data.Dataset, dict[str, str], str]:
   """(classes, (float32 image, label) examples, no skipped files, description) of a TFDS dataset's held-out
   split (`trained_on`: the run's --tfds)."""
-  classes, split, encoded = sources.tfds_test_split(config)
+  classes, split, encoded = tfds_source.tfds_test_split(config)
   if split == "train" and config.tfds == trained_on:
     raise UserInputError(f"--tfds={config.tfds} has only a train split, and the run trained on it: leave out the "
                          "data source to evaluate the run's validation split, or give a test set.")

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Protocol
 from absl import logging
 
 from trainer.modeling import model as model_lib
-from trainer.reporting import report_files, report_page
+from trainer.reporting import report_files, report_page, top_losses
 from trainer.runtime import distribute
 from trainer.runtime import workdir as workdir_lib
 
@@ -84,5 +84,5 @@ def finalize(run: "Run", val_metrics: dict, exporter: Exporter | None) -> dict:
 def _report_top_losses(run: "Run") -> None:
   """The validation images of the chief's share the final model gets most wrong, for the report and TensorBoard:
   one forward pass over them."""
-  report_page.report_top_losses(run.trainer.model, run.inputs.val, run.inputs.classes, run.config.data.batch_size,
+  top_losses.report_top_losses(run.trainer.model, run.inputs.val, run.inputs.classes, run.config.data.batch_size,
                                 run.run_dir.report, run.tensorboard, int(run.trainer.epoch), run.shard.count)

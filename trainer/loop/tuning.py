@@ -14,6 +14,9 @@ without repeating finished trials, and a larger --max_trials continues it; anoth
 trial is a run in TensorBoard's HParams dashboard (WORKDIR/tensorboard/tuning/trial_N, named WORKDIR_NAME/trial_N)
 with its fold mean, and the decision is text there (tag tuning_decision). Under --strategy=multi_worker only the
 chief searches; the other workers wait for its tuning/best_hparams.json.
+
+Over 400 lines on purpose: the search, its scoring, its decision and its resumable state are one contract (what a
+rerun may repeat, what the workers read), and split across modules each part would need the others' internals.
 """
 
 import dataclasses

@@ -23,6 +23,9 @@ measured on sign_language_digits, a copy re-encoded at JPEG quality 75 and resiz
 of 0.81-0.94 to its original while distinct photos of that uniform set reach 0.95 (the pooled features describe
 the hand, not the photo), and the augmented views of the cache lower a copy's similarity further. The byte-hash
 leakage check (trainer.input.data_checks) misses such copies; the thumbnails find them (BUILD_NOTES.md).
+
+Over 400 lines on purpose: both checks run once per run on the same features and thumbnails, and share one state
+file, one report page section and one TensorBoard grid; split, each half would reach into the other.
 """
 
 import csv
