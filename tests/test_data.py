@@ -387,7 +387,7 @@ def test_without_a_cache_an_undecodable_file_becomes_a_stand_in_of_weight_0_and_
 
 
 def test_a_data_service_decodes_the_share_and_gives_every_example_once(color_folder, tmp_path, monkeypatch):
-  from trainer import data_service
+  from trainer.input import service as data_service
   broken = _undecodable(color_folder)
   dispatcher = data_service.start_dispatcher()
   worker = data_service.start_worker(dispatcher.target, worker_address="localhost")

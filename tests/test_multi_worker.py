@@ -17,7 +17,7 @@ import pytest
 import trainer_process
 from bench import multi_worker
 from conftest import REPO, write_color_dataset
-from trainer import cluster as cluster_lib
+from trainer.runtime import cluster as cluster_lib
 from trainer import exit_codes
 
 

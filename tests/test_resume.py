@@ -3,6 +3,8 @@ a rerun of the same command ends where an uninterrupted run ends, with the defau
 input order (their random streams follow (seed, epoch, step), see trainer.modeling.randomness). Another configuration is
 refused."""
 
+import logging
+import re
 import signal
 import time
 
@@ -43,8 +45,11 @@ def color_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def uninterrupted(color_folder, random_mobilenet_025_weights, tmp_path_factory):
+  """The run the interrupted ones must end as, trained here: the same function the command calls (a child process
+  costs a TensorFlow start; the killed run below is one, as SIGKILL needs)."""
+  from trainer.loop import train
   workdir = tmp_path_factory.mktemp("uninterrupted")
-  trainer_process.run(trainer_process.tiny_flags(color_folder, random_mobilenet_025_weights, workdir=workdir, **EPOCHS))
+  train.train_and_evaluate(tiny_run(random_mobilenet_025_weights, data_dir=str(color_folder), **EPOCHS), str(workdir))
   return trainer_process.history(workdir)
 
 
@@ -59,7 +64,7 @@ def _assert_same_end(resumed: list[dict], uninterrupted: list[dict]) -> None:
 
 
 def test_sigkill_in_the_finetune_phase_then_rerun_finishes_the_requested_epochs(
-    color_folder, random_mobilenet_025_weights, tmp_path, uninterrupted):
+    color_folder, random_mobilenet_025_weights, tmp_path, uninterrupted, caplog):
   workdir = tmp_path / "killed"
   flags = trainer_process.tiny_flags(color_folder, random_mobilenet_025_weights, workdir=workdir, verbosity=0, **EPOCHS)
   process = trainer_process.start(flags)
@@ -67,8 +72,12 @@ def test_sigkill_in_the_finetune_phase_then_rerun_finishes_the_requested_epochs(
   process.send_signal(signal.SIGKILL)
   process.wait()
 
-  output = trainer_process.run(flags)
+  from trainer.loop import train
+  caplog.set_level(logging.INFO)
+  train.train_and_evaluate(tiny_run(random_mobilenet_025_weights, data_dir=str(color_folder), **EPOCHS),
+                           str(workdir))
   resumed = trainer_process.history(workdir)
+  output = caplog.text
   assert "Resumed from" in output
   completed = int(output.split("Resumed from ")[1].split(": ")[1].split(" epoch(s) done")[0])
   assert completed >= 1  # At least the frozen epoch and, unless killed between history and checkpoint, epoch 2.
@@ -77,18 +86,24 @@ def test_sigkill_in_the_finetune_phase_then_rerun_finishes_the_requested_epochs(
 
 
 def test_sigterm_saves_mid_epoch_and_exits_for_a_retry(color_folder, random_mobilenet_025_weights, tmp_path,
-                                                       uninterrupted):
+                                                       uninterrupted, monkeypatch, caplog):
+  """A real SIGTERM to this process at step 2 of the first fine-tune epoch (what a scheduler's preemption sends),
+  handled by PreemptionCheckpointHandler as in the command."""
+  from trainer.loop import train
+  caplog.set_level(logging.INFO)
+  config = tiny_run(random_mobilenet_025_weights, data_dir=str(color_folder), verbosity=0, **EPOCHS)
   workdir = tmp_path / "terminated"
-  flags = trainer_process.tiny_flags(color_folder, random_mobilenet_025_weights, workdir=workdir, verbosity=0, **EPOCHS)
-  process = trainer_process.start(flags)
-  _wait_for_epochs(process, workdir, 1)
-  process.send_signal(signal.SIGTERM)
-  output = process.communicate(timeout=trainer_process.TIMEOUT_SECONDS)[0]
-  assert process.returncode == exit_codes.PREEMPTED, output[-4000:]
-  assert "Stopped by SIGTERM: saved a checkpoint" in output
+  run = train.setup(config, str(workdir))
+  monkeypatch.setattr(progress, "bar", _signal_at_step(signal.SIGTERM, 2, training_epoch=2))
+  with pytest.raises(SystemExit) as exit_:
+    train.train_epochs(run)
+  run.tensorboard.close()
+  assert exit_.value.code == exit_codes.PREEMPTED
+  assert re.search(r"Stopped by SIGTERM: saved a checkpoint after [23] step\(s\) of epoch 2\.", caplog.text)
+  monkeypatch.undo()
 
-  output = trainer_process.run(flags)
-  assert "Resumed from" in output
+  train.train_and_evaluate(config, str(workdir))
+  assert "Resumed from" in caplog.text
   _assert_same_end(trainer_process.history(workdir), uninterrupted)
 
 
@@ -106,14 +121,19 @@ def test_a_different_configuration_is_refused_in_a_workdir_with_checkpoints(tmp_
   assert run.load_config().train.finetune_epochs == 9
 
 
-def _signal_at_step(signum: int, at_step: int):
-  """A stand-in for the progress bar that sends this process `signum` when the epoch's step `at_step` is done."""
+def _signal_at_step(signum: int, at_step: int, training_epoch: int | None = None):
+  """A stand-in for the progress bar that sends this process `signum` when an epoch's step `at_step` is done: in
+  every epoch, or only in the `training_epoch`-th training pass (the one bar of each that shows progress)."""
+  shown = []
+
   class Bar:
     def __init__(self, steps, progress):
-      pass
+      if progress:
+        shown.append(self)
+      self.signals = training_epoch is None or (progress and len(shown) == training_epoch)
 
     def update(self, step, values):
-      if step == at_step:
+      if step == at_step and self.signals:
         signal.raise_signal(signum)
   return Bar
 

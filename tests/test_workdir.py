@@ -17,7 +17,7 @@ from trainer.config import Config
 from trainer.errors import UserInputError
 from trainer.runtime import workdir
 
-_HOLD_LOCK = ("import sys, time; from trainer import workdir\n"
+_HOLD_LOCK = ("import sys, time; from trainer.runtime import workdir\n"
               "with workdir.lock(sys.argv[1]):\n"
               "  print('locked', flush=True)\n"
               "  time.sleep(600)\n")
