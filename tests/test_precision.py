@@ -34,16 +34,9 @@ def _serving_dtypes(export_path: str) -> tuple[dict, dict]:
 
 
 @pytest.fixture(scope="module")
-def float32_serving_dtypes(tmp_path_factory, random_mobilenet_025_weights):
-  folder = tmp_path_factory.mktemp("float32")
-  for name, color in CLASS_COLORS.items():
-    for i in range(6):
-      write_image(folder / "colors" / name / f"{name}_{i}.jpg", color)
-  config = Config().replace(backbone="mobilenet", alpha=0.25, weights=random_mobilenet_025_weights, image_size=32,
-                            batch_size=8, frozen_epochs=1, finetune_epochs=0, head_units=8, augment="none",
-                            verbosity=-1, data_dir=str(folder / "colors"))
-  metrics = train.train_and_evaluate(config, str(folder / "run"), exporter=end_of_run.SavedModelExport())
-  return _serving_dtypes(metrics["export_path"])
+def float32_serving_dtypes(trained_export_dir):
+  """The signatures of the shared float32 run's export (conftest.trained_workdir)."""
+  return _serving_dtypes(str(trained_export_dir))
 
 
 @pytest.mark.parametrize("precision,compute_dtype,loss_scaled", [
