@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO, write_image
 
-from tests.conftest import REPO, write_image
 from trainer.command import flags as trainer_flags
 from trainer.command import usage
 from trainer.config import SECTIONS, Config, section_fields

@@ -7,9 +7,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import write_color_dataset
 
 from export import end_of_run
-from tests.conftest import write_color_dataset
 from trainer import config_checks
 from trainer.config import Config
 from trainer.errors import UserInputError

@@ -12,8 +12,8 @@ import sys
 import pytest
 import tensorflow as tf
 from absl import logging
+from conftest import REPO, write_color_dataset
 
-from tests.conftest import REPO, write_color_dataset
 from trainer.reporting import progress
 
 

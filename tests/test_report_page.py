@@ -13,10 +13,10 @@ import urllib.parse
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import _missing
 from PIL import Image
 
 from export import end_of_run
-from tests.conftest import _missing
 from trainer.input import cache, data
 from trainer.loop import train
 from trainer.reporting import report_files, report_page, summaries, top_losses

@@ -14,6 +14,7 @@ import warnings
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import CLASS_COLORS, REPO, write_color_dataset
 from PIL import Image
 from tensorboard.backend import application
 from tensorboard.backend.event_processing import data_provider, event_accumulator, plugin_event_multiplexer
@@ -22,7 +23,6 @@ from tensorboard.plugins.hparams import hparams_plugin
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 from werkzeug import test as werkzeug_test
 
-from tests.conftest import CLASS_COLORS, REPO, write_color_dataset
 from trainer.config import Config, section_fields
 from trainer.loop import steps, train
 from trainer.reporting import class_labels, report_files, summaries

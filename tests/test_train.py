@@ -31,7 +31,7 @@ def _weights_by_layer(model: keras.Model) -> dict[str, list[np.ndarray]]:
 
 @pytest.fixture(scope="module")
 def two_phase_run(tmp_path_factory, random_mobilenet_025_weights):
-  from tests.conftest import write_color_dataset
+  from conftest import write_color_dataset
   root = tmp_path_factory.mktemp("phases")
   write_color_dataset(root / "data", 6, fmt="PNG")
   config = Config().replace(data_dir=str(root / "data"), backbone="mobilenet", alpha=0.25,

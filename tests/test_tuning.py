@@ -34,7 +34,7 @@ def tune_config(tiny_config, color_folder):
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory, mobilenet_025_weights):
   """A finished 3-trial random search with 3 folds: (its config, its workdir, what search returned)."""
-  from tests.conftest import write_color_dataset
+  from conftest import write_color_dataset
   root = tmp_path_factory.mktemp("search")
   write_color_dataset(root / "data", 6)
   config = _search_config(root / "data", mobilenet_025_weights)
