@@ -289,6 +289,15 @@ def test_a_page_without_tuning_or_export_says_so(tmp_path, workdir):
   assert "No search decided (--tune was off)" in text and "No export yet: python -m export.main" in text
 
 
+def test_the_curves_caption_names_the_fine_tune_line_only_where_the_run_had_one(tmp_path, workdir, page):
+  assert "the dashed line is where fine-tuning starts" in page.text  # Frozen, then fine-tune.
+  shutil.copytree(workdir / "report", tmp_path / "run" / "report")
+  run_dir = RunDir(str(tmp_path / "run"))
+  run_dir.save_history([{**record, "phase": "scratch"} for record in run_dir.load_history()])
+  text = _Parsed(pathlib.Path(report_page.write_page(str(tmp_path / "run"))).read_text(encoding="utf-8")).text
+  assert "training against validation." in text and "dashed line" not in text
+
+
 def test_the_page_loads_in_a_browser_with_every_image_and_fits_1280_pixels(workdir):
   """Chromium (headless) opens a copy of the page with a script that writes, after load, every image's natural
   width, the page's width and any script error into the DOM it dumps."""

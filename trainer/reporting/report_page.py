@@ -55,7 +55,7 @@ def write_page(workdir: str) -> str:
   tuning = _json_or_empty(os.path.join(workdir, "tuning", "best_hparams.json"))
   name = os.path.basename(os.path.normpath(os.path.abspath(workdir)))
   sections = [_outcome(metrics, history, config),
-              _figures(report_dir),
+              _figures(report_dir, history),
               _per_class(confusion),
               _top_losses(top_losses),
               _suspects(report_dir),
@@ -96,10 +96,12 @@ def _outcome(metrics: dict, history: list, config: dict) -> str:
   return f"<p class=outcome>{lead}{_text(rest)}</p>\n<p class=facts>{_text(facts)}</p>"
 
 
-def _figures(report_dir: str) -> str:
+def _figures(report_dir: str, history: list) -> str:
+  # The curves mark the start of fine-tuning only in a run that had both phases (report_files.curves_figure).
+  phases = {record.get("phase") for record in history}
+  marked = "; the dashed line is where fine-tuning starts" if {"frozen", "finetune"} <= phases else ""
   figures = [(file, caption) for file, caption in (
-      ("curves.png", "Accuracy and loss per epoch, training against validation; the dashed line is where "
-                     "fine-tuning starts."),
+      ("curves.png", f"Accuracy and loss per epoch, training against validation{marked}."),
       ("confusion_matrix.png", "The last validation: rows are the true class, each cell its share of the row."))
              if os.path.isfile(os.path.join(report_dir, file))]
   if not figures:
