@@ -4,6 +4,7 @@ import contextlib
 import copy
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import CLASS_COLORS, REPO, write_color_dataset
+from matplotlib.figure import Figure
 from PIL import Image
 from tensorboard.backend import application
 from tensorboard.backend.event_processing import data_provider, event_accumulator, plugin_event_multiplexer
@@ -542,3 +544,18 @@ def test_the_steady_rate_leaves_out_every_step_that_compiled(random_mobilenet_02
   assert metrics["compile_seconds"] >= 2 * 0.5
   assert metrics["steady_images_per_sec"] > 8 / 1.0
   assert metrics["seconds"] - metrics["compile_seconds"] < 0.5
+
+
+def test_a_report_figure_is_written_whole_or_not_at_all(tmp_path):
+  """A chief lost while drawing left a truncated PNG that the page then showed: the previous figure stays."""
+  path = tmp_path / "report" / "curves.png"
+  report_files.write_png(report_files.curves_figure([]), str(path))
+  before = path.read_bytes()
+
+  class KilledWhileDrawing(Figure):
+    def savefig(self, target, **kwargs):
+      target.write(before[:20])
+      raise OSError("killed")
+  with pytest.raises(OSError, match="killed"):
+    report_files.write_png(KilledWhileDrawing(), str(path))
+  assert path.read_bytes() == before and os.listdir(path.parent) == ["curves.png"]

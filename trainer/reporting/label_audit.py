@@ -42,6 +42,7 @@ from matplotlib.figure import Figure
 
 from trainer.input import images
 from trainer.loop import tuning
+from trainer.reporting import report_files
 from trainer.runtime import workdir as workdir_lib
 
 # Thumbnail similarity from which two images count as near-duplicates, and the thumbnail's side. Measured on
@@ -326,7 +327,7 @@ def audit_run(cache, train_images: tf.data.Dataset, val_images: tf.data.Dataset,
     write_duplicates_csv(os.path.join(report_dir, DUPLICATES_CSV), pairs)
     if suspects:
       figure = suspects_figure(suspects[:GRID_SUSPECTS], image_size)
-      figure.savefig(os.path.join(report_dir, SUSPECTS_PNG), format="png")
+      report_files.write_png(figure, os.path.join(report_dir, SUSPECTS_PNG))
       if tensorboard_dir:
         log_suspect_grid(tensorboard_dir, figure)
     across = sum(1 for pair in pairs if pair[1] != pair[3])

@@ -75,7 +75,10 @@ def write_classification_report(confusion: np.ndarray, classes: Sequence[str], p
 
 
 def write_png(figure: Figure, path: str) -> None:
-  figure.savefig(path, format="png")
+  """Atomic (workdir.write_bytes): a chief lost mid-report leaves the previous figure or none, never half of one."""
+  buffer = io.BytesIO()
+  figure.savefig(buffer, format="png")
+  workdir_lib.write_bytes(path, buffer.getvalue())
 
 
 def per_class_metrics(confusion: np.ndarray) -> dict[str, np.ndarray]:

@@ -240,13 +240,18 @@ def write_json(path: str, value) -> None:
 
 
 def write_text(path: str, text: str) -> None:
+  """Atomic: a run killed while writing leaves the previous file intact (see `write_bytes`)."""
+  write_bytes(path, text.encode("utf-8"))
+
+
+def write_bytes(path: str, content: bytes) -> None:
   """Atomic: a run killed while writing leaves the previous file intact. Each writer has its own temporary file
   (a fixed name would let two writers interleave into one); uuid rather than tempfile keeps the umask's mode."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
   partial = f"{path}.{uuid.uuid4().hex}.partial"
   try:
-    with open(partial, "x", encoding="utf-8") as f:
-      f.write(text)
+    with open(partial, "xb") as f:
+      f.write(content)
     os.replace(partial, path)
   except OSError as e:
     if e.errno not in (errno.ENOSPC, errno.EDQUOT):
