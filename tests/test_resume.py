@@ -73,7 +73,7 @@ def test_sigkill_in_the_finetune_phase_then_rerun_finishes_the_requested_epochs(
   process.wait()
 
   from trainer.loop import train
-  caplog.set_level(logging.INFO)
+  caplog.set_level(logging.INFO, logger="absl")  # Another test may have left absl at --verbosity=-1.
   train.train_and_evaluate(tiny_run(random_mobilenet_025_weights, data_dir=str(color_folder), **EPOCHS),
                            str(workdir))
   resumed = trainer_process.history(workdir)
@@ -90,7 +90,7 @@ def test_sigterm_saves_mid_epoch_and_exits_for_a_retry(color_folder, random_mobi
   """A real SIGTERM to this process at step 2 of the first fine-tune epoch (what a scheduler's preemption sends),
   handled by PreemptionCheckpointHandler as in the command."""
   from trainer.loop import train
-  caplog.set_level(logging.INFO)
+  caplog.set_level(logging.INFO, logger="absl")  # Another test may have left absl at --verbosity=-1.
   config = tiny_run(random_mobilenet_025_weights, data_dir=str(color_folder), verbosity=0, **EPOCHS)
   workdir = tmp_path / "terminated"
   run = train.setup(config, str(workdir))
