@@ -7,7 +7,11 @@ share their names: --data_dir, --image_size, ...) are imported side by side.
 """
 
 import json
+import os
+import shlex
+import subprocess
 import sys
+import time
 from typing import Callable, Sequence
 
 from absl import app, flags
@@ -56,6 +60,18 @@ def train_history(config, workdir: str) -> list[dict]:
   train.train_epochs(run)
   run.tensorboard.close()
   return run.history
+
+
+def train_command(command: list[str], workdir: str) -> tuple[dict, float]:
+  """Runs a `python -m trainer.main ...` command as a user does (its own process); returns the run's
+  report/metrics.json and the wall seconds the command took. A failed run raises with its last output."""
+  start = time.perf_counter()
+  done = subprocess.run(command, capture_output=True, text=True, check=False)
+  seconds = time.perf_counter() - start
+  if done.returncode:
+    raise RuntimeError(f"{shlex.join(command)} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+  with open(os.path.join(workdir, "report", "metrics.json"), encoding="utf-8") as f:
+    return json.load(f), seconds
 
 
 def define_backbone_flags(flag_values: flags.FlagValues) -> None:

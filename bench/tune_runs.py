@@ -14,10 +14,8 @@ python -m bench.tune_runs --data_dirs=../shared/datasets/hymenoptera --seeds=5 -
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
 from absl import flags
@@ -43,13 +41,7 @@ def _run(data_dir: str, seed: int, tune: bool, root: str) -> dict:
   command = [sys.executable, "-m", "trainer.main", f"--data_dir={data_dir}", f"--weights={FLAGS.weights}",
              f"--seed={seed}", f"--workdir={workdir}", "--verbosity=-1", *shared, *FLAGS.extra_flags] + (
                  ["--tune"] if tune else [])
-  start = time.perf_counter()
-  done = subprocess.run(command, capture_output=True, text=True, check=False)
-  seconds = time.perf_counter() - start
-  if done.returncode:
-    raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
-  with open(os.path.join(workdir, "report", "metrics.json"), encoding="utf-8") as f:
-    metrics = json.load(f)
+  metrics, seconds = bench.train_command(command, workdir)
   figures = {"val_accuracy": metrics["val_accuracy"], "seconds": seconds}
   if tune:
     with open(os.path.join(workdir, "tuning", "best_hparams.json"), encoding="utf-8") as f:

@@ -10,13 +10,13 @@ import re
 
 import pytest
 from absl import flags
+from conftest import REPO, write_color_dataset
 
 import bench
-from bench import (finetune, frozen_phase, image_size, input_order, input_pipeline, modes, reporting, scale, serving,
-                   synthetic, training_loop, tune_runs, tuning)
-from conftest import REPO, write_color_dataset
-from trainer.modeling import model as model_lib
+from bench import (candidates, finetune, frozen_phase, image_size, input_order, input_pipeline, modes, reporting,
+                   scale, serving, synthetic, training_loop, tune_runs, tuning)
 from trainer.config import Config
+from trainer.modeling import model as model_lib
 
 # The tiny model of every smoke test (tests/conftest.py's TINY_RUN) as benchmark flags.
 TINY_MODEL = ["--backbone=mobilenet", "--alpha=0.25"]
@@ -233,3 +233,27 @@ def test_scale_rows(tmp_path):
                    floor["bound_on_first_epoch_over_image_dataset_from_directory"])
   targets = scale._targets([{"images": photos, **ours}], [keras_row], {}, 32)
   assert _positive(targets[f"memory_first_epoch_over_image_dataset_from_directory_{photos}"])
+
+
+@pytest.mark.slow  # Two whole `python -m trainer.main` runs, export included: ~30 s on 2 quiet cores.
+def test_candidates(dataset, tmp_path, random_mobilenet_025_weights):
+  tiny = ["--image_size=32", "--batch_size=8", "--frozen_epochs=1", "--finetune_epochs=1", "--head_units=8"]
+  figures = _figures(candidates, tmp_path, f"--data_dirs={dataset}", *TINY_MODEL,
+                     f"--weights={random_mobilenet_025_weights}", "--seeds=1", f"--extra_flags={','.join(tiny)}",
+                     "--candidates=defaults=;smooth=--label_smoothing=0.1", f"--cache_dir={tmp_path / 'cache'}")
+  rows = figures["rows"]
+  assert [(row["dataset"], row["candidate"], row["seed"]) for row in rows] == [("data", "defaults", 42),
+                                                                                ("data", "smooth", 42)]
+  assert [row["flags"] for row in rows] == ["", "--label_smoothing=0.1"]
+  for row in rows:
+    assert _accuracy(row["val_accuracy"]) and _accuracy(row["frozen_val_accuracy"])
+    assert _positive(row["seconds"], row["finetune_seconds"])
+  # Label smoothing leaves the frozen phase's features as they were: the second run reads the first one's.
+  assert [row["features_extracted"] for row in rows] == [True, False]
+  summary = figures["summary"]["data"]
+  assert list(summary) == ["defaults", "smooth"]
+  assert summary["defaults"]["seconds_ratio_to_first_candidate"] == 1.0
+  assert summary["defaults"]["seconds_ratio_to_first_candidate_extracting"] == 1.0
+  for name, row in zip(summary, rows):
+    assert summary[name]["mean"] == summary[name]["min"] == summary[name]["max"] == row["val_accuracy"]
+    assert summary[name]["std"] == 0.0 and _positive(summary[name]["seconds_ratio_to_first_candidate"])
