@@ -156,3 +156,23 @@ def test_a_run_whose_service_epoch_comes_up_short_saves_neither_the_epoch_nor_it
   assert exit_.value.code == exit_codes.PEER_LOST
   run_dir = RunDir(str(tmp_path / "run"))
   assert not run_dir.has_checkpoints() and run_dir.load_history() == []  # The restart redoes the epoch.
+
+
+def test_a_dispatcher_restarted_without_its_journal_ends_the_run_in_one_line_and_138(monkeypatch, capsys):
+  """It ended in a NotFoundError traceback and exit 1, which schedulers do not retry; a restarted job works."""
+  port = _free_port()
+  dispatcher = data_service.start_dispatcher(port)
+  worker = data_service.start_worker(dispatcher.target, worker_address="localhost")
+  _os_exit_raises(monkeypatch)
+  with pytest.raises(SystemExit) as exit_, distribute.exit_on_peer_loss():
+    for index, _ in enumerate(data_service.distribute(tf.data.Dataset.range(100), dispatcher.target, "journal",
+                                                      elements=100)):
+      if index == 10:
+        dispatcher._stop()
+        dispatcher = data_service.start_dispatcher(port)
+  for server in (worker, dispatcher):
+    server.stop()
+  assert exit_.value.code == exit_codes.PEER_LOST
+  error = capsys.readouterr().err.strip()
+  assert error.startswith("error: the tf.data service dispatcher no longer knows this trainer's job")
+  assert "--work_dir" in error

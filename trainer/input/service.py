@@ -67,6 +67,9 @@ def distribute(dataset: "tf.data.Dataset", address: str, job_name: str, elements
       job_name=job_name)), elements)
 
 
+# TensorFlow's words when a dispatcher restarted without its journal (--work_dir) no longer knows a trainer's job.
+LOST_JOB = re.compile(r"Iteration id \d+ not found|Unknown iteration client id \d+")
+
 # TensorFlow's words when a dataset under `whole` ends early.
 SHORT_EPOCH = re.compile(r"expected to contain (\d+) elements but contained only (\d+) elements")
 

@@ -262,6 +262,13 @@ def exit_on_peer_loss():
     _end(f"a tf.data service epoch ended after {short.group(2)} of its {short.group(1)} examples: a service worker "
          "was lost mid-epoch with the examples it held. Restart to redo the epoch from the last checkpoint "
          "(--data_service).", exit_codes.PEER_LOST)
+  except tf.errors.NotFoundError as e:
+    from trainer.input import service
+    if not service.LOST_JOB.search(str(e)):
+      raise
+    _end("the tf.data service dispatcher no longer knows this trainer's job: it restarted without its journal. "
+         "Restart to continue from the last checkpoint, and give the dispatcher --work_dir so that a restart keeps "
+         "its jobs (--data_service).", exit_codes.PEER_LOST)
   except _PEER_ERRORS as e:
     cluster = cluster_lib.cluster_from_tf_config()
     if cluster is None or not cluster.peers:
