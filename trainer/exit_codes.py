@@ -22,8 +22,9 @@ INTERRUPTED = 130
 # checkpoint was written are kept; a restart continues.
 KILLED = 137
 # Multi-worker: another worker of the cluster was lost mid-run, or did not come within --peer_timeout (one line
-# names it); or a tf.data service worker was lost mid-epoch, leaving the epoch short. This worker's files are
-# consistent (the last checkpoint); restart the whole job to continue.
+# names it); or, with --data_service, a service worker was lost mid-epoch (the epoch came up short) or the
+# dispatcher restarted without its journal. This worker's files are consistent (the last checkpoint); restart the
+# whole job to continue.
 PEER_LOST = 138
 # Stopped by SIGTERM (a scheduler's preemption) after saving a checkpoint: restart to continue.
 PREEMPTED = 143
