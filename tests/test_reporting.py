@@ -524,15 +524,17 @@ def test_the_legend_of_names_drawn_by_id_says_how_to_fix_it_in_one_line(monkeypa
 
 def test_the_steady_rate_leaves_out_every_step_that_compiled(random_mobilenet_025_weights):
   """Batches of 4, 4, 4 and a partial 2: the first step and the partial one trace the step (here a trace takes
-  0.5 s more); the steady rate is that of the two steps between, far above 8 images in a second."""
+  1.5 s more); the steady rate is that of the two steps between. Compared with the epoch's own rate rather than a
+  number of images a second: a loaded machine (CI, a shared VM) slows every step, not the comparison."""
   config = runtime.resolve(Config().replace(backbone="mobilenet", alpha=0.25, weights="none", image_size=32,
                                           head_units=4, augment="none"))
   trainer = steps.Trainer(config, 3, tf.distribute.get_strategy())
   real_step = trainer._eval_step
+  trace_seconds = 1.5
 
   @tf.function
   def slow_to_trace(*batch):
-    time.sleep(0.5)  # Python: runs while tracing only.
+    time.sleep(trace_seconds)  # Python: runs while tracing only.
     return real_step(*batch)
   trainer._eval_step = slow_to_trace
   rng = np.random.default_rng(0)
@@ -541,9 +543,10 @@ def test_the_steady_rate_leaves_out_every_step_that_compiled(random_mobilenet_02
   metrics = trainer.run_epoch(tf.data.Dataset.from_tensor_slices(examples).batch(4), training=False, steps=4,
                               progress=False)
   assert metrics["examples"] == 14
-  assert metrics["compile_seconds"] >= 2 * 0.5
-  assert metrics["steady_images_per_sec"] > 8 / 1.0
-  assert metrics["seconds"] - metrics["compile_seconds"] < 0.5
+  assert metrics["compile_seconds"] >= 2 * trace_seconds
+  # Counting the traces, the rate would be the epoch's (14 images over both traces and every step).
+  assert metrics["steady_images_per_sec"] > 1.5 * metrics["examples"] / metrics["seconds"]
+  assert metrics["seconds"] - metrics["compile_seconds"] < metrics["compile_seconds"]
 
 
 def test_a_report_figure_is_written_whole_or_not_at_all(tmp_path):
