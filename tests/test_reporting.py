@@ -406,7 +406,7 @@ def _drawn_with_missing_glyphs(figure) -> list[str]:
   """The warnings matplotlib gives for characters the figure's fonts have no glyph for (drawn as empty boxes)."""
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    report_files.write_png(figure, io.BytesIO())
+    figure.savefig(io.BytesIO(), format="png")
   return [str(warning.message) for warning in caught if "missing from font" in str(warning.message)]
 
 
