@@ -81,6 +81,21 @@ def whole(dataset: "tf.data.Dataset", elements: int) -> "tf.data.Dataset":
   return dataset.apply(tf.data.experimental.assert_cardinality(elements))
 
 
+def what_was_lost(error_message: str) -> str | None:
+  """The one line a trainer ends with (exit 138: a restart continues) when a TensorFlow error says a part of the
+  service was lost mid-run; None for any other error."""
+  short = SHORT_EPOCH.search(error_message)
+  if short:
+    return (f"a tf.data service epoch ended after {short.group(2)} of its {short.group(1)} examples: a service worker "
+            "was lost mid-epoch with the examples it held. Restart to redo the epoch from the last checkpoint "
+            "(--data_service).")
+  if LOST_JOB.search(error_message):
+    return ("the tf.data service dispatcher no longer knows this trainer's job: it restarted without its journal. "
+            "Restart to continue from the last checkpoint, and give the dispatcher --work_dir so that a restart "
+            "keeps its jobs (--data_service).")
+  return None
+
+
 def _grpc(address: str) -> str:
   host, port = host_and_port(address)
   return f"grpc://{host}:{port}"

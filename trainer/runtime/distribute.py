@@ -5,7 +5,7 @@ Multi-worker follows TensorFlow's conventions: TF_CONFIG describes the cluster, 
 no "chief" job) writes the run's real files, every other worker writes the same files to a temporary folder of
 its own (saving can involve collective ops, so all workers save) and removes it at the end.
 
-A cluster is checked before TensorFlow forms it (trainer.cluster: TF_CONFIG read and checked, one line per
+A cluster is checked before TensorFlow forms it (trainer.runtime.cluster: TF_CONFIG read and checked, one line per
 mistake, and a bounded wait for the peers). A peer lost once training runs ends the worker in one line naming it,
 with exit_codes.PEER_LOST.
 """
@@ -254,21 +254,12 @@ def exit_on_peer_loss():
   single-worker runs' peer errors, pass."""
   try:
     yield
-  except tf.errors.FailedPreconditionError as e:
-    from trainer.input import service  # Only a --data_service input raises this one.
-    short = service.SHORT_EPOCH.search(str(e))
-    if not short:
+  except (tf.errors.FailedPreconditionError, tf.errors.NotFoundError) as e:
+    from trainer.input import service  # Only a --data_service input raises these as a lost part of the service.
+    lost = service.what_was_lost(str(e))
+    if lost is None:
       raise
-    _end(f"a tf.data service epoch ended after {short.group(2)} of its {short.group(1)} examples: a service worker "
-         "was lost mid-epoch with the examples it held. Restart to redo the epoch from the last checkpoint "
-         "(--data_service).", exit_codes.PEER_LOST)
-  except tf.errors.NotFoundError as e:
-    from trainer.input import service
-    if not service.LOST_JOB.search(str(e)):
-      raise
-    _end("the tf.data service dispatcher no longer knows this trainer's job: it restarted without its journal. "
-         "Restart to continue from the last checkpoint, and give the dispatcher --work_dir so that a restart keeps "
-         "its jobs (--data_service).", exit_codes.PEER_LOST)
+    _end(lost, exit_codes.PEER_LOST)
   except _PEER_ERRORS as e:
     cluster = cluster_lib.cluster_from_tf_config()
     if cluster is None or not cluster.peers:
