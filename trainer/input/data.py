@@ -46,7 +46,8 @@ from trainer.input.cache import (
   keeping_order,
 )
 from trainer.input.decode import DecodeFailures, decode_or_stand_in
-from trainer.input.split import BUFFERED, WHOLE, Shard, SplitList, digest, padded, padded_length, plain_graph, share_of
+from trainer.input.images import plain_graph
+from trainer.input.split import BUFFERED, WHOLE, Shard, SplitList, digest, padded, padded_length, share_of
 
 # Largest shuffle buffer of a disk cache or of streamed records (elements held in memory at once).
 _MAX_SHUFFLE_BUFFER = 10_000

@@ -39,23 +39,23 @@ _ORIENTATIONS = ((False, False, False), (False, False, True), (False, True, True
 # Every function here is plain TensorFlow ops (no Python control flow on tensors): AutoGraph, which tf.data runs on
 # each map function, need not parse and rewrite them (with data.py's map functions left alone too, data.load of 20
 # files took 0.53-0.63 s of CPU instead of 1.02 s; BUILD_NOTES.md).
-_plain_graph = tf.autograph.experimental.do_not_convert
+plain_graph = tf.autograph.experimental.do_not_convert
 
 
-@_plain_graph
+@plain_graph
 def load(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
   """Encoded JPEG/PNG/GIF/BMP/WebP bytes to uint8 RGB [image_size, image_size, 3], upright: THE pixels the model
   sees, in training and in serving."""
   return resize_uint8(_decode(_as_bytes(image_bytes), image_size), image_size)
 
 
-@_plain_graph
+@plain_graph
 def decode(image_bytes: tf.Tensor) -> tf.Tensor:
   """Encoded bytes to uint8 RGB [H, W, 3] at full size, upright: gray and RGBA become RGB, a GIF its first frame."""
   return _decode(_as_bytes(image_bytes), None)
 
 
-@_plain_graph
+@plain_graph
 def check(image_bytes: tf.Tensor) -> tf.Tensor:
   """Raises tf.errors.InvalidArgumentError when `load` cannot decode these bytes, at a fraction of its cost: the
   same path with a JPEG decoded at 1/8 scale. libjpeg reads every entropy-coded byte at any scale, so a JPEG that
@@ -66,7 +66,7 @@ def check(image_bytes: tf.Tensor) -> tf.Tensor:
   return _decode(_as_bytes(image_bytes), 1)
 
 
-@_plain_graph
+@plain_graph
 def header_size(image_bytes: tf.Tensor) -> tf.Tensor:
   """int64 [height, width] from the header of JPEG, PNG, GIF or BMP bytes, before anything is decoded (a
   decompression bomb is refused by its header); [0, 0] for other formats (decoding is then the check). A JPEG
@@ -95,7 +95,7 @@ def header_size(image_bytes: tf.Tensor) -> tf.Tensor:
                  lambda: tf.cast(tf.io.extract_jpeg_shape(image_bytes)[:2], tf.int64), lambda: size)
 
 
-@_plain_graph
+@plain_graph
 def resize_uint8(image: tf.Tensor, image_size: int) -> tf.Tensor:
   """uint8 [H, W, 3] (or a batch [N, H, W, 3]) to uint8 [image_size, image_size, 3]: bilinear, no crop, rounded,
   antialiased when it shrinks.
@@ -107,13 +107,13 @@ def resize_uint8(image: tf.Tensor, image_size: int) -> tf.Tensor:
   return tf.cast(tf.round(resized), tf.uint8)  # Bilinear weights sum to 1: values stay within 0..255.
 
 
-@_plain_graph
+@plain_graph
 def resize(image: tf.Tensor, image_size: int) -> tf.Tensor:
   """`resize_uint8` as float32 (values 0..255, whole numbers), the model's input type."""
   return tf.cast(resize_uint8(image, image_size), tf.float32)
 
 
-@_plain_graph
+@plain_graph
 def decode_and_resize(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
   """`load` as float32 (values 0..255, whole numbers), the model's input type."""
   return tf.cast(load(image_bytes, image_size), tf.float32)
@@ -152,7 +152,7 @@ def _jpeg_ratio_index(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
   return tf.reduce_sum(tf.cast(shortest // _JPEG_RATIOS[1:] >= image_size, tf.int32))
 
 
-@_plain_graph
+@plain_graph
 def orient(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
   """Turns a decoded [H, W, C] image upright by its EXIF orientation (1..8; PIL's ImageOps.exif_transpose)."""
   # Data, not control flow (tf.cond/switch_case): a branch per orientation made every pipeline slow to build.
@@ -161,7 +161,7 @@ def orient(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
   return tf.reverse(image, tf.boolean_mask([0, 1], [flip_up_down, flip_left_right]))
 
 
-@_plain_graph
+@plain_graph
 def jpeg_orientation(image_bytes: tf.Tensor) -> tf.Tensor:
   """The EXIF orientation tag (int32 1..8) of JPEG bytes; 1 when absent or unreadable (never an error)."""
   # EXIF's APP1 segment is its marker, 2 bytes of length, "Exif\0\0", then a TIFF block: found by that string

@@ -8,7 +8,8 @@ import tensorflow as tf
 from trainer.config import DataConfig
 from trainer.errors import UserInputError
 from trainer.input import sources, tfds_source
-from trainer.input.split import Shard, SplitList, digest, padded, padded_length, plain_graph
+from trainer.input.images import plain_graph
+from trainer.input.split import Shard, SplitList, digest, padded, padded_length
 
 
 def from_tfds(config: DataConfig, shard: Shard, pad_multiple: int):

@@ -10,15 +10,12 @@ from typing import Callable, Sequence
 
 import tensorflow as tf
 
+# The map functions here are plain TensorFlow ops, left alone by AutoGraph as the decode functions are.
+from trainer.input.images import plain_graph
+
 # How an epoch is shuffled (`load`): a permutation of the whole share, or, over what cannot be held whole (a disk
 # cache, a stream of records), the share stored in a seeded random order and shuffled in a bounded buffer.
 WHOLE, BUFFERED = "whole", "buffered"
-
-
-# The pipelines' map functions are plain TensorFlow ops: AutoGraph, which tf.data runs on each of them, need not
-# parse and rewrite them (as for trainer.input.images: ~0.4 s of CPU of every data.load, and of every epoch without a
-# cache, which builds its pipeline anew).
-plain_graph = tf.autograph.experimental.do_not_convert
 
 
 @dataclasses.dataclass(frozen=True)
