@@ -78,6 +78,9 @@ def _run(data_dir: str, seed: int, name: str, candidate_flags: list[str], root: 
   row = {"dataset": os.path.basename(data_dir.rstrip("/")), "candidate": name, "flags": shlex.join(candidate_flags),
          "seed": seed, "val_accuracy": metrics["val_accuracy"],
          "frozen_val_accuracy": frozen[-1]["val_accuracy"] if frozen else None,
+         # The last fine-tune epoch's, and the phase whose weights the run kept (--keep_better_phase).
+         "finetune_val_accuracy": finetune[-1]["val_accuracy"] if finetune else None,
+         "kept_phase": metrics.get("phase_choice", {}).get("kept"),
          "seconds": seconds, "finetune_seconds": sum(epoch["seconds"] for epoch in finetune),
          # The features are extracted (or read from the cache) inside the first frozen epoch, so its seconds say
          # what this run paid for them.

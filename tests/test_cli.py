@@ -78,7 +78,7 @@ _CHOICE_FIELDS = [field.name for _, field in section_fields() if field.metadata.
 _OUT_OF_RANGE = {"image_size": 100000, "batch_size": 0, "frozen_epochs": -1, "frozen_lr": 0, "dropout": 1.0,
                  "head_units": -1, "feature_views": 0, "validation_split": 1.0, "alpha": 0, "max_image_pixels": 0,
                  "memory_budget": "lots", "top_k": 0, "rotation": -2, "rand_augment": 1.5, "lr_base_batch_size": -1,
-                 "label_smoothing": 1.0}
+                 "label_smoothing": 1.0, "finetune_label_smoothing": -0.5}
 
 
 @pytest.mark.parametrize("name,value", [(name, "no_such_choice") for name in _CHOICE_FIELDS]

@@ -289,6 +289,18 @@ def test_a_page_without_tuning_or_export_says_so(tmp_path, workdir):
   assert "No search decided (--tune was off)" in text and "No export yet: python -m export.main" in text
 
 
+def test_the_outcome_says_when_the_model_is_the_frozen_phases(tmp_path, workdir, page):
+  assert "Fine-tuning ended" not in page.text  # The fixture's fine-tune phase ended higher.
+  shutil.copytree(workdir / "report", tmp_path / "run" / "report")
+  run_dir = RunDir(str(tmp_path / "run"))
+  metrics = json.loads(pathlib.Path(run_dir.metrics_file).read_text(encoding="utf-8"))
+  run_dir.save_metrics({**metrics, "val_accuracy": 0.8, "phase_choice": {
+      "frozen_val_accuracy": 0.8, "finetune_val_accuracy": 0.75, "kept": "frozen"}})
+  text = _Parsed(pathlib.Path(report_page.write_page(str(tmp_path / "run"))).read_text(encoding="utf-8")).text
+  assert "Validation accuracy 80.0%" in text
+  assert "Fine-tuning ended at 75.0%, below the frozen phase's 80.0%: the model is the frozen phase's" in text
+
+
 def test_the_curves_caption_names_the_fine_tune_line_only_where_the_run_had_one(tmp_path, workdir, page):
   assert "the dashed line is where fine-tuning starts" in page.text  # Frozen, then fine-tune.
   shutil.copytree(workdir / "report", tmp_path / "run" / "report")

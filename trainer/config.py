@@ -123,6 +123,11 @@ class TrainConfig:
                                "preset's).")
   label_smoothing: float = _field(0.0, "Label smoothing of the training loss in both phases (0: none; 0.1 moves a "
                                   "tenth of each label's weight to a uniform spread over the classes).")
+  finetune_label_smoothing: float = _field(-1.0, "Label smoothing of the fine-tune phase's loss, when it should "
+                                           "differ from the frozen phase's (-1: --label_smoothing).")
+  keep_better_phase: bool = _field(True, "When the fine-tune phase ends at a lower validation accuracy than the "
+                                   "frozen phase, keep the frozen phase's weights as the run's model (said in one "
+                                   "line and in report/metrics.json's phase_choice).")
   class_weight: str = _field("", "'' (every example weighs the same) or balanced (weights n / (classes * count) "
                              "from the training counts, recorded in config.json).", CLASS_WEIGHTS)
   cache_features: bool = _field(True, "Frozen phase on cached features: the frozen backbone's pooled features are "

@@ -48,6 +48,9 @@ def validate(config: Config, given: Collection[str] = ()) -> None:
   if not 0.0 <= train.label_smoothing < 1.0:
     raise UserInputError(f"--label_smoothing={train.label_smoothing}: the smoothed fraction must be in [0, 1) "
                          "(e.g. 0.1).")
+  if not (train.finetune_label_smoothing == -1.0 or 0.0 <= train.finetune_label_smoothing < 1.0):
+    raise UserInputError(f"--finetune_label_smoothing={train.finetune_label_smoothing}: the smoothed fraction must "
+                         "be in [0, 1), or -1 for --label_smoothing's.")
   _at_least("head_units", model.head_units, 0)
   _at_least("batch_size", data.batch_size, 1)
   if data.image_size:

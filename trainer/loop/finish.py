@@ -56,12 +56,16 @@ def finished_export(run: "Run", exporter: Exporter | None) -> dict | None:
   return metrics
 
 
-def finalize(run: "Run", val_metrics: dict, exporter: Exporter | None) -> dict:
+def finalize(run: "Run", val_metrics: dict, exporter: Exporter | None, phase_choice: dict | None = None) -> dict:
   """Writes the report from the final model's validation (`val_metrics`) and, with an `exporter`, exports, both on
-  the chief."""
+  the chief. phase_choice: which phase's weights the run kept (trainer.loop.phase_choice), for metrics.json."""
   run.trainer.train_on_features(None)  # The report's figures and the export are of the whole classifier.
   metrics = report_files.summarize(run.history, list(run.inputs.classes), None,
                                 [phase for phase, _ in model_lib.phases(run.config)])
+  if phase_choice:
+    metrics["phase_choice"] = phase_choice
+    # The final model's own validation: the frozen phase's weights, when they were kept.
+    metrics["val_accuracy"], metrics["val_loss"] = val_metrics["accuracy"], val_metrics["loss"]
   metrics["skipped_files"] = [{"path": path, "reason": why} for path, why in sorted(run.inputs.skipped.items())]
   if run.chief:  # Before the writers close: the grid goes to TensorBoard too.
     _report_top_losses(run)

@@ -80,7 +80,7 @@ class Trainer:
     # Cached features were augmented (or not) when they were computed.
     augmenter = self.augmenter if model is self.model else None
     class_weights, variables, seed = self.class_weights, model.trainable_variables, self.config.data.seed
-    training_loss = optimization.training_loss(self.config.train.label_smoothing)
+    training_loss = optimization.training_loss(optimization.phase_label_smoothing(self.phase, self.config.train))
 
     def replica_step(images, labels, weights, ids):
       replica = tf.distribute.get_replica_context().replica_id_in_sync_group

@@ -22,7 +22,7 @@ from absl import logging
 
 from trainer.config import Config
 from trainer.input import data
-from trainer.loop import checkpoints, example_log, finish, frozen_features
+from trainer.loop import checkpoints, example_log, finish, frozen_features, phase_choice
 from trainer.loop import steps as steps_lib
 from trainer.modeling import augment
 from trainer.modeling import model as model_lib
@@ -79,7 +79,8 @@ def train_and_evaluate(config: Config | runtime_lib.Runtime, workdir: str, input
       return finished
     # A run resumed after its last epoch has not validated in this process; the report needs the final model's.
     val_metrics = train_epochs(run) or validate(run)
-    return finish.finalize(run, val_metrics, exporter)
+    val_metrics, choice = phase_choice.keep_better_phase(run, val_metrics, validate)
+    return finish.finalize(run, val_metrics, exporter, choice)
 
 
 def load_inputs(runtime: runtime_lib.Runtime, workdir: str) -> data.InputData:
@@ -188,6 +189,7 @@ def _train_epochs(run: Run, stops: distribute.CtrlCAsSigterm) -> dict | None:
       feature_cache = frozen_features.of_run(run)  # Computed once in this process (its time counts in this epoch).
     if (trainer.network is not trainer.model) != on_features:
       trainer.train_on_features(feature_cache.head if on_features else None)
+    phase_choice.save_frozen_phase_end(run, epoch)
     done_steps = int(trainer.epoch_step)
     learning_rate = trainer.epoch_start_rate(phase)
     train_metrics = trainer.run_epoch(_train_batches(run, epoch, feature_cache if on_features else None, done_steps,

@@ -34,6 +34,14 @@ def phase_optimizers(config: Config, lr_scale: float, steps_per_epoch: int) -> t
   return rates, optimizers
 
 
+def phase_label_smoothing(phase: str, config: TrainConfig) -> float:
+  """The label smoothing of `phase`'s training loss: --finetune_label_smoothing in the fine-tune phase when it is
+  set, else --label_smoothing."""
+  if phase == model_lib.FINETUNE and config.finetune_label_smoothing >= 0:
+    return config.finetune_label_smoothing
+  return config.label_smoothing
+
+
 def training_loss(label_smoothing: float):
   """The per-example loss the weights are trained on: cross-entropy against the labels, smoothed towards the
   uniform distribution by `label_smoothing` (--label_smoothing). Evaluation always reports the plain cross-entropy,

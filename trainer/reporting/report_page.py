@@ -88,6 +88,10 @@ def _outcome(metrics: dict, history: list, config: dict) -> str:
   if phases:
     rest += f" ({', '.join(phases)})"
   rest += f" in {_duration(sum(record.get('seconds', 0.0) for record in history))}."
+  choice = metrics.get("phase_choice") or {}
+  if choice.get("kept") == "frozen":
+    rest += (f" Fine-tuning ended at {100 * choice['finetune_val_accuracy']:.1f}%, below the frozen phase's "
+             f"{100 * choice['frozen_val_accuracy']:.1f}%: the model is the frozen phase's (--keep_better_phase).")
   skipped = len(metrics.get("skipped_files") or [])
   if skipped:
     rest += f" {skipped} file{'s' if skipped != 1 else ''} could not be used (listed in report/metrics.json)."
