@@ -37,7 +37,7 @@ def two_phase_run(tmp_path_factory, random_mobilenet_025_weights):
   config = Config().replace(data_dir=str(root / "data"), backbone="mobilenet", alpha=0.25,
                             weights=random_mobilenet_025_weights, image_size=32, batch_size=8, frozen_epochs=1,
                             finetune_epochs=1, head_units=8, augment="light", frozen_lr=1e-2, finetune_lr=1e-3,
-                            verbosity=-1)
+                            verbosity=-1, keep_better_phase=False)  # Each phase's checkpoint is its own weights.
   workdir = root / "run"
   metrics = train.train_and_evaluate(config, str(workdir), exporter=end_of_run.SavedModelExport())
   checkpoints = tf.train.get_checkpoint_state(str(workdir / "checkpoints")).all_model_checkpoint_paths

@@ -111,11 +111,14 @@ def remove_unfinished_saves(directory: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def save(manager: tf.train.CheckpointManager) -> str:
+def save(manager: tf.train.CheckpointManager, replace_latest: bool = False) -> str:
   """manager.save(); a full disk ends in one line naming the folder and the space a checkpoint needs, and
-  leaves the previous checkpoint as the one a rerun resumes from."""
+  leaves the previous checkpoint as the one a rerun resumes from. replace_latest: save under the latest
+  checkpoint's number (the same epoch's checkpoint with other weights), so that it keeps its name."""
+  latest = manager.latest_checkpoint
+  number = int(latest.rsplit("-", 1)[1]) if replace_latest and latest else None
   try:
-    return manager.save()
+    return manager.save(checkpoint_number=number)
   except tf.errors.ResourceExhaustedError as e:
     if not any(reason in str(e) for reason in errors.DISK_FULL):
       raise
