@@ -21,12 +21,15 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 demo: setup
 	$(PY) -m trainer.demo --workdir=$(DEMO_DIR) --weights=$(DEMO_WEIGHTS)
 
-# The tests marked slow (multi-process fault runs, a bench that runs the trainer twice) run with test-all.
+# The tests run on every core (pytest-xdist; at most 4 processes: each holds TensorFlow and a few tiny models, ~1.5
+# GB). The tests marked slow (multi-process fault runs, benches that run the trainer twice) run with test-all.
+TEST_PROCESSES := -n auto --maxprocesses=4
+
 test: setup
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest $(TEST_PROCESSES) -m "not slow"
 
 test-all: setup
-	$(PY) -m pytest
+	$(PY) -m pytest $(TEST_PROCESSES)
 
 clean:
 	rm -rf $(VENV) runs *.egg-info
