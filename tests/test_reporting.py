@@ -49,7 +49,7 @@ def run(tmp_path_factory, random_mobilenet_025_weights):
   config = Config().replace(data_dir=str(root / "data"), backbone="mobilenet", alpha=0.25,
                             weights=random_mobilenet_025_weights, image_size=32, batch_size=8, frozen_epochs=2,
                             finetune_epochs=1, head_units=8, augment="light", frozen_lr=1e-2, finetune_lr=1e-3,
-                            verbosity=0)
+                            verbosity=0, keep_better_phase=False)  # metrics.json is the last epoch's, as logged.
   workdir = root / "run"
   metrics, printed = _train(config, workdir)
   return config, workdir, metrics, printed
