@@ -1,6 +1,6 @@
 """python -m bench.candidates: whole default runs against candidate changes of the defaults, over seeds.
 
-For each dataset of --data_dirs, each seed (42, 43, ...) and each candidate of --candidates (`name=FLAGS`, the
+For each dataset of --data_dirs, each seed (42, 43, ... from --first_seed) and each candidate of --candidates (`name=FLAGS`, the
 first one the reference, usually the defaults with no flags), one whole training as a user runs it, export
 included: `python -m trainer.main --data_dir=D --workdir=W --seed=S --verbosity=-1 <backbone flags> <candidate
 flags>` in a subprocess. Each run's figures come from its report/metrics.json (val accuracy) and
@@ -34,8 +34,12 @@ FLAGS = flags.FlagValues()
 flags.DEFINE_list("data_dirs", ["../shared/datasets/hymenoptera", "../shared/datasets/sign_language_digits"],
                   "Datasets (train/ + val/), measured one after the other.", flag_values=FLAGS)
 bench.define_backbone_flags(FLAGS)
-flags.DEFINE_integer("seeds", 3, "Seeds per dataset and candidate (42, 43, ...).", flag_values=FLAGS)
-flags.DEFINE_string("candidates", "defaults=;smooth=--label_smoothing=0.1;deep=--unfreeze_from=block_10_expand",
+flags.DEFINE_integer("seeds", 3, "Seeds per dataset and candidate (--first_seed, the one after, ...).",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("first_seed", 42, "The first seed: more seeds of an earlier measurement start after its last.",
+                     flag_values=FLAGS)
+flags.DEFINE_string("candidates", "defaults=;no_smoothing=--finetune_label_smoothing=0;top_stage=--unfreeze_from="
+                    "block_13_expand",
                     "Semicolon-separated name=FLAGS (FLAGS split as a shell would: several flags are space-separated)"
                     "; the first candidate is the one the others' seconds are compared with.", flag_values=FLAGS)
 flags.DEFINE_list("extra_flags", [], "More flags for every run (e.g. --finetune_epochs=2).", flag_values=FLAGS)
@@ -168,7 +172,7 @@ def main(argv: list[str]) -> dict:
     cache_dir = os.path.join(FLAGS.cache_dir, os.path.basename(data_dir.rstrip("/"))) if FLAGS.cache_dir else ""
     # Candidates inside seeds: a seed's runs follow one another under the same load, and the first candidate is the
     # one that extracts the seed's features.
-    for seed in range(42, 42 + FLAGS.seeds):
+    for seed in range(FLAGS.first_seed, FLAGS.first_seed + FLAGS.seeds):
       for name, candidate_flags in candidates:
         figures["rows"].append(_run(data_dir, seed, name, candidate_flags, root, cache_dir))
         figures["summary"] = _summaries(figures["rows"], candidates)

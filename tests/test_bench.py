@@ -239,14 +239,18 @@ def test_scale_rows(tmp_path):
 def test_candidates(dataset, tmp_path, random_mobilenet_025_weights):
   tiny = ["--image_size=32", "--batch_size=8", "--frozen_epochs=1", "--finetune_epochs=1", "--head_units=8"]
   figures = _figures(candidates, tmp_path, f"--data_dirs={dataset}", *TINY_MODEL,
-                     f"--weights={random_mobilenet_025_weights}", "--seeds=1", f"--extra_flags={','.join(tiny)}",
-                     "--candidates=defaults=;smooth=--label_smoothing=0.1", f"--cache_dir={tmp_path / 'cache'}")
+                     f"--weights={random_mobilenet_025_weights}", "--seeds=1", "--first_seed=43",
+                     f"--extra_flags={','.join(tiny)}", "--candidates=defaults=;smooth=--label_smoothing=0.1",
+                     f"--cache_dir={tmp_path / 'cache'}")
   rows = figures["rows"]
-  assert [(row["dataset"], row["candidate"], row["seed"]) for row in rows] == [("data", "defaults", 42),
-                                                                                ("data", "smooth", 42)]
+  assert [(row["dataset"], row["candidate"], row["seed"]) for row in rows] == [("data", "defaults", 43),
+                                                                                ("data", "smooth", 43)]
   assert [row["flags"] for row in rows] == ["", "--label_smoothing=0.1"]
   for row in rows:
     assert _accuracy(row["val_accuracy"]) and _accuracy(row["frozen_val_accuracy"])
+    # The model is the better phase's (--keep_better_phase): its accuracy is the one the row reports.
+    assert row["kept_phase"] in ("frozen", "finetune") and row["val_accuracy"] == pytest.approx(
+        max(row["frozen_val_accuracy"], row["finetune_val_accuracy"]))
     assert _positive(row["seconds"], row["finetune_seconds"])
   # Label smoothing leaves the frozen phase's features as they were: the second run reads the first one's.
   assert [row["features_extracted"] for row in rows] == [True, False]

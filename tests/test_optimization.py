@@ -30,12 +30,16 @@ def test_smoothing_keeps_a_confident_right_answer_from_costing_nothing():
 
 
 def test_the_fine_tune_phase_may_smooth_labels_differently_from_the_frozen_phase():
-  both = Config().replace(label_smoothing=0.1).train
-  fine_tune_only = Config().replace(finetune_label_smoothing=0.1).train
+  both = Config().replace(label_smoothing=0.1, finetune_label_smoothing=0.1).train
+  fine_tune_only = Config().replace(label_smoothing=0.0, finetune_label_smoothing=0.1).train
   frozen_only = Config().replace(label_smoothing=0.1, finetune_label_smoothing=0.0).train
-  smoothing = {name: [optimization.phase_label_smoothing(phase, train) for phase in (model_lib.FROZEN, model_lib.FINETUNE)]
-               for name, train in (("both", both), ("fine_tune_only", fine_tune_only), ("frozen_only", frozen_only))}
-  assert smoothing == {"both": [0.1, 0.1], "fine_tune_only": [0.0, 0.1], "frozen_only": [0.1, 0.0]}
+  as_frozen = Config().replace(label_smoothing=0.2, finetune_label_smoothing=-1).train
+  phases = (model_lib.FROZEN, model_lib.FINETUNE)
+  smoothing = {name: [optimization.phase_label_smoothing(phase, train) for phase in phases]
+               for name, train in (("both", both), ("fine_tune_only", fine_tune_only), ("frozen_only", frozen_only),
+                                   ("as_frozen", as_frozen))}
+  assert smoothing == {"both": [0.1, 0.1], "fine_tune_only": [0.0, 0.1], "frozen_only": [0.1, 0.0],
+                       "as_frozen": [0.2, 0.2]}
 
 
 def test_the_tuners_heads_train_on_the_runs_loss():
