@@ -1,7 +1,9 @@
 """The training command's end-of-run action: the SavedModel of the run's last checkpoint (and its model.tflite with
 --tflite), checked on the run's validation files, and found again when a finished run is rerun so that one
-checkpoint is never exported twice. The command layer (trainer.main, trainer.demo) hands it to the training loop,
-which knows no export: data flows from the trainer to the export, never back.
+checkpoint is never exported twice. Registered in setup.cfg as the entry point `saved_model` of the group
+`transfer_trainer.end_of_run`: the training commands (trainer.main, trainer.demo) find it there and hand it to the
+training loop, and no module of the trainer imports this package: data flows from the trainer to the export, never
+back.
 """
 
 import os

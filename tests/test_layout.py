@@ -4,10 +4,10 @@ through others (a cycle makes import order matter and hides which part owns what
 import ast
 import pathlib
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGES = ("trainer", "export")
-# The commands that train and then export hand export.end_of_run to the loop: the one place both meet.
-COMMANDS_THAT_EXPORT = {"trainer.main", "trainer.demo"}
 
 
 def _module_imports() -> dict[str, set[str]]:
@@ -35,13 +35,21 @@ def _module_imports() -> dict[str, set[str]]:
   return graph
 
 
-def test_the_trainer_never_imports_the_export_except_the_commands_that_hand_it_to_the_loop():
+def test_the_trainer_never_imports_the_export():
   graph = _module_imports()
   importers = {name for name, imported in graph.items()
                if name.startswith("trainer") and any(i == "export" or i.startswith("export.") for i in imported)}
-  assert importers <= COMMANDS_THAT_EXPORT, importers
-  # And nothing imports a command: they are where the layers are put together, not a layer.
-  assert not {name for name, imported in graph.items() if imported & COMMANDS_THAT_EXPORT}
+  assert not importers, importers
+
+
+def test_the_training_commands_find_the_export_the_installed_project_registers(monkeypatch):
+  """The one place the two meet is the package metadata (setup.cfg's entry point), read when a command starts."""
+  from export import end_of_run
+  from trainer.errors import UserInputError
+  from trainer.loop import finish
+  assert isinstance(finish.installed_exporter(), end_of_run.SavedModelExport)
+  with pytest.raises(UserInputError, match="No end-of-run export 'onnx' is installed.*pip install -e"):
+    finish.installed_exporter("onnx")
 
 
 def test_no_module_imports_itself_through_others():

@@ -20,7 +20,7 @@ from trainer.command import usage
 # ../shared/weights/mobilenet_2_5_224_tf_no_top.h5): one definition of each flag per process.
 from trainer.command.flags import FLAGS
 from trainer.config import Config
-from trainer.errors import UserInputError
+from trainer.errors import UserInputError, exit_on_user_error
 from trainer.input import demo_data
 
 DEFAULT_WORKDIR = "runs/demo"
@@ -63,9 +63,11 @@ def demo(workdir: str, weights: str) -> None:
   run_dir = os.path.join(workdir, run_name(weights))
   settings = SCRATCH if weights == "none" else {**TRANSFER, "weights": weights}
   config = Config().replace(data_dir=data_dir, **settings)
-  from export import end_of_run
   from trainer.command import cli
-  cli.run(config, run_dir, list_layers=False, exporter=end_of_run.SavedModelExport())
+  from trainer.loop import finish
+  with exit_on_user_error():
+    exporter = finish.installed_exporter()
+  cli.run(config, run_dir, list_layers=False, exporter=exporter)
 
   export_root = os.path.join(run_dir, "export", config.export.model_name)
   export_dir = os.path.join(export_root, max(os.listdir(export_root), key=lambda v: int(v) if v.isdigit() else -1))

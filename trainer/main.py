@@ -14,10 +14,12 @@ def main(argv):
   with exit_on_user_error():
     usage.refuse_arguments(argv)
   # Imported after the flags are parsed: --help answers without loading TensorFlow.
-  from export import end_of_run
   from trainer.command import cli
+  from trainer.loop import finish
+  with exit_on_user_error():
+    exporter = finish.installed_exporter()  # The export package's SavedModel export, registered in setup.cfg.
   cli.run(trainer_flags.config_from_flags(), trainer_flags.FLAGS.workdir, trainer_flags.FLAGS.list_layers,
-          given=trainer_flags.given_flags(), exporter=end_of_run.SavedModelExport())
+          given=trainer_flags.given_flags(), exporter=exporter)
 
 
 def run_script():

@@ -3,11 +3,13 @@ handed in (chief), and a rerun of a finished run that has nothing left to do. Fi
 artifact is checked and made if missing, and an export is never made twice for one checkpoint.
 """
 
+import importlib.metadata
 import os
 from typing import TYPE_CHECKING, Protocol
 
 from absl import logging
 
+from trainer.errors import UserInputError
 from trainer.modeling import model as model_lib
 from trainer.reporting import report_files, report_page, top_losses
 from trainer.runtime import distribute
@@ -26,6 +28,21 @@ class Exporter(Protocol):
 
   def __call__(self, run: "Run") -> str:
     """Exports the run's model at its latest checkpoint; returns where."""
+
+
+# The entry-point group where a package registers the training commands' end-of-run export (setup.cfg: the export
+# package's SavedModelExport). The trainer finds it by name and never imports the package that provides it.
+EXPORTERS = "transfer_trainer.end_of_run"
+SAVED_MODEL = "saved_model"
+
+
+def installed_exporter(name: str = SAVED_MODEL) -> Exporter:
+  """The end-of-run export registered as `name` in the EXPORTERS group of the installed packages."""
+  found = [point for point in importlib.metadata.entry_points(group=EXPORTERS) if point.name == name]
+  if not found:
+    raise UserInputError(f"No end-of-run export {name!r} is installed (entry point group {EXPORTERS}): install "
+                         "the project into its environment, `make setup` or `pip install -e .` in the checkout.")
+  return found[0].load()()
 
 
 def finished_export(run: "Run", exporter: Exporter | None) -> dict | None:
