@@ -1,7 +1,8 @@
 """python -m bench.candidates: whole default runs against candidate changes of the defaults, over seeds.
 
-For each dataset of --data_dirs, each seed (42, 43, ... from --first_seed) and each candidate of --candidates (`name=FLAGS`, the
-first one the reference, usually the defaults with no flags), one whole training as a user runs it, export
+For each dataset of --data_dirs, each seed (--first_seed, 42 unless given, and the ones after it) and each
+candidate of --candidates (`name=FLAGS`, the first one the reference, usually the defaults with no flags), one
+whole training as a user runs it, export
 included: `python -m trainer.main --data_dir=D --workdir=W --seed=S --verbosity=-1 <backbone flags> <candidate
 flags>` in a subprocess. Each run's figures come from its report/metrics.json (val accuracy) and
 report/history.json (the last frozen epoch's val accuracy, the fine-tune phase's seconds); wall seconds are the
