@@ -128,7 +128,9 @@ def supervise(command: list[str], workers: int, log_dir: str, kill_every: float 
     while code is None:
       if time.monotonic() > deadline:
         raise TimeoutError(f"the job ran over {timeout:g} s; logs in {log_dir}")
-      if made_kills < kills and time.monotonic() >= kill_at:
+      # No kill once a worker has finished the run (exited 0): a worker killed then would be restarted to wait for a
+      # peer that is gone, a case of a scheduler's, not of the run's.
+      if made_kills < kills and time.monotonic() >= kill_at and 0 not in codes:
         alive = [index for index, process in processes.items() if process.poll() is None]
         if alive:
           processes[rng.choice(alive)].kill()

@@ -157,7 +157,7 @@ def test_killed_workers_restarted_by_exit_code_finish_the_run_as_if_uninterrupte
   SIGKILLed at random points: the job finishes with the uninterrupted run's history, each example once per epoch
   and one export."""
   figures = multi_worker.main(["bench.multi_worker", "--workers=2", "--images=18", "--image_size=32",
-                               "--batch_size=4", "--epochs=3", "--kill_every=15", "--kills=5",
+                               "--batch_size=4", "--epochs=3", "--kill_every=6", "--kills=5",
                                f"--json={tmp_path / 'figures.json'}"])
   assert figures["kills"] == 5 and figures["restarts"] >= 5
   assert figures["final_history_matches"]
