@@ -16,17 +16,19 @@ def test_a_fine_tune_phase_that_ends_worse_leaves_the_frozen_phases_weights_as_t
     tmp_path, random_mobilenet_025_weights):
   """A fine-tune rate far too high wrecks what the frozen phase learned; the run's model, its metrics, its latest
   checkpoint and its export must all be the frozen phase's, with augmentation and dropout on."""
-  write_color_dataset(tmp_path / "data", 6)
-  # Frozen epochs on cached features take milliseconds: enough of them for the head to separate the colours.
-  config = tiny_run(random_mobilenet_025_weights, data_dir=str(tmp_path / "data"), frozen_epochs=8,
-                    frozen_lr=3e-2, finetune_lr=50.0, finetune_schedule="constant", unfreeze_from="all")
+  # 3 validation images per class (1 was too few: a head at 0.87 on the training images once scored chance there),
+  # and frozen epochs on cached features, which take milliseconds: enough for the head to separate the colours.
+  write_color_dataset(tmp_path / "data", 10)
+  config = tiny_run(random_mobilenet_025_weights, data_dir=str(tmp_path / "data"), validation_split=0.3,
+                    frozen_epochs=10, frozen_lr=3e-2, finetune_lr=50.0, finetune_schedule="constant",
+                    unfreeze_from="all")
   workdir = str(tmp_path / "run")
   metrics = train.train_and_evaluate(config, workdir, exporter=end_of_run.SavedModelExport())
   history = workdir_lib.RunDir(workdir).load_history()
   frozen_end, finetune_end = history[-2]["val_accuracy"], history[-1]["val_accuracy"]
   assert finetune_end < frozen_end, history  # Else the test no longer makes the case it is about.
   assert [os.path.basename(path) for path in tf.train.get_checkpoint_state(
-      os.path.join(workdir, "checkpoints")).all_model_checkpoint_paths] == ["ckpt-8", "ckpt-9"]  # The epochs' own.
+      os.path.join(workdir, "checkpoints")).all_model_checkpoint_paths] == ["ckpt-10", "ckpt-11"]  # The epochs' own.
   assert metrics["phase_choice"] == {"frozen_val_accuracy": frozen_end, "finetune_val_accuracy": finetune_end,
                                      "kept": "frozen"}
   assert abs(metrics["val_accuracy"] - frozen_end) < 1e-6
